@@ -1,0 +1,26 @@
+# The README's two commands. Both set everything up first (scripts/setup.sh: .venv, torch policy, install).
+VENV ?= .venv
+BIN := $(VENV)/bin
+TINY := .cache/tiny-llama
+
+.PHONY: setup quickstart test docs clean
+setup: $(VENV)/.lorakit-setup
+
+$(VENV)/.lorakit-setup: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+# A real QLoRA fine-tune of the embedded tiny model on the bundled dataset, offline, on CPU.
+quickstart: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tiny_model.py $(TINY)
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit train configs/quickstart.yaml --overwrite
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate docs/recipe.md from the schema (a test fails when it is stale).
+docs: setup
+	$(BIN)/python scripts/gen_recipe_docs.py
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,97 @@
+"""The `lorakit` command line. Each command parses its options, calls one `run()`, and prints.
+
+Heavy libraries (torch, transformers, ...) are imported inside the commands, so `lorakit --help` and a
+rejected recipe answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lorakit import __version__
+
+app = typer.Typer(
+    name="lorakit", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    help="Fine-tune causal language models with LoRA and QLoRA from one strict YAML recipe.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Fine-tune causal language models with LoRA and QLoRA from one strict YAML recipe."""
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
+    set_: Annotated[list[str], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE",
+        help="Override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML).")] = [],
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an earlier run in train.output_dir (only a lorakit run is ever deleted).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the recipe and print it resolved, then stop before loading anything.")] = False,
+) -> None:
+    """Train a LoRA/QLoRA adapter from RECIPE and write a run directory."""
+    from lorakit.recipe_file import load_recipe
+
+    def work() -> None:
+        resolved = load_recipe(recipe, set_)
+        if dry_run:
+            import yaml
+
+            typer.echo(yaml.safe_dump(resolved.to_saved_dict(), sort_keys=False), nl=False)
+            return
+        from lorakit.train import run
+
+        run(resolved, overwrite=overwrite)
+
+    _guarded(work)
+
+
+def _guarded(work) -> None:
+    """Run a command body; user mistakes become one message and their exit code, never a traceback."""
+    from lorakit.errors import LorakitError, RunFailed
+
+    debug = os.environ.get("LORAKIT_DEBUG") == "1"
+    try:
+        work()
+    except (LorakitError, RunFailed) as exc:
+        if debug:
+            raise
+        _error(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _error("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a failed run: say what, keep the traceback for LORAKIT_DEBUG=1
+        if debug:
+            raise
+        _error(f"the run failed: {type(exc).__name__}: {exc}\n(set LORAKIT_DEBUG=1 for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _error(message: str) -> None:
+    lines = message.splitlines() or [""]
+    sys.stderr.write("error: " + "\n       ".join(lines) + "\n")
+
+
+def main() -> None:
+    app()
+
+

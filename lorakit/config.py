@@ -1,0 +1,212 @@
+"""The recipe schema: one pydantic class per recipe section.
+
+Keys use the names of the library object each section becomes (transformers `from_pretrained` and
+bitsandbytes under `model:`, peft `LoraConfig` under `lora:`, trl `SFTConfig` under `train:`), so users
+can read upstream docs directly. `data:` is lorakit's own. Every class forbids unknown keys, and each
+field's help text is written once, here, in its `description`: docs/recipe.md is generated from it.
+
+This module owns validation of single fields and cross-field rules. Reading YAML files, line numbers
+and `--set` overrides live in `lorakit.recipe_file`. Nothing here imports torch or the HF stack.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+_INIT_LORA = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive",
+             "neptune", "swanlab", "trackio", "azure_ml", "codecarbon", "dagshub", "flyte")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes 4-bit settings (`BitsAndBytesConfig` names); used when `model.load_in_4bit` is true."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: NF4 (QLoRA's normal-float, recommended) or FP4.")
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves about 0.4 bit per parameter).")
+    bnb_4bit_compute_dtype: DType = Field(
+        "auto", description="dtype the 4-bit weights are dequantized to for matmuls; `auto` follows the "
+        "training precision chosen from the hardware (bfloat16, float16 or float32).")
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in. FSDP needs it equal to the "
+        "dtype of the other parameters.")
+
+
+class ModelConfig(Section):
+    """The base model and how it is loaded."""
+
+    name_or_path: str = Field(
+        description="Hub id (`meta-llama/Llama-3.1-8B-Instruct`) or local directory, passed to `from_pretrained`.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
+    tokenizer_name_or_path: str | None = Field(
+        None, description="Load the tokenizer from here instead of `name_or_path`.")
+    dtype: DType = Field(
+        "auto", description="Precision for weights and training: `auto` picks bfloat16 on GPUs that support it, "
+        "float16 on older GPUs and float32 on CPU. An explicit choice the hardware cannot do is refused.")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the base model in 4-bit (bitsandbytes) and train LoRA adapters on top.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="4-bit settings; only valid with `load_in_4bit: true`.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
+        None, description="Attention kernel; unset lets transformers choose (sdpa where available).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped in the model repository. Only for repositories you trust.")
+
+    @model_validator(mode="after")
+    def _quantization_needs_4bit(self) -> ModelConfig:
+        if "quantization" in self.model_fields_set and not self.load_in_4bit:
+            raise ValueError("`quantization` settings are given but `load_in_4bit` is false; "
+                             "set `load_in_4bit: true` for QLoRA or remove `quantization`")
+        return self
+
+
+class LoraSection(Section):
+    """LoRA adapter settings (peft `LoraConfig` names)."""
+
+    r: int = Field(16, gt=0, description="Rank of the LoRA update matrices.")
+    lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r "
+                              "(alpha / sqrt(r) with `use_rslora`).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules to adapt: a list of module names (matched as name suffixes, e.g. "
+        "`q_proj`), one regular expression matched against full module names, or `all-linear`. Every listed "
+        "name must match at least one module of the model.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`).")
+    init_lora_weights: bool | str = Field(
+        True, description="Adapter initialisation: `true` (B = 0, the standard), `false`, or one of "
+        f"{', '.join(_INIT_LORA)}, `pissa_niter_N`.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module (or be `all-linear`)")
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_init(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and value not in _INIT_LORA and not re.fullmatch(r"pissa_niter_\d+", value):
+            raise ValueError(f"must be true, false, one of {', '.join(_INIT_LORA)} or pissa_niter_N (got {value!r})")
+        return value
+
+
+class DataConfig(Section):
+    """Training and evaluation data (lorakit's own section)."""
+
+    train: str = Field(description="Training data: a local JSONL file, one example per line.")
+    eval: str | None = Field(None, description="Evaluation data (same format as `train`).")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this share of `train` for evaluation (seeded by `train.seed`); "
+        "instead of `eval`.")
+    format: Literal["auto", "messages", "prompt_completion"] = Field(
+        "auto", description="`messages` (chat: a list of {role, content}), `prompt_completion` "
+        "({prompt, completion}), or `auto` to detect from the first row's keys.")
+    max_length: int = Field(
+        1024, gt=0, description="Longest tokenized example; longer ones are truncated (and counted in the summary).")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("give either `eval` or `eval_fraction`, not both")
+        return self
+
+
+class TrainConfig(Section):
+    """Training settings (trl `SFTConfig` / transformers `TrainingArguments` names)."""
+
+    output_dir: str | None = Field(
+        None, description="The run directory. Default: `runs/<recipe file name>`. Refused when it holds files, "
+        "unless `--overwrite`.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `max_steps` > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 trains for `num_train_epochs`.")
+    per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per device per evaluation pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                               "warmup_stable_decay"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: a number of steps, or a ratio of all steps "
+                                "when below 1.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    optim: str | None = Field(
+        None, description="Optimizer (transformers `OptimizerNames`). Default: `paged_adamw_8bit` with "
+        "`load_in_4bit`, `adamw_torch` otherwise.")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
+    eval_strategy: Literal["auto", "no", "steps", "epoch"] = Field(
+        "auto", description="When to evaluate: `auto` evaluates every `eval_steps` when eval data is given.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: `logging_steps` x 5).")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to write checkpoints.")
+    save_steps: int = Field(500, gt=0, description="Write a checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
+    seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    packing: bool = Field(False, description="Pack several examples into each row of `max_length` tokens.")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
+    report_to: list[str] | str = Field(
+        "none", description=f"Trackers to log to: {', '.join(REPORT_TO)}. Credentials come from the "
+        "environment (e.g. WANDB_API_KEY) and are never written to the run.")
+    run_name: str | None = Field(None, description="Run name shown in trackers (default: the run directory name).")
+    push_to_hub: bool = Field(False, description="Upload the adapter to the hub at the end (needs network).")
+    hub_model_id: str | None = Field(None, description="Hub repository for `push_to_hub`.")
+    hub_token: SecretStr | None = Field(
+        None, description="Hub token; prefer the HF_TOKEN environment variable. Never saved in the run.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str] | str) -> list[str] | str:
+        for name in [value] if isinstance(value, str) else value:
+            if name not in REPORT_TO:
+                raise ValueError(f"unknown tracker {name!r}; choose from {', '.join(REPORT_TO)}")
+        return value
+
+
+class Recipe(Section):
+    """A whole lorakit recipe."""
+
+    model: ModelConfig = Field(description="The base model.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+    data: DataConfig = Field(description="Training and evaluation data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> Recipe:
+        if self.lora.init_lora_weights == "loftq" and self.model.load_in_4bit:
+            raise ValueError("lora.init_lora_weights: `loftq` quantizes the base itself and needs a full-precision "
+                             "base; set `model.load_in_4bit: false` or choose another initialisation")
+        if self.train.eval_strategy in ("steps", "epoch") and self.data.eval is None and self.data.eval_fraction is None:
+            raise ValueError(f"train.eval_strategy is `{self.train.eval_strategy}` but there is no eval data; "
+                             "set `data.eval` or `data.eval_fraction`")
+        return self
+
+    def has_eval(self) -> bool:
+        return self.data.eval is not None or self.data.eval_fraction is not None
+
+    def to_saved_dict(self) -> dict:
+        """The recipe as it is written into a run: validated values, secrets removed."""
+        data = self.model_dump(mode="json")
+        data["train"].pop("hub_token", None)
+        return data

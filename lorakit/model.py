@@ -1,0 +1,171 @@
+"""Tokenizer, base model (4-bit or not), precision, and the LoRA config, from the recipe's sections.
+
+Owns: choosing precision from the hardware, `from_pretrained` calls, bitsandbytes 4-bit settings,
+`prepare_model_for_kbit_training`, checking that LoRA target modules match the model. Does not own the
+trainer (lorakit.train) or the data (lorakit.data).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.config import LoraSection, ModelConfig
+from lorakit.errors import ModelError
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision of a run, picked from the recipe and the hardware."""
+
+    dtype: str  # bfloat16 | float16 | float32
+    device: str  # cuda | cpu
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.dtype == "float16"
+
+
+def resolve_precision(cfg: ModelConfig) -> Precision:
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU; refuse what the hardware cannot do."""
+    if torch.cuda.is_available():
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if cfg.dtype == "auto":
+            return Precision("bfloat16" if bf16_ok else "float16", "cuda")
+        if cfg.dtype == "bfloat16" and not bf16_ok:
+            name = torch.cuda.get_device_name()
+            raise ModelError(f"model.dtype: bfloat16 is not supported on this GPU ({name}); use float16 or auto")
+        return Precision(cfg.dtype, "cuda")
+    if cfg.dtype == "float16":
+        raise ModelError("model.dtype: float16 training needs a CUDA GPU and none was found; "
+                         "use auto or float32 on CPU")
+    return Precision("float32" if cfg.dtype == "auto" else cfg.dtype, "cpu")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.tokenizer_name_or_path or cfg.name_or_path, revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # labels are built by lorakit, so pad == eos cannot hide the eos from the loss
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg: ModelConfig, precision: Precision):
+    """The bitsandbytes 4-bit config of a QLoRA run (None without `load_in_4bit`)."""
+    if not cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    compute = precision.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=_DTYPES[compute],
+        bnb_4bit_quant_storage=getattr(torch, q.bnb_4bit_quant_storage))
+
+
+def device_map(precision: Precision) -> dict:
+    """Each process loads the whole model on its own device; never `auto` (it silently uses one GPU under DDP)."""
+    if precision.device == "cuda":
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_base(cfg: ModelConfig, precision: Precision):
+    """The base model through `from_pretrained`, in 4-bit when the recipe asks for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
+        device_map=device_map(precision), **kwargs)
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool):
+    """QLoRA preparation (norms in fp32, input grads for checkpointing); a no-op for full-precision bases."""
+    if not cfg.load_in_4bit:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def lora_config(cfg: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save, init_lora_weights=cfg.init_lora_weights)
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct last-name parts of the model's linear layers (4-bit ones included), lm_head excluded."""
+    names = set()
+    for name, module in model.named_modules():
+        if name and _is_linear(module) and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model, cfg: LoraSection) -> None:
+    """Every listed target must match a module (peft alone only fails when none match)."""
+    module_names = [name for name, _ in model.named_modules() if name]
+
+    def matches(key: str) -> bool:
+        return any(n == key or n.endswith("." + key) for n in module_names)
+
+    for extra in cfg.modules_to_save or []:
+        if not matches(extra):
+            raise ModelError(f"lora.modules_to_save: {extra!r} matches no module of the model")
+    targets = cfg.target_modules
+    linear = ", ".join(linear_module_names(model))
+    if targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in module_names):
+            raise ModelError(f"lora.target_modules: the regular expression {targets!r} matches no module of "
+                             f"the model; its linear modules are: {linear}")
+        return
+    unmatched = [t for t in targets if not matches(t)]
+    if unmatched:
+        raise ModelError(f"lora.target_modules: {', '.join(repr(t) for t in unmatched)} "
+                         f"{'matches' if len(unmatched) == 1 else 'match'} no module of the model; "
+                         f"its linear modules are: {linear}")
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights counted as their unpacked size."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def _is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))

@@ -1,0 +1,200 @@
+"""`lorakit train`: the only module that builds the trainer. Recipe in, complete run directory out.
+
+Order matters: everything that can be refused cheaply (output directory, precision, optimizer name,
+data) is checked before the base model's weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from lorakit import data as data_mod
+from lorakit import model as model_mod
+from lorakit import run_dir as run_files
+from lorakit.config import Recipe
+from lorakit.errors import LorakitError
+from lorakit.progress import RunProgress, summary_table
+
+# Recipe keys that are not passed to SFTConfig as they are.
+_NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing"}
+
+
+def default_optim(recipe: Recipe) -> str:
+    return recipe.train.optim or ("paged_adamw_8bit" if recipe.model.load_in_4bit else "adamw_torch")
+
+
+def check_optim(name: str) -> None:
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+        raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
+
+
+def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision):
+    """trl SFTConfig from the recipe's `train:` section, with precision picked from the hardware."""
+    from trl import SFTConfig
+
+    train = recipe.train
+    values = train.model_dump(exclude=_NOT_SFT)
+    eval_strategy = train.eval_strategy
+    if eval_strategy == "auto":
+        eval_strategy = "steps" if recipe.has_eval() else "no"
+    # transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; recipes keep the known name.
+    field_names = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in field_names else "gradient_checkpointing"
+    values[checkpointing] = train.gradient_checkpointing
+    return SFTConfig(
+        **values,
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=train.run_name or run_dir.name,
+        optim=default_optim(recipe),
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps or train.logging_steps * 5,
+        max_length=recipe.data.max_length,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        logging_first_step=True,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+    )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: its directory, the trained model in memory, and the summary figures."""
+
+    run_dir: Path
+    model: object
+    details: dict = field(default_factory=dict)
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainResult:
+    """Train the recipe and write the complete run directory."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    _quiet_libraries()
+    precision = model_mod.resolve_precision(recipe.model)
+    check_optim(default_optim(recipe))
+    if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
+        os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
+    run_dir = run_files.claim(recipe.train.output_dir, overwrite)
+    run_files.write_recipe(run_dir, recipe)
+    torch.manual_seed(recipe.train.seed)
+
+    tokenizer = model_mod.load_tokenizer(recipe.model)
+    prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed)
+    _report_data(console, prepared, recipe)
+
+    console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
+                  f" {precision.device}, compute {precision.dtype})", highlight=False)
+    base = model_mod.load_base(recipe.model, precision)
+    model_mod.check_target_modules(base, recipe.lora)
+    base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
+
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    progress = RunProgress(run_dir / run_files.METRICS, console)
+    trainer = SFTTrainer(
+        model=base, args=sft_config(recipe, run_dir, precision), processing_class=tokenizer,
+        train_dataset=prepared.train.to_dataset(),
+        eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
+        peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)  # lorakit prints its own progress
+    trainable, total = model_mod.trainable_parameters(trainer.model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+                  highlight=False)
+
+    output = trainer.train()
+    eval_loss = None
+    if prepared.eval:
+        last = [r for r in progress.history if "eval_loss" in r and r["step"] == trainer.state.global_step]
+        eval_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"]
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir, trainer.model)
+    trainer.save_model(str(run_dir))
+    eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
+    if tokenizer.chat_template:
+        (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+    losses = progress.losses()
+    wall = time.perf_counter() - started
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    results = {
+        "steps": trainer.state.global_step, "train_runtime_s": round(output.metrics["train_runtime"], 2),
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+        "tokens_seen": tokens, "tokens_per_s": round(tokens / output.metrics["train_runtime"], 1),
+    }
+    details = {
+        "precision": precision.dtype, "device": _device_name(precision),
+        "trainable_parameters": trainable, "total_parameters": total,
+        "data": {"format": prepared.format, "rows": prepared.rows, "fingerprints": prepared.fingerprints,
+                 "truncated": prepared.train.truncated, "dropped": prepared.train.dropped},
+        "chat_template_sha256": run_files.template_hash(tokenizer),
+        "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
+        "eos_token_ids": eos_ids, "results": results, "peak_memory": _peak_memory(precision),
+    }
+    run_files.write_model_card(run_dir, recipe, details)
+    run_files.write_manifest(run_dir, recipe, details)
+    console.print(summary_table({
+        "steps": results["steps"], "wall time": f"{wall:.1f} s", "tokens/s": results["tokens_per_s"],
+        "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
+        "eval loss": _fmt(results["eval_loss"]),
+        "trainable params": f"{trainable:,} ({100 * trainable / total:.3f}%)",
+        "peak memory": details["peak_memory"], "adapter": str(run_dir),
+    }))
+    return TrainResult(run_dir, trainer.model, details)
+
+
+def _quiet_libraries() -> None:
+    """lorakit shows its own progress; the libraries' bars and v6 rename notices would bury it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+
+
+def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Recipe) -> None:
+    split = prepared.train
+    console.print(f"data: {prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
+                  f"({prepared.format}), {split.trained_tokens:,} of {split.tokens:,} train tokens trained",
+                  highlight=False)
+    if split.truncated:
+        console.print(f"[yellow]warning:[/] {split.truncated} training examples were longer than "
+                      f"data.max_length={recipe.data.max_length} and were truncated"
+                      + (f" ({split.dropped} dropped: nothing left to train)" if split.dropped else ""))
+
+
+def _device_name(precision: model_mod.Precision) -> str:
+    if precision.device == "cuda":
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _peak_memory(precision: model_mod.Precision) -> str:
+    if precision.device == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

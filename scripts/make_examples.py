@@ -1,0 +1,101 @@
+"""Seeded generator of the bundled quickstart dataset `examples/reverse/`.
+
+Owns the task ("reverse the order of three words"), its word list, the row formats and the exact bytes
+of the four JSONL files. Also owns `all_texts()`, the text `scripts/tiny_model.py` trains its tokenizer
+on, so the tokenizer never needs to read the files. Same seed, same bytes, on every run and platform.
+
+    python scripts/make_examples.py [OUT_DIR]     # default: <repo>/examples/reverse
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+SEED = 0
+N_TRAIN, N_EVAL, N_TRAIN_PC, N_EVAL_PC = 1600, 64, 400, 32
+SYSTEM = "Reverse the order of the words."
+SYSTEM_FRACTION = 0.25  # share of chat rows that carry the system message
+WORDS = (
+    "red", "blue", "green", "cat", "dog", "sun", "moon", "star", "tree", "fish",
+    "bird", "cake", "milk", "book", "door", "hat", "cup", "box", "car", "bus",
+    "road", "hill", "lake", "rain", "snow", "wind", "fire", "rock", "sand", "leaf",
+    "rose", "bell", "coin", "ring", "key", "egg", "pen", "map", "ship", "frog",
+)
+
+
+def _triples(seed: int) -> list[tuple[str, str, str]]:
+    """All distinct word triples needed, unique, in a seeded order (train rows first, then eval)."""
+    rng = random.Random(seed)
+    need = N_TRAIN + N_EVAL + N_TRAIN_PC + N_EVAL_PC
+    seen: set[tuple[str, str, str]] = set()
+    out: list[tuple[str, str, str]] = []
+    while len(out) < need:
+        t = tuple(rng.sample(WORDS, 3))
+        if t not in seen:
+            seen.add(t)
+            out.append(t)  # type: ignore[arg-type]
+    return out
+
+
+def user_text(words) -> str:
+    return "reverse: " + " ".join(words)
+
+
+def answer_text(words) -> str:
+    return " ".join(reversed(words))
+
+
+def chat_row(words, system: bool) -> dict:
+    msgs = [{"role": "system", "content": SYSTEM}] if system else []
+    msgs += [{"role": "user", "content": user_text(words)},
+             {"role": "assistant", "content": answer_text(words)}]
+    return {"messages": msgs}
+
+
+def pc_row(words) -> dict:
+    # The completion starts with the space so that BPE token boundaries are the same whether
+    # prompt and completion are tokenized apart or together.
+    return {"prompt": user_text(words) + "\nanswer:", "completion": " " + answer_text(words)}
+
+
+def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
+    """The four splits as lists of rows; every triple appears in exactly one row of one split."""
+    t = _triples(seed)
+    rng = random.Random(seed + 1)
+    a, b, c = N_TRAIN, N_TRAIN + N_EVAL, N_TRAIN + N_EVAL + N_TRAIN_PC
+    return {
+        "train": [chat_row(w, rng.random() < SYSTEM_FRACTION) for w in t[:a]],
+        "eval": [chat_row(w, rng.random() < SYSTEM_FRACTION) for w in t[a:b]],
+        "train_pc": [pc_row(w) for w in t[b:c]],
+        "eval_pc": [pc_row(w) for w in t[c:]],
+    }
+
+
+def all_texts(seed: int = SEED) -> Iterator[str]:
+    """Every string of the dataset (role names, message contents, prompts, completions): tokenizer corpus."""
+    yield from ("system", "user", "assistant")
+    for rows in build_splits(seed).values():
+        for row in rows:
+            if "messages" in row:
+                for m in row["messages"]:
+                    yield m["role"] + "\n" + m["content"]
+            else:
+                yield row["prompt"] + row["completion"]
+
+
+def write_examples(out_dir: str | Path | None = None, seed: int = SEED) -> Path:
+    """Write train/eval(.jsonl) and train_pc/eval_pc(.jsonl) into out_dir; returns out_dir."""
+    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent.parent / "examples" / "reverse"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in build_splits(seed).items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (out / f"{name}.jsonl").write_bytes(text.encode("utf-8"))
+    return out
+
+
+if __name__ == "__main__":
+    print(write_examples(sys.argv[1] if len(sys.argv) > 1 else None))

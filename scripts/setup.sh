@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set-up for both README commands: a .venv with lorakit installed (editable) and the test tools.
+#
+# torch policy: a torch already importable in the venv is never replaced or capped. Without one:
+#   1. a torch wheel that pip can install without the network (a local wheel house) is used;
+#   2. on a machine without CUDA, the CPU build from PyTorch's CPU index (small, no CUDA libraries);
+#   3. otherwise plain `pip install torch` (the CUDA build from PyPI, what a GPU machine wants).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+has_cuda() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && return 0
+  [ -e /proc/driver/nvidia/version ]
+}
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif "${PIP[@]}" install -q --no-index "torch>=2.4" >/dev/null 2>&1; then
+  echo "setup: installed torch from a local wheel"
+elif ! has_cuda && "${PIP[@]}" install -q --timeout 30 --retries 1 \
+      --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"; then
+  echo "setup: no CUDA found, installed the CPU build of torch"
+else
+  "${PIP[@]}" install -q "torch>=2.4"
+fi
+
+"${PIP[@]}" install -q -e ".[dev]"
+echo "setup: ready ($("$VENV/bin/lorakit" --version))"

@@ -1,0 +1,60 @@
+"""Shared fixtures: offline always; the tiny Llama model is built from code once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+EXAMPLES = ROOT / "examples" / "reverse"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from scripts.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe dict (or YAML text) to tmp_path/NAME.yaml and return its path."""
+
+    def write(content, name: str = "recipe") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+def tiny_recipe(model_dir: Path, out_dir: Path, *, four_bit: bool = True, steps: int = 6, **train) -> dict:
+    """A recipe that trains the tiny model for a few steps on the bundled reversal data."""
+    return {
+        "model": {"name_or_path": str(model_dir), "load_in_4bit": four_bit},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+        "data": {"train": str(EXAMPLES / "train.jsonl"), "eval": str(EXAMPLES / "eval.jsonl"), "max_length": 48},
+        "train": {"output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": 8,
+                  "learning_rate": 2e-3, "logging_steps": 2, "warmup_steps": 0, "save_steps": 1000,
+                  "gradient_checkpointing": False, **train},
+    }

@@ -1,0 +1,60 @@
+"""The console script and `python -m lorakit`, run as users run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lorakit import __version__
+
+
+def lorakit(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help(args):
+    out = lorakit(*args)
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout
+
+
+def test_root_help_lists_commands_and_no_placeholders():
+    out = lorakit("--help").stdout
+    assert "train" in out
+    assert "merge" not in out and "eval " not in out  # their own issues; no placeholder commands
+
+
+def test_train_help_documents_options():
+    out = lorakit("train", "--help").stdout
+    for option in ("--set", "--overwrite", "--dry-run"):
+        assert option in out
+
+
+def test_version():
+    out = lorakit("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"lorakit {__version__}"
+
+
+def test_console_script_installed():
+    import shutil
+
+    exe = shutil.which("lorakit")
+    if exe is None:
+        pytest.skip("console script not on PATH (package not installed)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lorakit.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_unknown_command_is_usage_error():
+    out = lorakit("trian")
+    assert out.returncode == 2
