@@ -57,6 +57,9 @@ def train(
 
             typer.echo(yaml.safe_dump(resolved.to_saved_dict(), sort_keys=False), nl=False)
             return
+        from lorakit.run_dir import check_free
+
+        check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
         from lorakit.train import run
 
         run(resolved, overwrite=overwrite)

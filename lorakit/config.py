@@ -209,4 +209,6 @@ class Recipe(Section):
         """The recipe as it is written into a run: validated values, secrets removed."""
         data = self.model_dump(mode="json")
         data["train"].pop("hub_token", None)
+        if not self.model.load_in_4bit:  # defaults only; saving them would make the recipe invalid
+            data["model"].pop("quantization")
         return data

@@ -13,7 +13,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorakit.config import DataConfig
 from lorakit.errors import DataError
@@ -157,9 +156,9 @@ class _Encoder:
             return (*self._render_chat(messages, trained_from=0, where=where), False)
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
-            messages = _check_messages(prompt, "prompt", where, need_assistant=False)
-            messages += _check_messages(completion, "completion", where)
-            return (*self._render_chat(messages, trained_from=len(prompt), where=where), False)
+            head = _check_messages(prompt, "prompt", where, need_assistant=False)
+            messages = head + _check_messages(completion, "completion", where)
+            return (*self._render_chat(messages, trained_from=len(head), where=where), False)
         for key, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, str):
                 raise DataError(f"{where}: `{key}` must be a string (or both lists of messages), "
@@ -229,7 +228,3 @@ def _check_messages(messages, key: str, where: str, need_assistant: bool = True)
         raise DataError(f"{where}: `{key}` has no assistant message; there is nothing to train on")
     return messages
 
-
-def load_jsonl_prompts(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (used by tests and tools that need raw rows)."""
-    return [row for _, row in read_jsonl(str(path))]

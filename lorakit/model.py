@@ -108,7 +108,24 @@ def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool):
         return model
     from peft import prepare_model_for_kbit_training
 
+    keep_cpu_4bit_weights_exact(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def keep_cpu_4bit_weights_exact(model) -> None:
+    """Workaround (bitsandbytes 0.48-0.50, `Linear4bit.forward`): on CPUs with AVX512-BF16, a 4-bit layer run
+    in eval mode without grad (every evaluation pass) is repacked for a faster CPU kernel, rounding its
+    quantization scales to bfloat16 for good, so a QLoRA run that evaluates silently changes its base weights
+    (tests/test_train.py catches it). Opting these instances out keeps the base exact. Remove once the repacking
+    is lossless upstream.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: LoraSection):

@@ -29,8 +29,9 @@ RECIPE, MANIFEST, METRICS, CARD = "recipe.yaml", "manifest.json", "metrics.jsonl
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "tokenizers")
 
 
-def claim(output_dir: str, overwrite: bool) -> Path:
-    """Create the run directory, or refuse: it holds files (without --overwrite), or it is not a run to clear."""
+def check_free(output_dir: str, overwrite: bool) -> Path:
+    """Refuse, before anything is loaded, a run directory that holds files (without --overwrite) or that
+    is not a lorakit run to clear; changes nothing."""
     run_dir = Path(output_dir).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if run_dir == cwd or run_dir in cwd.parents or run_dir == Path(run_dir.anchor):
@@ -45,6 +46,13 @@ def claim(output_dir: str, overwrite: bool) -> Path:
         if not (run_dir / RECIPE).is_file():
             raise LorakitError(f"train.output_dir: {output_dir} is not empty and is not a lorakit run (no "
                                f"{RECIPE}); refusing to delete it even with --overwrite")
+    return run_dir
+
+
+def claim(output_dir: str, overwrite: bool) -> Path:
+    """Create the run directory (clearing an earlier run only with --overwrite) and return it."""
+    run_dir = check_free(output_dir, overwrite)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

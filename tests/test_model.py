@@ -1,0 +1,68 @@
+"""Model loading checks that must fail before training: target modules, precision, optimizer names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit import model as model_mod
+from lorakit.config import LoraSection, ModelConfig
+from lorakit.errors import LorakitError, ModelError
+from lorakit.train import check_optim
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    cfg = ModelConfig(name_or_path=str(tiny_model))
+    return model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+
+
+def test_unmatched_target_module_lists_linear_modules(base):
+    with pytest.raises(ModelError) as info:
+        model_mod.check_target_modules(base, LoraSection(target_modules=["q_proj", "query_key_value"]))
+    assert str(info.value) == ("lora.target_modules: 'query_key_value' matches no module of the model; its linear "
+                               "modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
+def test_regex_target_must_match(base):
+    with pytest.raises(ModelError, match="the regular expression"):
+        model_mod.check_target_modules(base, LoraSection(target_modules=r".*\.attn\.c_attn"))
+    model_mod.check_target_modules(base, LoraSection(target_modules=r".*\.(q_proj|v_proj)"))
+
+
+def test_matching_targets_accepted(base):
+    model_mod.check_target_modules(base, LoraSection(target_modules=["q_proj", "v_proj"]))
+    model_mod.check_target_modules(base, LoraSection(target_modules="all-linear"))
+
+
+def test_modules_to_save_must_exist(base):
+    with pytest.raises(ModelError, match="'score' matches no module"):
+        model_mod.check_target_modules(base, LoraSection(modules_to_save=["score"]))
+
+
+def test_4bit_linear_layers_are_listed(tiny_model):
+    cfg = ModelConfig(name_or_path=str(tiny_model), load_in_4bit=True)
+    quantized = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+    assert "q_proj" in model_mod.linear_module_names(quantized)
+    assert quantized.is_loaded_in_4bit
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision rules")
+def test_cpu_precision():
+    assert model_mod.resolve_precision(ModelConfig(name_or_path="x")).dtype == "float32"
+    with pytest.raises(ModelError, match="float16 training needs a CUDA GPU"):
+        model_mod.resolve_precision(ModelConfig(name_or_path="x", dtype="float16"))
+
+
+def test_quantization_config_follows_recipe_and_precision():
+    cfg = ModelConfig(name_or_path="x", load_in_4bit=True)
+    q = model_mod.quantization_config(cfg, model_mod.Precision("bfloat16", "cuda"))
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert model_mod.quantization_config(ModelConfig(name_or_path="x"), model_mod.Precision("float32", "cpu")) is None
+
+
+def test_unknown_optimizer_refused_with_suggestion():
+    with pytest.raises(LorakitError, match="did you mean paged_adamw_8bit"):
+        check_optim("paged_adamw8bit")
+    check_optim("paged_adamw_8bit")

@@ -1,0 +1,159 @@
+"""End-to-end training of the tiny model on the real stack: QLoRA (4-bit NF4) and plain LoRA."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorakit import model as model_mod
+from lorakit.config import Recipe
+from lorakit.recipe_file import load_recipe
+from lorakit.train import run
+
+from conftest import tiny_recipe
+
+RUN_FILES = {"recipe.yaml", "manifest.json", "metrics.jsonl", "README.md", "adapter_config.json",
+             "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+             "generation_config.json"}
+
+
+def train_tiny(tiny_model, tmp_path_factory, four_bit: bool):
+    out = tmp_path_factory.mktemp("runs") / ("qlora" if four_bit else "lora")
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, out, four_bit=four_bit, steps=8))
+    return recipe, run(recipe, console=Console(stderr=True, force_terminal=False))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["qlora", "lora"])
+def trained(request, tiny_model, tmp_path_factory):
+    recipe, result = train_tiny(tiny_model, tmp_path_factory, four_bit=request.param)
+    return recipe, result
+
+
+def sample_batch(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = tok.apply_chat_template([{"role": "user", "content": "reverse: cat dog sun"}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, add_special_tokens=False, return_tensors="pt")
+
+
+def test_run_directory_complete(trained, tiny_model):
+    recipe, result = trained
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert RUN_FILES <= names, RUN_FILES - names
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["method"] == ("qlora" if recipe.model.load_in_4bit else "lora")
+    assert manifest["precision"] == "float32"  # CPU
+    assert set(manifest["data"]["fingerprints"]) == {recipe.data.train, recipe.data.eval}
+    assert manifest["libraries"]["transformers"] and manifest["libraries"]["peft"]
+    saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
+    assert Recipe.model_validate(saved) == Recipe.model_validate(recipe.to_saved_dict())
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert (result.run_dir / "chat_template.jinja").read_text() == tok.chat_template
+    generation = json.loads((result.run_dir / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    adapter_config = json.loads((result.run_dir / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16 and adapter_config["base_model_name_or_path"] == str(tiny_model)
+
+
+def test_loss_goes_down(trained):
+    _, result = trained
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert records[0]["step"] == 1 and len(losses) >= 3
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert any("eval_loss" in r for r in records)
+    assert all(r["tokens_per_s"] > 0 for r in records if "loss" in r)
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Every base weight as the model computes with it: 4-bit layers dequantized, others as they are.
+
+    Raw 4-bit state_dict entries are not compared: bitsandbytes repacks a layer's quantization state
+    for its CPU kernel on first use without changing the weights it represents.
+    """
+    import bitsandbytes as bnb
+
+    weights = {}
+    for name, module in model.named_modules():
+        name = name.replace(".base_layer", "")
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            weights[name + ".weight"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).float().cpu()
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if "lora_" not in name and "lora_" not in pname:
+                weights[f"{name}.{pname}"] = param.detach().float().cpu()
+    return weights
+
+
+def test_base_weights_unchanged_and_adapter_changed(trained, tiny_model):
+    recipe, result = trained
+    fresh = base_weights(model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model)))
+    after = base_weights(result.model.get_base_model())
+    assert set(after) == set(fresh) and len(fresh) > 30
+    for name, tensor in after.items():
+        assert torch.equal(tensor, fresh[name]), f"base weight {name} changed"
+    lora_b = [t for n, t in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: all were trained
+    assert all(not p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
+
+
+def test_adapter_reloads_with_plain_peft_and_gives_same_logits(trained, tiny_model):
+    recipe, result = trained
+    batch = sample_batch(tiny_model)
+    result.model.eval()
+    with torch.no_grad():
+        in_memory = result.model(**batch).logits
+        base = model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model))
+        base_logits = base(**batch).logits
+        reloaded = PeftModel.from_pretrained(base, result.run_dir).eval()
+        logits = reloaded(**batch).logits
+    # QLoRA adapters train in bf16 (trl's QLoRA recipe), so compare at bf16 resolution
+    tol = 2e-2 if recipe.model.load_in_4bit else 1e-5
+    assert torch.allclose(logits, in_memory, atol=tol), (logits - in_memory).abs().max()
+    assert (logits - base_logits).abs().max() > 10 * tol  # the adapter does something
+
+
+def test_adapter_loads_with_automodel(trained):
+    """Serving stacks load a PEFT directory directly; so must ours (full-precision base)."""
+    _, result = trained
+    model = AutoModelForCausalLM.from_pretrained(result.run_dir)
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_non_empty_output_dir_refused(trained, tmp_path):
+    recipe, result = trained
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_saved_dict()))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: train.output_dir: {result.run_dir} is not empty")
+    assert (result.run_dir / "manifest.json").is_file()  # nothing lost
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model, tmp_path, write_recipe):
+    out_dir = tmp_path / "precious"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("keep me")
+    path = write_recipe(tiny_recipe(tiny_model, out_dir))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--overwrite"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "is not a lorakit run" in out.stderr
+    assert (out_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_saved_recipe_is_loadable(trained):
+    _, result = trained
+    recipe = load_recipe(result.run_dir / "recipe.yaml")
+    assert recipe.train.output_dir == str(result.run_dir)
