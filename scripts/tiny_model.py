@@ -36,7 +36,7 @@ CHAT_TEMPLATE = (
 )
 PARAMS = {"version": 1, "vocab_size": 448, "hidden_size": 256, "intermediate_size": 512,
           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "max_position_embeddings": 512}
+          "max_position_embeddings": 512, "initializer_range": 0.1}
 MARKER = "tiny_model_build.json"  # written last: its presence means the build is complete
 
 
