@@ -99,6 +99,7 @@ def load_base(cfg: ModelConfig, precision: Precision):
         dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
         device_map=device_map(precision), **kwargs)
     model.config.use_cache = False  # training; generation turns it back on
+    keep_cpu_4bit_weights_exact(model)
     return model
 
 
@@ -108,17 +109,16 @@ def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool):
         return model
     from peft import prepare_model_for_kbit_training
 
-    keep_cpu_4bit_weights_exact(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def keep_cpu_4bit_weights_exact(model) -> None:
     """Workaround (bitsandbytes 0.48-0.50, `Linear4bit.forward`): on CPUs with AVX512-BF16, a 4-bit layer run
     in eval mode without grad (every evaluation pass) is repacked for a faster CPU kernel, rounding its
-    quantization scales to bfloat16 for good, so a QLoRA run that evaluates silently changes its base weights
-    (tests/test_train.py catches it). Opting these instances out keeps the base exact. Remove once the repacking
-    is lossless upstream.
-    """
+    quantization scales to bfloat16 for good. A QLoRA run that evaluates then silently changes its base
+    weights, and a reloaded base computes differently from the one trained on (tests/test_train.py catches
+    both). Opting these instances out keeps the base exact. Remove once the repacking is lossless upstream.
+    """"""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -126,6 +126,16 @@ def keep_cpu_4bit_weights_exact(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def match_adapter_precision(model, precision: Precision) -> None:
+    """trl keeps QLoRA adapters in bf16 (the QLoRA paper's choice for bf16 GPUs). In an fp32 run (CPU) that
+    only loses precision and makes the saved adapter compute differently once reloaded in fp32; keep fp32."""
+    if precision.dtype != "float32":
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def lora_config(cfg: LoraSection):

@@ -117,6 +117,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # lorakit prints its own progress
+    model_mod.match_adapter_precision(trainer.model, precision)
     trainable, total = model_mod.trainable_parameters(trainer.model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
                   highlight=False)
