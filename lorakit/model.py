@@ -118,7 +118,7 @@ def keep_cpu_4bit_weights_exact(model) -> None:
     quantization scales to bfloat16 for good. A QLoRA run that evaluates then silently changes its base
     weights, and a reloaded base computes differently from the one trained on (tests/test_train.py catches
     both). Opting these instances out keeps the base exact. Remove once the repacking is lossless upstream.
-    """"""
+    """
     try:
         import bitsandbytes as bnb
     except ImportError:
