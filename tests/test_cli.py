@@ -40,12 +40,11 @@ def test_version():
 
 
 def test_console_script_installed():
-    import shutil
+    from pathlib import Path
 
-    exe = shutil.which("lorakit")
-    if exe is None:
-        pytest.skip("console script not on PATH (package not installed)")
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    exe = Path(sys.executable).parent / "lorakit"  # installed next to the interpreter by pip
+    assert exe.is_file(), "the `lorakit` console script is not installed"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
 
 
