@@ -112,7 +112,8 @@ class LoraSection(Section):
 class DataConfig(Section):
     """Training and evaluation data (lorakit's own section)."""
 
-    train: str = Field(description="Training data: a local JSONL file, one example per line.")
+    train: str = Field(description="Training data: a local JSONL file, one example per line. Relative paths "
+                       "are resolved against the current directory and saved absolute in the run.")
     eval: str | None = Field(None, description="Evaluation data (same format as `train`).")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, description="Hold out this share of `train` for evaluation (seeded by `train.seed`); "

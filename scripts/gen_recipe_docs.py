@@ -50,6 +50,13 @@ def _default(field) -> str:
     return f"`{value}`"
 
 
+def _limits(field) -> str:
+    """Range constraints from the schema (gt/ge/lt/le), so the page says what the validator enforces."""
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{signs[k]} {getattr(m, k)}" for m in field.metadata for k in signs if hasattr(m, k)]
+    return f" Must be {' and '.join(parts)}." if parts else ""
+
+
 def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
     out += [f"## `{prefix}`", "", (cls.__doc__ or "").strip(), "",
             "| key | type | default | description |", "|---|---|---|---|"]
@@ -60,7 +67,8 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
             nested.append((f"{prefix}.{name}", annotation))
             out.append(f"| `{name}` | section | | {field.description} See `{prefix}.{name}` below. |")
             continue
-        out.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {field.description or ''} |")
+        out.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | "
+                   f"{field.description or ''}{_limits(field)} |")
     out.append("")
     for sub_prefix, sub in nested:
         _section(sub_prefix, sub, out)
