@@ -112,17 +112,33 @@ class LoraSection(Section):
 class DataConfig(Section):
     """Training and evaluation data (lorakit's own section)."""
 
-    train: str = Field(description="Training data: a local JSONL file, one example per line. Relative paths "
+    train: str = Field(description="Training data: a local JSONL file, one example per line (UTF-8, a BOM and "
+                       "blank lines are accepted). Relative paths "
                        "are resolved against the current directory and saved absolute in the run.")
     eval: str | None = Field(None, description="Evaluation data (same format as `train`).")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, description="Hold out this share of `train` for evaluation (seeded by `train.seed`); "
         "instead of `eval`.")
-    format: Literal["auto", "messages", "prompt_completion"] = Field(
-        "auto", description="`messages` (chat: a list of {role, content}), `prompt_completion` "
-        "({prompt, completion}), or `auto` to detect from the first row's keys.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="`messages` (OpenAI chat: a list of {role, content}), `sharegpt` (`conversations` "
+        "of {from, value}), `alpaca` ({instruction, input, output, system}), `prompt_completion` "
+        "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), or "
+        "`auto` to detect from the first row's keys (ambiguous keys are an error).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map lorakit's field names to your columns, e.g. "
+        "`{instruction: question, output: answer}` or `{messages: dialog}`.")
+    chat_template: str | None = Field(
+        None, description="Template for chat data: unset uses the tokenizer's own, or the built-in `chatml` "
+        "(turns closed by the tokenizer's eos) when it has none; `tokenizer` insists on the tokenizer's; "
+        "`chatml`; or a path to a .jinja file. The template used is saved in the run.")
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="Which tokens carry loss: every assistant turn (and completions), only the "
+        "last assistant turn, or everything (prompts and user turns too).")
     max_length: int = Field(
-        1024, gt=0, description="Longest tokenized example; longer ones are truncated (and counted in the summary).")
+        1024, gt=0, description="Longest tokenized example; see `on_overflow` for longer ones.")
+    on_overflow: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Examples longer than `max_length`: `truncate` (keep the start; a cut assistant "
+        "turn still ends with the end-of-turn token), `drop`, or `error`. Counts are reported.")
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:

@@ -119,6 +119,14 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
             problems.append(f"{where}: data.{key}: file not found: {value}")
         else:
             setattr(recipe.data, key, str(file.resolve()))
+    template = recipe.data.chat_template
+    if template and template.endswith(".jinja"):
+        file = Path(template).expanduser()
+        if not file.is_file():
+            where = _where(("data", "chat_template"), str(path), node, set_by)
+            problems.append(f"{where}: data.chat_template: file not found: {template}")
+        else:
+            recipe.data.chat_template = str(file.resolve())
     if problems:
         raise RecipeError("\n".join(problems))
     for key in ("name_or_path", "tokenizer_name_or_path"):

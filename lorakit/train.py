@@ -146,7 +146,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
     details = {
         "precision": precision.dtype, "device": _device_name(precision),
         "trainable_parameters": trainable, "total_parameters": total,
-        "data": {"format": prepared.format, "rows": prepared.rows, "fingerprints": prepared.fingerprints,
+        "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows, "fingerprints": prepared.fingerprints,
                  "truncated": prepared.train.truncated, "dropped": prepared.train.dropped},
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
@@ -177,12 +177,13 @@ def _quiet_libraries() -> None:
 def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Recipe) -> None:
     split = prepared.train
     console.print(f"data: {prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
-                  f"({prepared.format}), {split.trained_tokens:,} of {split.tokens:,} train tokens trained",
+                  f"({prepared.format}, chat template: {prepared.template}), "
+                  f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained",
                   highlight=False)
     if split.truncated:
         console.print(f"[yellow]warning:[/] {split.truncated} training examples were longer than "
-                      f"data.max_length={recipe.data.max_length} and were truncated"
-                      + (f" ({split.dropped} dropped: nothing left to train)" if split.dropped else ""))
+                      f"data.max_length={recipe.data.max_length} (on_overflow: {recipe.data.on_overflow}); "
+                      f"{split.dropped} dropped")
 
 
 def _device_name(precision: model_mod.Precision) -> str:

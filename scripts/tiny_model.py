@@ -34,6 +34,9 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# initializer_range 0.1 (not Llama's 0.02): lm_head is frozen under LoRA, and with std 0.02 its rows are
+# too short for any hidden state to give a confident next token, so a random model could not learn.
+# vocab_size is the trainer's target; it stops at 429 once every word of the corpus is one token.
 PARAMS = {"version": 1, "vocab_size": 448, "hidden_size": 256, "intermediate_size": 512,
           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
           "max_position_embeddings": 512, "initializer_range": 0.1}

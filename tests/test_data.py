@@ -88,10 +88,18 @@ def test_eval_fraction_split_is_seeded_and_disjoint(tokenizer, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"messages": [}\n', "t.jsonl:1: invalid JSON"),
     ('[1, 2]\n', "t.jsonl:1: each line must be a JSON object, got list"),
-    ('{"text": "x"}\n', "t.jsonl:1: cannot tell the data format from the keys ['text']"),
+    ('{"foo": "x"}\n', "t.jsonl:1: cannot tell the data format from the keys ['foo']"),
+    ('{"text": "x", "prompt": "a", "completion": "b"}\n', "t.jsonl:1: the keys ['completion', 'prompt', 'text'] "
+     "fit several formats (prompt_completion, text); set `data.format`"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}\n',
+     "t.jsonl:1: messages[1].content is empty"),
+    ('{"messages": [{"role": "user", "content": 5}]}\n', "t.jsonl:1: messages[0].content must be a string"),
+    ('{"instruction": "a", "output": 3}\n', "t.jsonl:1: `output` must be a string, got a int"),
+    ('{"conversations": [{"from": "robot", "value": "x"}]}\n', "t.jsonl:1: conversations[0].from must be one of"),
     ('{"messages": [{"role": "user", "content": "q"}]}\n', "t.jsonl:1: `messages` has no assistant message"),
     ('{"messages": [{"role": "bot", "content": "q"}]}\n', "t.jsonl:1: messages[0].role must be one of"),
     ('{"prompt": "a", "completion": ""}\n', "t.jsonl:1: `completion` is empty"),
+    ('{"prompt": "a"}\n', "t.jsonl:1: cannot tell the data format"),
     ("", "t.jsonl: no examples"),
 ])
 def test_bad_rows_name_file_and_line(tokenizer, tmp_path, content, message):

@@ -172,3 +172,29 @@ def test_saved_recipe_is_loadable(trained):
     _, result = trained
     recipe = load_recipe(result.run_dir / "recipe.yaml")
     assert recipe.train.output_dir == str(result.run_dir)
+
+
+def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
+    """A short chat fine-tune, then greedy generation on held-out prompts: generations end with the
+    end-of-turn token registered in the run's generation_config (the "never stops" failure)."""
+    from transformers import GenerationConfig
+
+    from conftest import EXAMPLES
+
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "stop", steps=250, learning_rate=1e-3,
+                                               logging_steps=50, per_device_train_batch_size=16))
+    result = run(recipe, console=Console(stderr=True, force_terminal=False))
+    tok = AutoTokenizer.from_pretrained(result.run_dir)
+    generation = GenerationConfig.from_pretrained(result.run_dir)
+    generation.max_new_tokens, generation.do_sample = 16, False
+    rows = [json.loads(line) for line in (EXAMPLES / "eval.jsonl").read_text().splitlines()][:16]
+    model = result.model.eval()
+    stopped = 0
+    for row in rows:
+        batch = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**batch, generation_config=generation)
+        new = out[0, batch["input_ids"].shape[1]:].tolist()
+        stopped += new[-1] in generation.eos_token_id and len(new) < 16
+    assert stopped >= 14, f"only {stopped} of {len(rows)} generations stopped"

@@ -1,0 +1,151 @@
+"""Rows: reading JSONL with line numbers, and turning each supported format into one canonical example.
+
+Formats (detected from a row's keys or stated in `data.format`):
+  messages           {"messages": [{"role", "content"}, ...]}                     OpenAI chat
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  prompt_completion  {"prompt", "completion"} as strings, or both as lists of messages
+  text               {"text"}                                                      continued pre-training
+A column mapping (`data.columns`) renames the user's fields to these names first.
+
+Every example becomes a `Chat` (messages, rendered with the chat template) or a `Plain` (prompt +
+completion strings concatenated, eos appended). Errors say `file:line: reason` without dumping the row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lorakit.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+FORMAT_KEYS = {  # format -> the keys whose presence identifies it
+    "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"), "text": ("text",),
+}
+
+
+@dataclass
+class Chat:
+    messages: list[dict]
+    trained_from: int = 0  # messages before this index are context only (conversational prompt/completion)
+
+
+@dataclass
+class Plain:
+    prompt: str
+    completion: str
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs; a malformed line is an error naming file and line."""
+    rows = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    if not rows:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return rows
+
+
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
+    """Apply `data.columns` ({lorakit name: your column}) to one row."""
+    if not columns:
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs in row:
+            renamed[ours] = row[theirs]
+    return renamed
+
+
+def detect_format(row: dict, where: str) -> str:
+    found = [fmt for fmt, keys in FORMAT_KEYS.items() if all(k in row for k in keys)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise DataError(f"{where}: the keys {sorted(row)} fit several formats ({', '.join(found)}); "
+                        "set `data.format` to say which")
+    raise DataError(f"{where}: cannot tell the data format from the keys {sorted(row)}; expected one of "
+                    + "; ".join(f"{fmt} ({' + '.join(keys)})" for fmt, keys in FORMAT_KEYS.items())
+                    + " (set `data.format`, or map your columns with `data.columns`)")
+
+
+def to_example(row: dict, fmt: str, where: str) -> Chat | Plain:
+    """One row of the given format -> Chat or Plain, checked field by field."""
+    if fmt == "messages":
+        return Chat(_messages(row.get("messages"), "messages", where))
+    if fmt == "sharegpt":
+        return Chat(_messages(_from_sharegpt(row.get("conversations"), where), "conversations", where))
+    if fmt == "alpaca":
+        instruction, extra = _text(row, "instruction", where), row.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{where}: `input` must be a string")
+        messages = [{"role": "system", "content": _text(row, "system", where)}] if row.get("system") else []
+        messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+                     {"role": "assistant", "content": _text(row, "output", where)}]
+        return Chat(messages)
+    if fmt == "text":
+        return Plain("", _text(row, "text", where))
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
+        head = _messages(prompt, "prompt", where, need_assistant=False)
+        return Chat(head + _messages(completion, "completion", where), trained_from=len(head))
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: `prompt` must be a string (or both lists of messages), got {type(prompt).__name__}")
+    return Plain(prompt, _text(row, "completion", where))
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}: `{key}` must be a string, got {what}")
+    if not value.strip():
+        raise DataError(f"{where}: `{key}` is empty")
+    return value
+
+
+def _from_sharegpt(turns, where: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: `conversations` must be a non-empty list of {{from, value}} objects")
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: conversations[{i}].from must be one of {', '.join(SHAREGPT_ROLES)} "
+                            f"(got {speaker!r})")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return messages
+
+
+def _messages(messages, key: str, where: str, need_assistant: bool = True) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `{key}` must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            got = message.get("role") if isinstance(message, dict) else message
+            raise DataError(f"{where}: {key}[{i}].role must be one of {', '.join(ROLES)} (got {got!r})")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string")
+        if message["role"] == "assistant" and not content.strip():
+            raise DataError(f"{where}: {key}[{i}].content is empty; there is nothing to train on")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: `{key}` has no assistant message; there is nothing to train on")
+    return messages

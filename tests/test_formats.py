@@ -1,0 +1,167 @@
+"""Every data format, column mapping, chat-template choices, mask modes and length policies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from lorakit.config import DataConfig
+from lorakit.data import IGNORE, prepare
+from lorakit.errors import DataError
+
+QA = [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]
+
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_GENERATION = (  # with {% generation %} markers, which lorakit does not need but must not trip over
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INST = (  # Mistral-like: no role headers for the assistant, the eos closes its turn
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def write(tmp_path, rows, name="t.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def trained(tokenizer, data, i=0) -> str:
+    return tokenizer.decode([t for t, lab in zip(data.train.input_ids[i], data.train.labels[i]) if lab != IGNORE])
+
+
+def test_sharegpt(tokenizer, tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                               {"from": "gpt", "value": "answer"}]}]
+    data = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0)
+    assert data.format == "sharegpt"
+    assert trained(tokenizer, data) == "answer<|im_end|>"
+
+
+def test_alpaca_with_input_and_system(tokenizer, tmp_path):
+    rows = [{"instruction": "reverse", "input": "a b c", "output": "c b a", "system": "be brief"}]
+    data = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0)
+    assert data.format == "alpaca"
+    text = tokenizer.decode(data.train.input_ids[0])
+    assert "<|im_start|>system\nbe brief<|im_end|>" in text and "reverse\n\na b c" in text
+    assert trained(tokenizer, data) == "c b a<|im_end|>"
+
+
+def test_text_trains_everything_and_ends_with_eos(tokenizer, tmp_path):
+    data = prepare(DataConfig(train=write(tmp_path, [{"text": "the cat sat"}])), tokenizer, seed=0)
+    assert data.format == "text" and data.template.startswith("none")
+    assert trained(tokenizer, data) == "the cat sat<|im_end|>"
+
+
+def test_column_mapping(tokenizer, tmp_path):
+    rows = [{"question": "reverse: x y", "answer": "y x", "id": 7}]
+    cfg = DataConfig(train=write(tmp_path, rows), columns={"prompt": "question", "completion": "answer"})
+    data = prepare(cfg, tokenizer, seed=0)
+    assert data.format == "prompt_completion"
+    assert trained(tokenizer, data) == "y x<|im_end|>"
+
+
+def test_stated_format_overrides_detection(tokenizer, tmp_path):
+    rows = [{"text": "plain words", "prompt": "p", "completion": " c"}]
+    data = prepare(DataConfig(train=write(tmp_path, rows), format="text"), tokenizer, seed=0)
+    assert trained(tokenizer, data) == "plain words<|im_end|>"
+
+
+@pytest.mark.parametrize("train_on, expected", [
+    ("assistant", "one<|im_end|>two<|im_end|>"),
+    ("last_assistant", "two<|im_end|>"),
+])
+def test_train_on_modes(tokenizer, tmp_path, train_on, expected):
+    rows = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "one"},
+                          {"role": "user", "content": "q2"}, {"role": "assistant", "content": "two"}]}]
+    data = prepare(DataConfig(train=write(tmp_path, rows), train_on=train_on), tokenizer, seed=0)
+    assert trained(tokenizer, data) == expected
+
+
+def test_train_on_all(tokenizer, tmp_path):
+    data = prepare(DataConfig(train=write(tmp_path, [{"messages": QA}]), train_on="all"), tokenizer, seed=0)
+    ids, labels = data.train.input_ids[0], data.train.labels[0]
+    assert labels[:-1] == ids[:-1] and labels[-1] == IGNORE  # all but the newline after the last <|im_end|>
+
+
+@pytest.mark.parametrize("template, eot", [
+    (LLAMA3, "<|eot_id|>"), (CHATML_GENERATION, "<|im_end|>"), (INST, "<|im_end|>"),
+])
+def test_masks_across_template_styles(tokenizer, tmp_path, template, eot):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                 "<|eot_id|>"]})
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(template)
+    rows = [{"messages": QA + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "x y"}]}]
+    data = prepare(DataConfig(train=write(tmp_path, rows), chat_template=str(jinja)), tokenizer, seed=0)
+    assert trained(tokenizer, data) == f"c b a{eot}x y{eot}"
+    assert data.end_of_turn_id == tokenizer.convert_tokens_to_ids(eot)
+    assert tokenizer.chat_template == template  # what the run will save
+
+
+def test_builtin_chatml_fallback_for_tokenizer_without_template(tokenizer, tmp_path):
+    tokenizer.chat_template = None
+    data = prepare(DataConfig(train=write(tmp_path, [{"messages": QA}])), tokenizer, seed=0)
+    assert data.template.startswith("chatml (built-in fallback")
+    assert trained(tokenizer, data) == "c b a" + tokenizer.eos_token
+    assert data.end_of_turn_id == tokenizer.eos_token_id
+
+
+def test_insisting_on_missing_tokenizer_template_is_an_error(tokenizer, tmp_path):
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        prepare(DataConfig(train=write(tmp_path, [{"messages": QA}]), chat_template="tokenizer"), tokenizer, seed=0)
+
+
+def test_unknown_template_name(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="neither `tokenizer`"):
+        prepare(DataConfig(train=write(tmp_path, [{"messages": QA}]), chat_template="vicuna"), tokenizer, seed=0)
+
+
+LONG = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " ".join(["word"] * 60)}]},
+        {"messages": QA}]
+
+
+def test_overflow_truncate_keeps_end_of_turn(tokenizer, tmp_path):
+    data = prepare(DataConfig(train=write(tmp_path, LONG), max_length=32), tokenizer, seed=0)
+    assert data.train.truncated == 1 and data.train.dropped == 0
+    ids, labels = data.train.input_ids[0], data.train.labels[0]
+    assert len(ids) == 32 and ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_overflow_drop(tokenizer, tmp_path):
+    data = prepare(DataConfig(train=write(tmp_path, LONG), max_length=32, on_overflow="drop"), tokenizer, seed=0)
+    assert data.train.truncated == 1 and data.train.dropped == 1 and len(data.train.input_ids) == 1
+
+
+def test_overflow_error_names_the_line(tokenizer, tmp_path):
+    with pytest.raises(DataError, match=r"t\.jsonl:1: \d+ tokens, longer than data.max_length=32"):
+        prepare(DataConfig(train=write(tmp_path, LONG), max_length=32, on_overflow="error"), tokenizer, seed=0)
+
+
+def test_nothing_left_is_an_error(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="no example is left to train on"):
+        prepare(DataConfig(train=write(tmp_path, LONG[:1]), max_length=32, on_overflow="drop"), tokenizer, seed=0)
+
+
+def test_bom_and_blank_lines_accepted_invalid_utf8_refused(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": QA}).encode() + b"\n\n")
+    assert prepare(DataConfig(train=str(path)), tokenizer, seed=0).rows["train"] == 1
+    path.write_bytes(json.dumps({"messages": QA}).encode() + b"\n" + b'{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"t\.jsonl:2: invalid UTF-8"):
+        prepare(DataConfig(train=str(path)), tokenizer, seed=0)
