@@ -140,6 +140,13 @@ class DataConfig(Section):
         "truncate", description="Examples longer than `max_length`: `truncate` (keep the start; a cut assistant "
         "turn still ends with the end-of-turn token), `drop`, or `error`. Counts are reported.")
 
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A malformed row (bad JSON or UTF-8, missing or mistyped field, empty content, "
+        "unknown role): `error` stops before training with `file:line: reason`; `skip` skips and counts it.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="With `on_bad_rows: skip`, the largest share of malformed rows "
+        "tolerated; more is an error.")
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.eval_fraction is not None:

@@ -147,7 +147,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
         "precision": precision.dtype, "device": _device_name(precision),
         "trainable_parameters": trainable, "total_parameters": total,
         "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows, "fingerprints": prepared.fingerprints,
-                 "truncated": prepared.train.truncated, "dropped": prepared.train.dropped},
+                 "truncated": prepared.train.truncated, "dropped": prepared.train.dropped,
+                 "bad_rows_skipped": len(prepared.bad_rows)},
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
         "eos_token_ids": eos_ids, "results": results, "peak_memory": _peak_memory(precision),
@@ -180,6 +181,9 @@ def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Reci
                   f"({prepared.format}, chat template: {prepared.template}), "
                   f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained",
                   highlight=False)
+    if prepared.bad_rows:
+        console.print(f"[yellow]warning:[/] skipped {len(prepared.bad_rows)} malformed rows "
+                      f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}", highlight=False)
     if split.truncated:
         console.print(f"[yellow]warning:[/] {split.truncated} training examples were longer than "
                       f"data.max_length={recipe.data.max_length} (on_overflow: {recipe.data.on_overflow}); "

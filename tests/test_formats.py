@@ -165,3 +165,38 @@ def test_bom_and_blank_lines_accepted_invalid_utf8_refused(tokenizer, tmp_path):
     path.write_bytes(json.dumps({"messages": QA}).encode() + b"\n" + b'{"text": "\xff"}\n')
     with pytest.raises(DataError, match=r"t\.jsonl:2: invalid UTF-8"):
         prepare(DataConfig(train=str(path)), tokenizer, seed=0)
+
+
+GOOD = json.dumps({"messages": QA})
+
+
+def test_bad_rows_skipped_and_counted(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([GOOD] * 8 + ["{broken", '{"messages": []}']) + "\n")
+    cfg = DataConfig(train=str(path), on_bad_rows="skip", max_bad_fraction=0.25)
+    data = prepare(cfg, tokenizer, seed=0)
+    assert data.rows["train"] == 8
+    assert data.bad_rows == [f"{path}:9: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+                             f"{path}:10: `messages` must be a non-empty list of {{role, content}} objects"]
+
+
+def test_too_many_bad_rows_is_an_error(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([GOOD] * 8 + ["{broken", "[1]"]) + "\n")
+    with pytest.raises(DataError, match=r"2 of 10 rows are malformed, more than data.max_bad_fraction=0.1; "
+                                        r"first: .*t\.jsonl:9: invalid JSON"):
+        prepare(DataConfig(train=str(path), on_bad_rows="skip", max_bad_fraction=0.1), tokenizer, seed=0)
+
+
+def test_all_bad_rows_is_an_error(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("{broken\n[1]\n")
+    with pytest.raises(DataError, match="every row is malformed"):
+        prepare(DataConfig(train=str(path), on_bad_rows="skip", max_bad_fraction=1.0), tokenizer, seed=0)
+
+
+def test_bad_row_stops_by_default(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join([GOOD] * 8 + ["{broken"]) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:9: invalid JSON"):
+        prepare(DataConfig(train=str(path)), tokenizer, seed=0)

@@ -28,6 +28,7 @@ class PreparedData:
     end_of_turn_id: int
     fingerprints: dict[str, str]
     rows: dict[str, int]
+    bad_rows: list[str]
 
 
 def fingerprint(path: str) -> str:
@@ -40,13 +41,21 @@ def fingerprint(path: str) -> str:
 
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, split, render and tokenize the recipe's data; every example must train something."""
-    train_rows = _rows(cfg.train, cfg)
+    bad: list[str] | None = [] if cfg.on_bad_rows == "skip" else None
+    train_rows = _rows(cfg.train, cfg, bad)
+    if not train_rows:
+        raise DataError(f"{cfg.train}: every row is malformed; first: {bad[0]}")
     fmt = cfg.format if cfg.format != "auto" else detect_format(train_rows[0][1], train_rows[0][0])
-    eval_rows = _rows(cfg.eval, cfg) if cfg.eval is not None else None
+    eval_rows = _rows(cfg.eval, cfg, bad) if cfg.eval is not None else None
     if cfg.eval_fraction is not None:
         train_rows, eval_rows = _split(train_rows, cfg.eval_fraction, seed)
-    train_examples = [(where, to_example(row, fmt, where)) for where, row in train_rows]
-    eval_examples = [(where, to_example(row, fmt, where)) for where, row in eval_rows] if eval_rows else None
+    train_examples = _examples(train_rows, fmt, bad)
+    eval_examples = _examples(eval_rows, fmt, bad) if eval_rows else None
+    if bad:
+        total = len(train_rows) + len(eval_rows or []) + len(bad)
+        if len(bad) > cfg.max_bad_fraction * total or not train_examples:
+            raise DataError(f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
+                            f"{cfg.max_bad_fraction}; first: {bad[0]}")
     needs_template = any(isinstance(ex, Chat) for _, ex in train_examples)
     template = apply_chat_template_choice(tokenizer, cfg.chat_template, needs_template)
 
@@ -57,11 +66,25 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     return PreparedData(
         train=train, eval=evaluation, format=fmt, template=template, end_of_turn_id=encoder.end_of_turn_id,
         fingerprints={p: fingerprint(p) for p in files},
-        rows={"train": len(train.input_ids), "eval": len(evaluation.input_ids) if evaluation else 0})
+        rows={"train": len(train.input_ids), "eval": len(evaluation.input_ids) if evaluation else 0},
+        bad_rows=bad or [])
 
 
-def _rows(path: str, cfg: DataConfig) -> list[tuple[str, dict]]:
-    return [(f"{path}:{number}", rename_columns(row, cfg.columns)) for number, row in read_jsonl(path)]
+def _rows(path: str, cfg: DataConfig, bad: list[str] | None) -> list[tuple[str, dict]]:
+    return [(f"{path}:{number}", rename_columns(row, cfg.columns)) for number, row in read_jsonl(path, bad)]
+
+
+def _examples(rows: list[tuple[str, dict]], fmt: str, bad: list[str] | None) -> list:
+    """Canonical examples; with a `bad` list (on_bad_rows: skip) malformed rows are recorded, not raised."""
+    examples = []
+    for where, row in rows:
+        try:
+            examples.append((where, to_example(row, fmt, where)))
+        except DataError as exc:
+            if bad is None:
+                raise
+            bad.append(str(exc))
+    return examples
 
 
 def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:

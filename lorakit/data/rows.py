@@ -40,27 +40,37 @@ class Plain:
     completion: str
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """(line number, row) pairs; a malformed line is an error naming file and line."""
+def read_jsonl(path: str, bad: list[str] | None = None) -> list[tuple[int, dict]]:
+    """(line number, row) pairs. A malformed line is an error naming file and line, or, when a `bad`
+    list is given (data.on_bad_rows: skip), its message is appended there and the line skipped."""
     rows = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    if not rows:
+                rows.extend(_parse_line(raw, number, path))
+            except DataError as exc:
+                if bad is None:
+                    raise
+                bad.append(str(exc))
+    if not rows and not bad:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
+
+
+def _parse_line(raw: bytes, number: int, path: str) -> list[tuple[int, dict]]:
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
+    if not line.strip():
+        return []
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+    return [(number, row)]
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:
