@@ -112,8 +112,8 @@ class LoraSection(Section):
 class DataConfig(Section):
     """Training and evaluation data (lorakit's own section)."""
 
-    train: str = Field(description="Training data: a local JSONL file, one example per line (UTF-8, a BOM and "
-                       "blank lines are accepted). Relative paths "
+    train: str = Field(description="Training data: a local .jsonl file (one example per line; UTF-8, a BOM and "
+                       "blank lines are accepted), .json (a list of objects), .csv or .parquet. Relative paths "
                        "are resolved against the current directory and saved absolute in the run.")
     eval: str | None = Field(None, description="Evaluation data (same format as `train`).")
     eval_fraction: float | None = Field(

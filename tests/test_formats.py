@@ -200,3 +200,37 @@ def test_bad_row_stops_by_default(tokenizer, tmp_path):
     path.write_text("\n".join([GOOD] * 8 + ["{broken"]) + "\n")
     with pytest.raises(DataError, match=r"t\.jsonl:9: invalid JSON"):
         prepare(DataConfig(train=str(path)), tokenizer, seed=0)
+
+
+def test_json_csv_and_parquet_sources(tokenizer, tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "reverse: a b\nanswer:", "completion": " b a"}, {"prompt": "reverse: c d\nanswer:",
+                                                                         "completion": " d c"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with open(tmp_path / "d.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    expected = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0).train.input_ids
+    for name in ("d.json", "d.csv", "d.parquet"):
+        data = prepare(DataConfig(train=str(tmp_path / name)), tokenizer, seed=0)
+        assert data.train.input_ids == expected, name
+
+
+def test_csv_bad_row_names_its_line(tokenizer, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n"a","b"\n"c",""\n')
+    with pytest.raises(DataError, match=r"d\.csv:3: `completion` is empty"):
+        prepare(DataConfig(train=str(path)), tokenizer, seed=0)
+
+
+def test_unsupported_file_type(tokenizer, tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("x")
+    with pytest.raises(DataError, match="unsupported data file type '.txt'"):
+        prepare(DataConfig(train=str(path)), tokenizer, seed=0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from lorakit.config import DataConfig
 from lorakit.data.encode import IGNORE, Encoder, Split
-from lorakit.data.rows import Chat, detect_format, read_jsonl, rename_columns, to_example
+from lorakit.data.rows import Chat, detect_format, read_rows, rename_columns, to_example
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
 
@@ -71,7 +71,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
 
 
 def _rows(path: str, cfg: DataConfig, bad: list[str] | None) -> list[tuple[str, dict]]:
-    return [(f"{path}:{number}", rename_columns(row, cfg.columns)) for number, row in read_jsonl(path, bad)]
+    return [(f"{path}:{position}", rename_columns(row, cfg.columns)) for position, row in read_rows(path, bad)]
 
 
 def _examples(rows: list[tuple[str, dict]], fmt: str, bad: list[str] | None) -> list:

@@ -14,8 +14,10 @@ completion strings concatenated, eos appended). Errors say `file:line: reason` w
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from lorakit.errors import DataError
 
@@ -38,6 +40,35 @@ class Chat:
 class Plain:
     prompt: str
     completion: str
+
+
+def read_rows(path: str, bad: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(position, row) pairs from a JSONL, JSON (a list of objects), CSV or Parquet file. The position
+    is a line number for JSONL and CSV, `item N` / `row N` (1-based) for JSON and Parquet."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ""):
+        return [(str(n), row) for n, row in read_jsonl(path, bad)]
+    if suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = [(str(reader.line_num), dict(row)) for row in reader]
+    elif suffix == ".json":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: invalid JSON: {exc}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: a .json data file must hold a list of objects (use .jsonl for one per line)")
+        rows = [(f"item {i}", row) for i, row in enumerate(data, start=1)]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+    else:
+        raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if not rows:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return rows
 
 
 def read_jsonl(path: str, bad: list[str] | None = None) -> list[tuple[int, dict]]:
