@@ -107,6 +107,34 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
     model_mod.check_target_modules(base, recipe.lora)
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 
+    trainer, progress = _build_trainer(recipe, run_dir, precision, base, tokenizer, prepared, console)
+    output = trainer.train()
+    eval_loss = None
+    if prepared.eval:
+        last = [r for r in progress.history if "eval_loss" in r and r["step"] == trainer.state.global_step]
+        eval_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"]
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir, trainer.model)
+    trainer.save_model(str(run_dir))  # adapter + tokenizer with the chat template used (chat_template.jinja)
+    eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
+
+    details = _details(trainer, output, progress, prepared, tokenizer, precision, eval_loss, eos_ids)
+    run_files.write_model_card(run_dir, recipe, details)
+    run_files.write_manifest(run_dir, recipe, details)
+    results, params = details["results"], details["trainable_parameters"]
+    console.print(summary_table({
+        "steps": results["steps"], "wall time": f"{time.perf_counter() - started:.1f} s",
+        "tokens/s": results["tokens_per_s"],
+        "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
+        "eval loss": _fmt(results["eval_loss"]),
+        "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
+        "peak memory": details["peak_memory"], "adapter": str(run_dir),
+    }))
+    return TrainResult(run_dir, trainer.model, details)
+
+
+def _build_trainer(recipe: Recipe, run_dir: Path, precision, base, tokenizer, prepared, console: Console):
+    """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -116,53 +144,36 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
-    trainer.remove_callback(PrinterCallback)  # lorakit prints its own progress
+    trainer.remove_callback(PrinterCallback)
     model_mod.match_adapter_precision(trainer.model, precision)
     trainable, total = model_mod.trainable_parameters(trainer.model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
                   highlight=False)
+    return trainer, progress
 
-    output = trainer.train()
-    eval_loss = None
-    if prepared.eval:
-        last = [r for r in progress.history if "eval_loss" in r and r["step"] == trainer.state.global_step]
-        eval_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"]
-    if not trainer.is_world_process_zero():
-        return TrainResult(run_dir, trainer.model)
-    trainer.save_model(str(run_dir))
-    eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
-    if tokenizer.chat_template:
-        (run_dir / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
+def _details(trainer, output, progress, prepared, tokenizer, precision, eval_loss, eos_ids) -> dict:
+    """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
-    wall = time.perf_counter() - started
+    runtime = output.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    results = {
-        "steps": trainer.state.global_step, "train_runtime_s": round(output.metrics["train_runtime"], 2),
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
-        "tokens_seen": tokens, "tokens_per_s": round(tokens / output.metrics["train_runtime"], 1),
-    }
-    details = {
+    trainable, total = model_mod.trainable_parameters(trainer.model)
+    return {
         "precision": precision.dtype, "device": _device_name(precision),
         "trainable_parameters": trainable, "total_parameters": total,
-        "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows, "fingerprints": prepared.fingerprints,
-                 "truncated": prepared.train.truncated, "dropped": prepared.train.dropped,
-                 "bad_rows_skipped": len(prepared.bad_rows)},
+        "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows,
+                 "fingerprints": prepared.fingerprints, "truncated": prepared.train.truncated,
+                 "dropped": prepared.train.dropped, "bad_rows_skipped": len(prepared.bad_rows)},
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
-        "eos_token_ids": eos_ids, "results": results, "peak_memory": _peak_memory(precision),
+        "eos_token_ids": eos_ids, "peak_memory": _peak_memory(precision),
+        "results": {
+            "steps": trainer.state.global_step, "train_runtime_s": round(runtime, 2),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+            "tokens_seen": tokens, "tokens_per_s": round(tokens / runtime, 1),
+        },
     }
-    run_files.write_model_card(run_dir, recipe, details)
-    run_files.write_manifest(run_dir, recipe, details)
-    console.print(summary_table({
-        "steps": results["steps"], "wall time": f"{wall:.1f} s", "tokens/s": results["tokens_per_s"],
-        "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
-        "eval loss": _fmt(results["eval_loss"]),
-        "trainable params": f"{trainable:,} ({100 * trainable / total:.3f}%)",
-        "peak memory": details["peak_memory"], "adapter": str(run_dir),
-    }))
-    return TrainResult(run_dir, trainer.model, details)
 
 
 def _quiet_libraries() -> None:
