@@ -22,6 +22,9 @@ app = typer.Typer(
 )
 
 
+NO_CACHE_HELP = "Tokenize the data afresh instead of reading (and writing) the preprocessing cache."
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lorakit {__version__}")
@@ -46,6 +49,7 @@ def train(
         "--overwrite", help="Replace an earlier run in train.output_dir (only a lorakit run is ever deleted).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate the recipe and print it resolved, then stop before loading anything.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help=NO_CACHE_HELP)] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE and write a run directory."""
     from lorakit.recipe_file import load_recipe
@@ -62,7 +66,7 @@ def train(
         check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
         from lorakit.train import run
 
-        run(resolved, overwrite=overwrite)
+        run(resolved, overwrite=overwrite, use_cache=not no_cache)
 
     _guarded(work)
 

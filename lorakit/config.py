@@ -109,17 +109,58 @@ class LoraSection(Section):
         return value
 
 
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")  # file types lorakit reads itself
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class DataSource(Section):
+    """One dataset in `data.train` / `data.eval`. A plain string is short for `{path: ...}`."""
+
+    path: str = Field(description="A local .jsonl, .json, .csv or .parquet file; a directory of them (read "
+                      "recursively, in name order); a glob (`data/*.jsonl`, `data/**/*.parquet`); or a hub dataset "
+                      "id (`HuggingFaceH4/ultrachat_200k`) loaded with `datasets.load_dataset`. A local directory "
+                      "with `split` or `subset` is loaded with `datasets.load_dataset` too (a downloaded dataset "
+                      "repository).")
+    split: str | None = Field(None, description="Dataset split (`datasets` sources only; default `train`).")
+    subset: str | None = Field(None, description="Dataset configuration name (`datasets` sources only).")
+    revision: str | None = Field(None, description="Hub branch, tag or commit (hub datasets only).")
+    format: DataFormat | None = Field(None, description="This source's format; default: `data.format`.")
+    columns: dict[str, str] | None = Field(None, description="This source's column mapping; default: `data.columns`.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most the first N rows of this source.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight in the training mix: each training example of "
+                          "this source is used `weight` times on average (0.5 keeps a seeded half, 3 repeats every "
+                          "example three times). Applied after the eval split, so repeats never leak into eval.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    def is_short(self) -> bool:
+        """Only `path` is set: saved back as a plain string."""
+        return self.model_fields_set <= {"path"}
+
+
+def _source_list(value):
+    """`train: file.jsonl`, `train: {path: ...}` and lists of either all become a list of sources."""
+    if value is None or isinstance(value, list):
+        return value
+    return [value]
+
+
 class DataConfig(Section):
     """Training and evaluation data (lorakit's own section)."""
 
-    train: str = Field(description="Training data: a local .jsonl file (one example per line; UTF-8, a BOM and "
-                       "blank lines are accepted), .json (a list of objects), .csv or .parquet. Relative paths "
-                       "are resolved against the current directory and saved absolute in the run.")
-    eval: str | None = Field(None, description="Evaluation data (same format as `train`).")
+    train: list[DataSource] = Field(
+        description="Training data: one source or a list of sources (see `data.train[]` below), each a file, "
+        "directory, glob or hub dataset. JSONL is one example per line (UTF-8; a BOM and blank lines are "
+        "accepted); .json holds a list of objects. Relative paths are resolved against the current directory "
+        "and saved absolute in the run.")
+    eval: list[DataSource] | None = Field(None, description="Evaluation data, given like `train` (no `weight`).")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, description="Hold out this share of `train` for evaluation (seeded by `train.seed`); "
         "instead of `eval`.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    format: DataFormat = Field(
         "auto", description="`messages` (OpenAI chat: a list of {role, content}), `sharegpt` (`conversations` "
         "of {from, value}), `alpaca` ({instruction, input, output, system}), `prompt_completion` "
         "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), or "
@@ -147,11 +188,43 @@ class DataConfig(Section):
         0.01, ge=0, le=1, description="With `on_bad_rows: skip`, the largest share of malformed rows "
         "tolerated; more is an error.")
 
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that render and tokenize the data. Default: one per CPU core (up to 8) "
+        "for more than 2,000 examples, else 1. The result does not depend on it.")
+
+    _lists = field_validator("train", "eval", mode="before")(_source_list)
+
+    @field_validator("train")
+    @classmethod
+    def _some_train(cls, value: list[DataSource]) -> list[DataSource]:
+        if not value:
+            raise ValueError("needs at least one source")
+        return value
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_unweighted(cls, value: list[DataSource] | None) -> list[DataSource] | None:
+        if value is not None and any(source.weight != 1 for source in value):
+            raise ValueError("`weight` applies to training sources only; use `max_rows` to cap eval data")
+        return value
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.eval_fraction is not None:
             raise ValueError("give either `eval` or `eval_fraction`, not both")
         return self
+
+    def saved(self) -> dict:
+        """This section as saved in a run: sources with only a path are written as plain strings."""
+        data = self.model_dump(mode="json")
+        for key in ("train", "eval"):
+            sources = getattr(self, key)
+            if sources is not None:
+                data[key] = [s.path if s.is_short() else s.model_dump(mode="json", exclude_defaults=True)
+                             for s in sources]
+                if len(data[key]) == 1 and isinstance(data[key][0], str):
+                    data[key] = data[key][0]
+        return data
 
 
 class TrainConfig(Section):
@@ -187,7 +260,13 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
     seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
-    packing: bool = Field(False, description="Pack several examples into each row of `max_length` tokens.")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Padding-free packing: several examples share each row of up to `data.max_length` "
+        "tokens (best-fit decreasing), with positions restarting per example and no attention across examples. "
+        "Same losses and gradients as padding, without computing padding. `auto` packs when the model's "
+        "attention honours example boundaries in a packed row (transformers' causal-mask builder, used by Llama, "
+        "Qwen, Mistral, Gemma, Phi and most others) and refuses nothing; `true` insists and is refused for models "
+        "that cannot. With packing, `per_device_train_batch_size` counts packed rows.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     report_to: list[str] | str = Field(
@@ -232,6 +311,7 @@ class Recipe(Section):
     def to_saved_dict(self) -> dict:
         """The recipe as it is written into a run: validated values, secrets removed."""
         data = self.model_dump(mode="json")
+        data["data"] = self.data.saved()
         data["train"].pop("hub_token", None)
         if not self.model.load_in_4bit:  # defaults only; saving them would make the recipe invalid
             data["model"].pop("quantization")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -196,3 +197,40 @@ def _is_linear(module) -> bool:
     except ImportError:
         return False
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def packing_supported(model_class: type) -> bool:
+    """Padding-free packing is exact only when attention masks are built from position ids, as
+    transformers' causal-mask builder does (a packed row gets a block-diagonal mask). Models whose code
+    does not use it (some `trust_remote_code` models) would attend across examples."""
+    module = sys.modules.get(model_class.__module__)
+    return module is not None and (hasattr(module, "create_causal_mask")
+                                   or hasattr(module, "create_sliding_window_causal_mask"))
+
+
+def use_packing(setting: bool | str, model_class: type) -> bool:
+    """`train.packing`: auto packs where exact; true is refused where packing would leak across examples."""
+    supported = packing_supported(model_class)
+    if setting is True and not supported:
+        raise ModelError(f"train.packing: {model_class.__name__} does not build its attention mask from position "
+                         "ids, so packed examples would attend to each other; set `train.packing: auto` or false")
+    return supported if setting == "auto" else bool(setting)
+
+
+def model_class_for(cfg: ModelConfig) -> type:
+    """The causal-LM class `from_pretrained` would build, from the model's config alone (no weights)."""
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if cfg.trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], cfg.name_or_path,
+                                             revision=cfg.revision)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelError(f"model.name_or_path: {cfg.name_or_path} ({type(config).__name__}) is not a causal "
+                         "language model that transformers knows") from None

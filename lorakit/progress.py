@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -91,3 +92,13 @@ def summary_table(summary: dict) -> Table:
     for key, value in summary.items():
         table.add_row(key, str(value))
     return table
+
+
+def quiet_libraries() -> None:
+    """lorakit shows its own progress; the libraries' bars and v6 rename notices would bury it."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)

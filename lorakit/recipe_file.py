@@ -8,6 +8,8 @@ Imports only yaml and pydantic so that a bad recipe fails in well under a second
 from __future__ import annotations
 
 import difflib
+import glob
+import os
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -15,7 +17,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lorakit.config import Recipe
+from lorakit.config import DATA_SUFFIXES, DataSource, Recipe
 from lorakit.errors import RecipeError
 
 # Names users bring from other tools (axolotl, LLaMA-Factory, older TRL) -> lorakit's name.
@@ -110,15 +112,11 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
     """Fill defaults that depend on the recipe's name, and make local paths absolute (runs outlive cwd)."""
     problems = []
     for key in ("train", "eval"):
-        value = getattr(recipe.data, key)
-        if value is None:
-            continue
-        file = Path(value).expanduser()
-        if not file.is_file():
-            where = _where(("data", key), str(path), node, set_by)
-            problems.append(f"{where}: data.{key}: file not found: {value}")
-        else:
-            setattr(recipe.data, key, str(file.resolve()))
+        for index, source in enumerate(getattr(recipe.data, key) or []):
+            problem = resolve_source(source)
+            if problem:
+                where = _where(("data", key, index, "path"), str(path), node, set_by)
+                problems.append(f"{where}: data.{key}{f'[{index}]' if index else ''}: {problem}")
     template = recipe.data.chat_template
     if template and template.endswith(".jinja"):
         file = Path(template).expanduser()
@@ -136,6 +134,31 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
     if recipe.train.output_dir is None:
         recipe.train.output_dir = str(Path("runs") / path.stem)
     return recipe
+
+
+def resolve_source(source: DataSource) -> str | None:
+    """Make a local source's path absolute; returns what is wrong with it, if anything. A path that
+    names nothing local and has no data-file suffix is taken as a hub dataset id, checked when loaded."""
+    raw = Path(source.path).expanduser()
+    local_only = "`split`, `subset` and `revision` are for hub datasets and dataset directories"
+    if glob.has_magic(source.path):
+        if not glob.glob(str(raw), recursive=True):
+            return f"no file matches the pattern {source.path}"
+        source.path = str(Path(os.path.abspath(raw)))
+    elif raw.is_file():
+        source.path = str(raw.resolve())
+    elif raw.is_dir():
+        source.path = str(raw.resolve())
+        if source.revision is not None:
+            return f"`revision` is for hub datasets; {source.path} is a local directory"
+        return None
+    elif raw.suffix.lower() in DATA_SUFFIXES or raw.is_absolute() or source.path.startswith("."):
+        return f"file not found: {source.path}"
+    else:
+        return None  # a hub dataset id
+    if source.split is not None or source.subset is not None or source.revision is not None:
+        return f"{local_only}, not for local files"
+    return None
 
 
 def _explain(exc: ValidationError, source: str, node: yaml.Node | None, set_by: dict) -> str:

@@ -10,7 +10,6 @@ import dataclasses
 import os
 import resource
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +21,11 @@ from lorakit import model as model_mod
 from lorakit import run_dir as run_files
 from lorakit.config import Recipe
 from lorakit.errors import LorakitError
-from lorakit.progress import RunProgress, summary_table
+from lorakit.progress import RunProgress, quiet_libraries, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
-_NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing"}
+_NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
+            "packing"}
 
 
 def default_optim(recipe: Recipe) -> str:
@@ -44,7 +44,7 @@ def check_optim(name: str) -> None:
         raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
 
 
-def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision):
+def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool):
     """trl SFTConfig from the recipe's `train:` section, with precision picked from the hardware."""
     from trl import SFTConfig
 
@@ -65,6 +65,8 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision):
         eval_strategy=eval_strategy,
         eval_steps=train.eval_steps or train.logging_steps * 5,
         max_length=recipe.data.max_length,
+        packing=packing,
+        packing_strategy="bfd",  # whole examples only (they already fit max_length): padding-free, exact
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
@@ -84,11 +86,12 @@ class TrainResult:
     details: dict = field(default_factory=dict)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> TrainResult:
+def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
+        console: Console | None = None) -> TrainResult:
     """Train the recipe and write the complete run directory."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    _quiet_libraries()
+    quiet_libraries()
     precision = model_mod.resolve_precision(recipe.model)
     check_optim(default_optim(recipe))
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
@@ -98,16 +101,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = model_mod.load_tokenizer(recipe.model)
-    prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed)
+    prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     _report_data(console, prepared, recipe)
 
     console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
                   f" {precision.device}, compute {precision.dtype})", highlight=False)
     base = model_mod.load_base(recipe.model, precision)
     model_mod.check_target_modules(base, recipe.lora)
+    packing = model_mod.use_packing(recipe.train.packing, type(base))
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 
-    trainer, progress = _build_trainer(recipe, run_dir, precision, base, tokenizer, prepared, console)
+    trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console)
     output = trainer.train()
     eval_loss = None
     if prepared.eval:
@@ -118,7 +122,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
     trainer.save_model(str(run_dir))  # adapter + tokenizer with the chat template used (chat_template.jinja)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
 
-    details = _details(trainer, output, progress, prepared, tokenizer, precision, eval_loss, eos_ids)
+    details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids)
     run_files.write_model_card(run_dir, recipe, details)
     run_files.write_manifest(run_dir, recipe, details)
     results, params = details["results"], details["trainable_parameters"]
@@ -133,14 +137,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, console: Console | None = No
     return TrainResult(run_dir, trainer.model, details)
 
 
-def _build_trainer(recipe: Recipe, run_dir: Path, precision, base, tokenizer, prepared, console: Console):
+def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base, tokenizer, prepared,
+                   console: Console):
     """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
     trainer = SFTTrainer(
-        model=base, args=sft_config(recipe, run_dir, precision), processing_class=tokenizer,
+        model=base, args=sft_config(recipe, run_dir, precision, packing), processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
@@ -149,10 +154,15 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, base, tokenizer, pr
     trainable, total = model_mod.trainable_parameters(trainer.model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
                   highlight=False)
+    if packing:
+        rows = len(trainer.train_dataset)
+        console.print(f"packing: {prepared.rows['train']} examples in {rows} rows of up to "
+                      f"{recipe.data.max_length} tokens ({prepared.train.tokens / (rows * recipe.data.max_length):.0%}"
+                      " full; padding-free, positions restart per example)", highlight=False)
     return trainer, progress
 
 
-def _details(trainer, output, progress, prepared, tokenizer, precision, eval_loss, eos_ids) -> dict:
+def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids) -> dict:
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
     runtime = output.metrics["train_runtime"]
@@ -162,8 +172,9 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, eval_los
         "precision": precision.dtype, "device": _device_name(precision),
         "trainable_parameters": trainable, "total_parameters": total,
         "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows,
-                 "fingerprints": prepared.fingerprints, "truncated": prepared.train.truncated,
-                 "dropped": prepared.train.dropped, "bad_rows_skipped": len(prepared.bad_rows)},
+                 "sources": prepared.sources, "fingerprints": prepared.fingerprints,
+                 "truncated": prepared.train.truncated, "dropped": prepared.train.drops,
+                 "bad_rows_skipped": len(prepared.bad_rows), "packing": packing},
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
         "eos_token_ids": eos_ids, "peak_memory": _peak_memory(precision),
@@ -176,29 +187,22 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, eval_los
     }
 
 
-def _quiet_libraries() -> None:
-    """lorakit shows its own progress; the libraries' bars and v6 rename notices would bury it."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
-
-
 def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Recipe) -> None:
     split = prepared.train
     console.print(f"data: {prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
                   f"({prepared.format}, chat template: {prepared.template}), "
-                  f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained",
-                  highlight=False)
+                  f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained"
+                  f"{' (preprocessing cache)' if prepared.cached else ''}", highlight=False)
+    if len(prepared.sources) > 1:
+        console.print("mix: " + ", ".join(f"{s['source']} {s['used']} of {s['examples']}" for s in prepared.sources),
+                      highlight=False)
     if prepared.bad_rows:
         console.print(f"[yellow]warning:[/] skipped {len(prepared.bad_rows)} malformed rows "
                       f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}", highlight=False)
-    if split.truncated:
-        console.print(f"[yellow]warning:[/] {split.truncated} training examples were longer than "
-                      f"data.max_length={recipe.data.max_length} (on_overflow: {recipe.data.on_overflow}); "
-                      f"{split.dropped} dropped")
+    if split.truncated or split.dropped:
+        why = "; ".join(f"{n} {reason}" for reason, n in split.drops.items())
+        console.print(f"[yellow]warning:[/] data.max_length={recipe.data.max_length}: {split.truncated} training "
+                      f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}", highlight=False)
 
 
 def _device_name(precision: model_mod.Precision) -> str:

@@ -37,6 +37,20 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _listed_section(annotation) -> type[BaseModel] | None:
+    """The section class of a `list[Section]` (or `list[Section] | None`) field."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is list:
+            inner = typing.get_args(arg)[0]
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def _optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 def _default(field) -> str:
     if field.default_factory is not None:
         return "(section)"
@@ -66,6 +80,13 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             nested.append((f"{prefix}.{name}", annotation))
             out.append(f"| `{name}` | section | | {field.description} See `{prefix}.{name}` below. |")
+            continue
+        item = _listed_section(annotation)
+        if item is not None:
+            if item not in [cls for _, cls in nested]:
+                nested.append((f"{prefix}.{name}[]", item))
+            kind = f"{item.__name__} \\| list of {item.__name__}" + (" \\| null" if _optional(annotation) else "")
+            out.append(f"| `{name}` | {kind} | {_default(field)} | {field.description or ''}{_limits(field)} |")
             continue
         out.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | "
                    f"{field.description or ''}{_limits(field)} |")

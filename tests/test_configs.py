@@ -50,4 +50,4 @@ def test_quickstart_is_a_qlora_run_on_bundled_data(monkeypatch):
     recipe = load_recipe(ROOT / "configs" / "quickstart.yaml")
     assert recipe.model.load_in_4bit and recipe.model.quantization.bnb_4bit_quant_type == "nf4"
     assert recipe.model.quantization.bnb_4bit_use_double_quant
-    assert Path(recipe.data.train) == (EXAMPLES / "train.jsonl").resolve()
+    assert Path(recipe.data.train[0].path) == (EXAMPLES / "train.jsonl").resolve()

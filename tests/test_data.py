@@ -71,7 +71,7 @@ def test_truncation_counted_and_fully_masked_rows_dropped(tokenizer, tmp_path):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_user}]},
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     data = prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows), max_length=24), tokenizer, seed=0)
-    assert data.train.truncated == 2 and data.train.dropped == 1
+    assert data.train.truncated == 1 and data.train.drops == {"nothing left to train on after truncation": 1}
     assert len(data.train.input_ids) == 2
     assert all(len(ids) <= 24 for ids in data.train.input_ids)
 

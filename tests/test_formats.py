@@ -145,7 +145,7 @@ def test_overflow_truncate_keeps_end_of_turn(tokenizer, tmp_path):
 
 def test_overflow_drop(tokenizer, tmp_path):
     data = prepare(DataConfig(train=write(tmp_path, LONG), max_length=32, on_overflow="drop"), tokenizer, seed=0)
-    assert data.train.truncated == 1 and data.train.dropped == 1 and len(data.train.input_ids) == 1
+    assert data.train.truncated == 0 and data.train.dropped == 1 and len(data.train.input_ids) == 1
 
 
 def test_overflow_error_names_the_line(tokenizer, tmp_path):

@@ -44,7 +44,7 @@ def test_valid_recipe_loads_with_float_learning_rate(write_recipe):
     assert isinstance(recipe.train.learning_rate, float)
     assert recipe.lora.r == 8 and recipe.lora.lora_alpha == 32 and recipe.lora.lora_dropout == 0.05
     assert recipe.train.output_dir == "runs/recipe"  # default: runs/<recipe file name>
-    assert recipe.data.train == str(TRAIN.resolve())
+    assert recipe.data.train[0].path == str(TRAIN.resolve())
 
 
 def test_unknown_key_names_path_line_and_suggestion(write_recipe):

@@ -1,89 +1,127 @@
-"""Data: the recipe's `data:` files -> canonical examples -> token ids with lorakit's own labels.
+"""Data: the recipe's `data:` sources -> canonical examples -> token ids with lorakit's own labels.
 
-Owns reading the files (`rows`), the chat template choice (`templates`), rendering, masking and the
-length policy (`encode`), and the eval split. Does not own tokenizer or model loading.
+Owns opening sources (`sources`), reading rows and formats (`rows`), the chat template choice
+(`templates`), rendering, masking and the length policy (`encode`), the eval split, the training mix
+(weights, caps) and the preprocessing cache (`cache`). Does not own tokenizer or model loading.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorakit.config import DataConfig
-from lorakit.data.encode import IGNORE, Encoder, Split
-from lorakit.data.rows import Chat, detect_format, read_rows, rename_columns, to_example
+from lorakit.data import cache as cache_mod
+from lorakit.data.encode import IGNORE, Encoder, Split, encode, end_of_turn_id, example_record
+from lorakit.data.rows import Chat, detect_format, to_example
+from lorakit.data.sources import Opened, open_source
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
 
-__all__ = ["IGNORE", "PreparedData", "Split", "fingerprint", "prepare"]
+__all__ = ["IGNORE", "PreparedData", "Split", "prepare"]
 
 
 @dataclass
 class PreparedData:
     train: Split
     eval: Split | None
-    format: str
+    formats: dict[str, str]  # source -> format
     template: str
     end_of_turn_id: int
     fingerprints: dict[str, str]
     rows: dict[str, int]
     bad_rows: list[str]
+    sources: list[dict] = field(default_factory=list)  # per training source: rows read, examples used
+    cached: bool = False
+
+    @property
+    def format(self) -> str:
+        return ", ".join(dict.fromkeys(self.formats.values()))
 
 
-def fingerprint(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) -> PreparedData:
+    """Read, split, mix, render and tokenize the recipe's data; every example must train something."""
+    opened = {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
+              for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
+    fingerprints = {name: digest for source in opened["train"] + opened["eval"]
+                    for name, digest in source.fingerprints().items()}
+    key = cache_mod.cache_key(cfg, fingerprints, tokenizer, seed) if use_cache else None
+    hit = cache_mod.load(key) if key else None
+    if hit is not None:
+        meta, splits = hit
+        apply_chat_template_choice(tokenizer, cfg.chat_template, meta["needs_template"])
+        return _prepared(meta, splits, fingerprints, cached=True)
+    meta, splits = _build(cfg, opened, tokenizer, seed)
+    if key:
+        cache_mod.store(key, meta, splits)
+    return _prepared(meta, splits, fingerprints)
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Read, split, render and tokenize the recipe's data; every example must train something."""
+def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: int) -> tuple[dict, dict]:
     bad: list[str] | None = [] if cfg.on_bad_rows == "skip" else None
-    train_rows = _rows(cfg.train, cfg, bad)
-    if not train_rows:
-        raise DataError(f"{cfg.train}: every row is malformed; first: {bad[0]}")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(train_rows[0][1], train_rows[0][0])
-    eval_rows = _rows(cfg.eval, cfg, bad) if cfg.eval is not None else None
+    formats: dict[str, str] = {}
+    train = _examples(opened["train"], cfg, bad, formats)
+    evaluation = _examples(opened["eval"], cfg, bad, formats) if opened["eval"] else []
     if cfg.eval_fraction is not None:
-        train_rows, eval_rows = _split(train_rows, cfg.eval_fraction, seed)
-    train_examples = _examples(train_rows, fmt, bad)
-    eval_examples = _examples(eval_rows, fmt, bad) if eval_rows else None
+        train, evaluation = _split(train, cfg.eval_fraction, seed)
     if bad:
-        total = len(train_rows) + len(eval_rows or []) + len(bad)
-        if len(bad) > cfg.max_bad_fraction * total or not train_examples:
+        total = len(train) + len(evaluation) + len(bad)
+        if len(bad) > cfg.max_bad_fraction * total or not train:
             raise DataError(f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
                             f"{cfg.max_bad_fraction}; first: {bad[0]}")
-    needs_template = any(isinstance(ex, Chat) for _, ex in train_examples)
+    needs_template = any(isinstance(ex, Chat) for _, ex, _ in train + evaluation)
     template = apply_chat_template_choice(tokenizer, cfg.chat_template, needs_template)
 
     encoder = Encoder(tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_overflow=cfg.on_overflow)
-    train = encoder.encode_all(train_examples, cfg.train)
-    evaluation = encoder.encode_all(eval_examples, cfg.eval or cfg.train) if eval_examples else None
-    files = [p for p in (cfg.train, cfg.eval) if p]
+    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(train) + len(evaluation) > 2000 else 1)
+    splits = {"train": encode([example_record(*e) for e in train], encoder, num_proc, "data.train")}
+    if evaluation:
+        splits["eval"] = encode([example_record(*e) for e in evaluation], encoder, num_proc, "data.eval")
+    counts = [sum(1 for *_, s in train if s == i) for i in range(len(opened["train"]))]
+    splits["train"], used = _mix(splits["train"], [s.source.weight for s in opened["train"]], seed)
+    meta = {
+        "needs_template": needs_template, "template": template, "formats": formats,
+        "end_of_turn_id": end_of_turn_id(splits["train"], tokenizer), "bad_rows": bad or [],
+        "truncated": {k: s.truncated for k, s in splits.items()}, "drops": {k: s.drops for k, s in splits.items()},
+        "sources": [{"source": o.name, "examples": counts[i], "used": used[i], "weight": o.source.weight}
+                    for i, o in enumerate(opened["train"])],
+    }
+    return meta, {k: s.dataset for k, s in splits.items()}
+
+
+def _prepared(meta: dict, datasets: dict, fingerprints: dict, cached: bool = False) -> PreparedData:
+    splits = {k: Split(d, truncated=meta["truncated"][k], drops=meta["drops"][k]) for k, d in datasets.items()}
     return PreparedData(
-        train=train, eval=evaluation, format=fmt, template=template, end_of_turn_id=encoder.end_of_turn_id,
-        fingerprints={p: fingerprint(p) for p in files},
-        rows={"train": len(train.input_ids), "eval": len(evaluation.input_ids) if evaluation else 0},
-        bad_rows=bad or [])
+        train=splits["train"], eval=splits.get("eval"), formats=meta["formats"], template=meta["template"],
+        end_of_turn_id=meta["end_of_turn_id"], fingerprints=fingerprints,
+        rows={"train": len(datasets["train"]), "eval": len(datasets["eval"]) if "eval" in datasets else 0},
+        bad_rows=meta["bad_rows"], sources=meta["sources"], cached=cached)
 
 
-def _rows(path: str, cfg: DataConfig, bad: list[str] | None) -> list[tuple[str, dict]]:
-    return [(f"{path}:{position}", rename_columns(row, cfg.columns)) for position, row in read_rows(path, bad)]
+def _label(key: str, index: int, sources: list) -> str:
+    return f"data.{key}[{index}]" if len(sources) > 1 else f"data.{key}"
 
 
-def _examples(rows: list[tuple[str, dict]], fmt: str, bad: list[str] | None) -> list:
-    """Canonical examples; with a `bad` list (on_bad_rows: skip) malformed rows are recorded, not raised."""
+def _examples(opened: list[Opened], cfg: DataConfig, bad: list[str] | None, formats: dict) -> list[tuple]:
+    """(where, example, source index) for every good row; with a `bad` list (on_bad_rows: skip) malformed
+    rows are recorded there instead of raised."""
     examples = []
-    for where, row in rows:
-        try:
-            examples.append((where, to_example(row, fmt, where)))
-        except DataError as exc:
-            if bad is None:
-                raise
-            bad.append(str(exc))
+    for index, source in enumerate(opened):
+        rows = source.rows(cfg, bad)
+        if not rows:  # read_rows refuses empty files, so every row was malformed and skipped
+            raise DataError(f"{source.label}: {source.name}: every row is malformed; first: {bad[0]}")
+        fmt = source.source.format or cfg.format
+        if fmt == "auto":
+            fmt = detect_format(rows[0][1], rows[0][0])
+        formats[source.name] = fmt
+        for where, row in rows:
+            try:
+                examples.append((where, to_example(row, fmt, where), index))
+            except DataError as exc:
+                if bad is None:
+                    raise
+                bad.append(str(exc))
     return examples
 
 
@@ -95,3 +133,23 @@ def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
         raise DataError(f"data.eval_fraction: {fraction} leaves no training examples out of {len(order)}")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _mix(split: Split, weights: list[float], seed: int) -> tuple[Split, list[int]]:
+    """Apply source weights: each example is used `weight` times on average (whole repeats, then a
+    seeded sample for the fraction). Returns the mixed split and the examples used per source."""
+    sources = split.dataset["source"][:]
+    if all(w == 1 for w in weights):
+        return split, [sources.count(i) for i in range(len(weights))]
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    used = []
+    for index, weight in enumerate(weights):
+        mine = [i for i, s in enumerate(sources) if s == index]
+        whole, fraction = divmod(weight, 1)
+        picked = mine * int(whole) + sorted(rng.sample(mine, round(fraction * len(mine))))
+        chosen += picked
+        used.append(len(picked))
+    if not chosen:
+        raise DataError("data.train: the source weights leave no training example")
+    return Split(split.dataset.select(chosen), truncated=split.truncated, drops=split.drops), used

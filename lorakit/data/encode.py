@@ -2,40 +2,85 @@
 
 The mask comes from character spans of the rendered text, so it does not depend on `{% generation %}`
 markers in the template. The token that ends each trained turn is always in the labels (also when
-pad == eos), and it must be one special token, the same in every example: the model learns to stop.
+pad == eos), and it must be one special token, the same in every chat example: the model learns to stop.
+
+Encoding runs batched (one tokenizer call per batch) through `datasets.map`, in `num_proc` processes.
+Per-example problems travel back as a status and a message rather than as exceptions from worker
+processes, so the first problem in data order is reported, whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import json
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lorakit.data.rows import Chat, Plain
 from lorakit.errors import DataError
 
 IGNORE = -100
+KEPT, TRUNCATED, DROPPED_LONG, DROPPED_MASKED, FAILED = range(5)
+DROP_REASONS = {DROPPED_LONG: "longer than max_length (on_overflow: drop)",
+                DROPPED_MASKED: "nothing left to train on after truncation"}
 
 
 @dataclass
 class Split:
-    """Tokenized examples of one split, and what happened on the way."""
+    """Tokenized examples of one split (a `datasets.Dataset` of input_ids, labels, source), and what
+    happened on the way."""
 
-    input_ids: list[list[int]] = field(default_factory=list)
-    labels: list[list[int]] = field(default_factory=list)
+    dataset: object
     truncated: int = 0
-    dropped: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    @cached_property
+    def input_ids(self) -> list[list[int]]:
+        return self.dataset["input_ids"][:]
+
+    @cached_property
+    def labels(self) -> list[list[int]]:
+        return self.dataset["labels"][:]
 
     def to_dataset(self):
-        from datasets import Dataset
+        return self.dataset.select_columns(["input_ids", "labels"])
 
-        return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
+    @cached_property
+    def lengths(self):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.dataset.data.column("input_ids")).to_numpy()
 
     @property
     def tokens(self) -> int:
-        return sum(len(ids) for ids in self.input_ids)
+        return int(self.lengths.sum())
 
-    @property
+    @cached_property
     def trained_tokens(self) -> int:
-        return sum(sum(1 for t in lab if t != IGNORE) for lab in self.labels)
+        import pyarrow.compute as pc
+
+        labels = pc.list_flatten(self.dataset.data.column("labels"))
+        return int(pc.sum(pc.not_equal(labels, IGNORE)).as_py() or 0)
+
+
+def example_record(where: str, example: Chat | Plain, source: int) -> dict:
+    """A canonical example as one row of the table that `Encoder.encode_batch` maps over."""
+    if isinstance(example, Chat):
+        payload = {"messages": example.messages, "trained_from": example.trained_from}
+    else:
+        payload = {"prompt": example.prompt, "completion": example.completion}
+    return {"where": where, "example": json.dumps(payload, ensure_ascii=False), "source": source}
+
+
+def _from_record(payload: str) -> Chat | Plain:
+    data = json.loads(payload)
+    if "messages" in data:
+        return Chat(data["messages"], data["trained_from"])
+    return Plain(data["prompt"], data["completion"])
 
 
 class Encoder:
@@ -46,38 +91,65 @@ class Encoder:
             raise DataError("lorakit needs a fast tokenizer (offset mapping) to build loss masks")
         self.tokenizer, self.max_length = tokenizer, max_length
         self.train_on, self.on_overflow = train_on, on_overflow
-        self.end_of_turn_id: int | None = None
+        self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
 
-    def encode_all(self, examples: list[tuple[str, Chat | Plain]], source: str) -> Split:
-        split = Split()
-        for where, example in examples:
-            text, spans, special = self.render(example, where)
-            ids, labels = self.tokenize(text, spans, special, where)
-            if len(ids) > self.max_length:
-                if self.on_overflow == "error":
-                    raise DataError(f"{where}: {len(ids)} tokens, longer than data.max_length={self.max_length} "
-                                    "(data.on_overflow: error)")
-                split.truncated += 1
-                if self.on_overflow == "drop":
-                    split.dropped += 1
-                    continue
-                ids, labels = self._truncate(ids, labels)
-                if all(t == IGNORE for t in labels):
-                    split.dropped += 1
-                    continue
-            split.input_ids.append(ids)
-            split.labels.append(labels)
-        if not split.input_ids:
-            raise DataError(f"{source}: no example is left to train on after the length policy "
-                            f"(data.max_length={self.max_length}, data.on_overflow={self.on_overflow})")
-        return split
+    def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn."""
+        n = len(batch["where"])
+        out = {"input_ids": [[] for _ in range(n)], "labels": [[] for _ in range(n)], "status": [KEPT] * n,
+               "error": [""] * n, "end_of_turn": [-1] * n, "is_chat": [False] * n}
+        rendered: dict[bool, list[tuple[int, str, list]]] = {True: [], False: []}
+        for i, (where, payload) in enumerate(zip(batch["where"], batch["example"])):
+            example = _from_record(payload)
+            out["is_chat"][i] = isinstance(example, Chat)
+            try:
+                text, spans, special = self.render(example, where)
+            except DataError as exc:
+                out["status"][i], out["error"][i] = FAILED, str(exc)
+                continue
+            rendered[special].append((i, text, spans))
+        for special, items in rendered.items():
+            if not items:
+                continue
+            encoded = self.tokenizer([text for _, text, _ in items], add_special_tokens=special,
+                                     return_offsets_mapping=True, verbose=False)
+            for (i, text, spans), ids, offsets in zip(items, encoded["input_ids"], encoded["offset_mapping"]):
+                self._finish(out, i, batch["where"][i], text, ids, _labels(ids, offsets, spans))
+        return out
 
-    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Keep the start; if the cut falls in a trained turn, end it with the end-of-turn token."""
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if labels[-1] != IGNORE and self.end_of_turn_id is not None:
-            ids[-1] = labels[-1] = self.end_of_turn_id
-        return ids, labels
+    def _finish(self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int]) -> None:
+        """Check the end-of-turn token and apply the length policy to one tokenized example."""
+        ends = [labels[j] for j in range(len(labels)) if labels[j] != IGNORE
+                and (j + 1 == len(labels) or labels[j + 1] == IGNORE)]
+        for token in ends:
+            if token not in self.special:
+                out["status"][i] = FAILED
+                out["error"][i] = (
+                    f"{where}: a trained turn ends in {self.tokenizer.decode([token])!r}, not in an end-of-turn/eos "
+                    f"token (rendered tail: {text[-60:]!r}); the tuned model would never learn to stop. Use a chat "
+                    "template that closes assistant turns with a special token (data.chat_template)")
+                return
+            if token != ends[0]:
+                out["status"][i] = FAILED
+                out["error"][i] = (f"{where}: trained turns end in different tokens "
+                                   f"({self.tokenizer.decode([ends[0]])!r} and {self.tokenizer.decode([token])!r})")
+                return
+        end_of_turn = ends[0] if ends else -1
+        out["end_of_turn"][i] = end_of_turn
+        if len(ids) > self.max_length:
+            if self.on_overflow == "error":
+                out["status"][i] = FAILED
+                out["error"][i] = (f"{where}: {len(ids)} tokens, longer than data.max_length={self.max_length} "
+                                   "(data.on_overflow: error)")
+                return
+            if self.on_overflow == "drop":
+                out["status"][i] = DROPPED_LONG
+                return
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if labels[-1] != IGNORE:  # the cut fell inside a trained turn: it still ends with end-of-turn
+                ids[-1] = labels[-1] = end_of_turn
+            out["status"][i] = TRUNCATED if any(t != IGNORE for t in labels) else DROPPED_MASKED
+        out["input_ids"][i], out["labels"][i] = ids, labels
 
     def render(self, example: Chat | Plain, where: str) -> tuple[str, list[tuple[int, int]], bool]:
         """(text, trained character spans, whether tokenizing should add the tokenizer's special tokens)."""
@@ -98,7 +170,7 @@ class Encoder:
         spans = []
         for i in turns:
             before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            through = render(messages[: i + 1], tokenize=False)
+            through = full if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
             if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
                 raise DataError(f"{where}: the chat template renders earlier turns differently once later turns "
                                 "follow, so assistant turns cannot be located; lorakit cannot mask this template")
@@ -107,30 +179,60 @@ class Encoder:
             spans = [(0, spans[-1][1])]
         return full, spans
 
-    def tokenize(self, text: str, spans: list[tuple[int, int]], special: bool, where: str):
-        enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-        ids, labels = enc["input_ids"], [IGNORE] * len(enc["input_ids"])
-        turn_ends = []
-        for start, end in spans:
-            inside = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end and b > a]
-            for j in inside:
-                labels[j] = ids[j]
-            if inside:
-                turn_ends.append(ids[inside[-1]])
-        self._check_end_of_turn(turn_ends, text, where)
-        return ids, labels
 
-    def _check_end_of_turn(self, last_tokens: list[int], text: str, where: str) -> None:
-        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
-        for token in last_tokens:
-            if token not in special:
-                raise DataError(f"{where}: a trained turn ends in {self.tokenizer.decode([token])!r}, not in an "
-                                f"end-of-turn/eos token (rendered tail: {text[-60:]!r}); the tuned model would "
-                                "never learn to stop. Use a chat template that closes assistant turns with a "
-                                "special token (data.chat_template)")
-            if self.end_of_turn_id is None:
-                self.end_of_turn_id = token
-            elif token != self.end_of_turn_id:
-                raise DataError(f"{where}: trained turns end in different tokens "
-                                f"({self.tokenizer.decode([self.end_of_turn_id])!r} and "
-                                f"{self.tokenizer.decode([token])!r})")
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Token j is trained when its characters overlap a trained span (zero-width tokens never are)."""
+    labels = [IGNORE] * len(ids)
+    ends = [end for _, end in offsets]
+    for start, stop in spans:
+        j = bisect_right(ends, start)
+        while j < len(ids) and offsets[j][0] < stop:
+            if offsets[j][1] > offsets[j][0]:
+                labels[j] = ids[j]
+            j += 1
+    return labels
+
+
+def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str) -> Split:
+    """Encode canonical example records into a Split; raises the first problem in data order."""
+    from datasets import Dataset
+
+    table = Dataset.from_list(records)
+    mapped = table.map(encoder.encode_batch, batched=True, batch_size=256, remove_columns=["example"],
+                       num_proc=num_proc if num_proc > 1 and len(records) >= 2 * num_proc else None)
+    status = mapped["status"][:]
+    if FAILED in status:
+        raise DataError(mapped[status.index(FAILED)]["error"])
+    _check_same_end_of_turn(mapped, status, encoder)
+    drops = {reason: status.count(code) for code, reason in DROP_REASONS.items() if code in status}
+    kept = [i for i, code in enumerate(status) if code in (KEPT, TRUNCATED)]
+    if not kept:
+        raise DataError(f"{source}: no example is left to train on after the length policy "
+                        f"(data.max_length={encoder.max_length}, data.on_overflow={encoder.on_overflow})")
+    dataset = mapped.select(kept) if len(kept) < len(status) else mapped
+    return Split(dataset.select_columns(["input_ids", "labels", "source", "end_of_turn", "is_chat"]),
+                 truncated=status.count(TRUNCATED), drops=drops)
+
+
+def _check_same_end_of_turn(mapped, status: list[int], encoder: Encoder) -> None:
+    """Every chat example must stop on the same token (plain text ends with eos by construction)."""
+    tokens = mapped["end_of_turn"][:]
+    chats = mapped["is_chat"][:]
+    first = next((i for i, t in enumerate(tokens) if t >= 0 and chats[i]), None)
+    if first is None:
+        return
+    for i, token in enumerate(tokens):
+        if chats[i] and token >= 0 and token != tokens[first] and status[i] != FAILED:
+            decode = encoder.tokenizer.decode
+            raise DataError(f"{mapped[i]['where']}: trained turns end in {decode([token])!r}, but in "
+                            f"{decode([tokens[first]])!r} at {mapped[first]['where']}; every example must stop on "
+                            "the same end-of-turn token")
+
+
+def end_of_turn_id(split: Split, tokenizer) -> int:
+    """The token chat turns end with (eos for plain text)."""
+    import pyarrow.compute as pc
+
+    table = split.dataset.data
+    chat_ends = pc.filter(table.column("end_of_turn"), table.column("is_chat")).to_pylist()
+    return next((t for t in chat_ends if t >= 0), tokenizer.eos_token_id)

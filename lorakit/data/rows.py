@@ -42,12 +42,12 @@ class Plain:
     completion: str
 
 
-def read_rows(path: str, bad: list[str] | None = None) -> list[tuple[str, dict]]:
-    """(position, row) pairs from a JSONL, JSON (a list of objects), CSV or Parquet file. The position
-    is a line number for JSONL and CSV, `item N` / `row N` (1-based) for JSON and Parquet."""
+def read_rows(path: str, bad: list[str] | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
+    """(position, row) pairs from a JSONL, JSON (a list of objects), CSV or Parquet file, at most `limit`.
+    The position is a line number for JSONL and CSV, `item N` / `row N` (1-based) for JSON and Parquet."""
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".ndjson", ""):
-        return [(str(n), row) for n, row in read_jsonl(path, bad)]
+        return [(str(n), row) for n, row in read_jsonl(path, bad, limit)]
     if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
@@ -68,15 +68,17 @@ def read_rows(path: str, bad: list[str] | None = None) -> list[tuple[str, dict]]
         raise DataError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")
-    return rows
+    return rows[:limit]
 
 
-def read_jsonl(path: str, bad: list[str] | None = None) -> list[tuple[int, dict]]:
+def read_jsonl(path: str, bad: list[str] | None = None, limit: int | None = None) -> list[tuple[int, dict]]:
     """(line number, row) pairs. A malformed line is an error naming file and line, or, when a `bad`
     list is given (data.on_bad_rows: skip), its message is appended there and the line skipped."""
     rows = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
             try:
                 rows.extend(_parse_line(raw, number, path))
             except DataError as exc:

@@ -1,0 +1,87 @@
+"""The preprocessing cache: tokenized splits stored under a key of everything that shapes them.
+
+The key covers the content of every data source (sha256), the tokenizer (its full vocabulary and rules,
+special tokens and own chat template), a chat template file's content, the whole `data:` section
+except `num_proc` (which does not change the result), the seed where it matters (eval split, weights)
+and lorakit's version. Any change gives a new key, so a stale entry is never read. Entries are written
+to a temporary directory and renamed into place, so a reader never sees half of one.
+
+Location: `$LORAKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/lorakit`, else `~/.cache/lorakit`; safe to delete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorakit import __version__
+from lorakit.config import DataConfig
+
+FORMAT = 1  # bump when the stored layout or the encoding rules change
+
+
+def cache_root() -> Path:
+    if os.environ.get("LORAKIT_CACHE_DIR"):
+        return Path(os.environ["LORAKIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lorakit"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str)
+                  else json.dumps(tokenizer.chat_template, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def cache_key(cfg: DataConfig, fingerprints: dict[str, str], tokenizer, seed: int) -> str:
+    section = cfg.model_dump(mode="json", exclude={"num_proc"})
+    template_file = cfg.chat_template if cfg.chat_template and cfg.chat_template.endswith(".jinja") else None
+    seeded = cfg.eval_fraction is not None or any(s.weight != 1 for s in cfg.train)
+    parts = {
+        "format": FORMAT, "lorakit": __version__, "data": section, "sources": fingerprints,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template_file": Path(template_file).read_text(encoding="utf-8") if template_file else None,
+        "seed": seed if seeded else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load(key: str):
+    """(meta, {split name: Dataset}) for a complete entry, or None."""
+    entry = cache_root() / key
+    meta_file = entry / "meta.json"
+    if not meta_file.is_file():
+        return None
+    from datasets import load_from_disk
+
+    meta = json.loads(meta_file.read_text())
+    try:
+        return meta, {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
+    except (FileNotFoundError, ValueError):  # damaged by hand: rebuild it
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def store(key: str, meta: dict, splits: dict) -> None:
+    """Write an entry atomically; a failure to cache never fails the run."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        for name, dataset in splits.items():
+            dataset.save_to_disk(str(staging / name))
+        (staging / "meta.json").write_text(json.dumps({**meta, "splits": list(splits)}, indent=1))
+        try:
+            staging.rename(root / key)
+        except OSError:  # another process stored the same key first: theirs is as good
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        return

@@ -1,0 +1,104 @@
+"""Sources: where a recipe's rows come from, and a content fingerprint of each.
+
+Local files (one file, a directory of them, or a glob) are read by lorakit's own readers
+(`rows.read_rows`), so every error names `file:line`. Hub dataset ids, and local directories given with
+`split` or `subset` (a downloaded dataset repository), go through `datasets.load_dataset`: the same call
+that loads a hub id loads its local copy, which is how this path is tested offline.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.config import DATA_SUFFIXES, DataConfig, DataSource
+from lorakit.data.rows import read_rows, rename_columns
+from lorakit.errors import DataError
+
+
+@dataclass
+class Opened:
+    """A source resolved to what will be read: a list of local files, or a loaded `datasets.Dataset`."""
+
+    source: DataSource
+    label: str  # `data.train[1]` style, for messages
+    files: list[str] = field(default_factory=list)
+    dataset: object = None
+
+    @property
+    def name(self) -> str:
+        if self.dataset is None:
+            return self.source.path
+        return f"{self.source.path}[{self.source.split or 'train'}]"
+
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of the content read: each local file, or the dataset's Arrow files."""
+        if self.dataset is None:
+            return {path: _sha256([path]) for path in self.files}
+        files = sorted(f["filename"] for f in self.dataset.cache_files)  # load_dataset always writes Arrow files
+        return {self.name + (f" ({self.source.subset})" if self.source.subset else ""): _sha256(files)}
+
+    def rows(self, cfg: DataConfig, bad: list[str] | None) -> list[tuple[str, dict]]:
+        """(position, row) pairs with the column mapping applied, at most `max_rows` of them."""
+        columns = self.source.columns if self.source.columns is not None else cfg.columns
+        limit = self.source.max_rows
+        if self.dataset is not None:
+            rows = [(f"{self.name} row {i}", row) for i, row in enumerate(self.dataset.to_list(), start=1)]
+        else:
+            rows = []
+            for path in self.files:
+                left = None if limit is None else limit - len(rows)
+                if left == 0:
+                    break
+                rows += [(f"{path}:{pos}", row) for pos, row in read_rows(path, bad, limit=left)]
+        return [(where, rename_columns(row, columns)) for where, row in rows]
+
+
+def open_source(source: DataSource, label: str) -> Opened:
+    path = Path(source.path).expanduser()
+    if glob.has_magic(source.path):
+        files = sorted(p for p in glob.glob(str(path), recursive=True) if _is_data_file(Path(p)))
+        if not files:
+            raise DataError(f"{label}: no .jsonl, .json, .csv or .parquet file matches {source.path}")
+        return Opened(source, label, files=files)
+    if path.is_file():
+        return Opened(source, label, files=[str(path)])
+    if path.is_dir() and source.split is None and source.subset is None:
+        files = sorted(str(p) for p in path.rglob("*") if _is_data_file(p))
+        if not files:
+            raise DataError(f"{label}: the directory {source.path} holds no .jsonl, .json, .csv or .parquet file")
+        return Opened(source, label, files=files)
+    return Opened(source, label, dataset=_load_dataset(source, label))
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in DATA_SUFFIXES and not path.name.startswith(".")
+
+
+def _load_dataset(source: DataSource, label: str):
+    import datasets
+
+    split = source.split or "train"
+    if source.max_rows is not None:
+        split = f"{split}[:{source.max_rows}]"  # datasets reads no more than the cap into the split
+    try:
+        loaded = datasets.load_dataset(source.path, name=source.subset, split=split, revision=source.revision)
+    except Exception as exc:  # datasets raises many types (offline, not found, bad split or config names)
+        what = ", ".join(f"{k}={v}" for k, v in (("subset", source.subset), ("split", source.split or "train"),
+                                                   ("revision", source.revision)) if v)
+        raise DataError(f"{label}: cannot load the dataset {source.path!r} ({what}): {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if len(loaded) == 0:
+        raise DataError(f"{label}: the dataset {source.path!r} split {source.split or 'train'!r} is empty")
+    return loaded
+
+
+def _sha256(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
