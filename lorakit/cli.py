@@ -71,6 +71,45 @@ def train(
     _guarded(work)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Look at a recipe's data as training sees it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command()
+def preview(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
+    set_: Annotated[list[str], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
+    count: Annotated[int, typer.Option("--count", "-n", min=0, help="Examples to render.")] = 3,
+    split: Annotated[str, typer.Option(help="Which split to show: train or eval.")] = "train",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help=NO_CACHE_HELP)] = False,
+) -> None:
+    """Render examples exactly as training sees them (trained tokens highlighted, end-of-turn marked) with
+    counts, lengths, trained share and packing fill. Loads the tokenizer only, never model weights."""
+    from lorakit.recipe_file import load_recipe
+
+    def work() -> None:
+        from lorakit.errors import LorakitError
+
+        if split not in ("train", "eval"):
+            raise LorakitError(f"--split: expected train or eval, got {split!r}")
+        resolved = load_recipe(recipe, set_)
+        from rich.console import Console
+
+        from lorakit import preview as preview_mod
+
+        report = preview_mod.run(resolved, split=split, count=count, use_cache=not no_cache)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(report, indent=1, ensure_ascii=False))
+        else:
+            preview_mod.show(report, Console())
+
+    _guarded(work)
+
+
 def _guarded(work) -> None:
     """Run a command body; user mistakes become one message and their exit code, never a traceback."""
     from lorakit.errors import LorakitError, RunFailed

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -93,12 +92,3 @@ def summary_table(summary: dict) -> Table:
         table.add_row(key, str(value))
     return table
 
-
-def quiet_libraries() -> None:
-    """lorakit shows its own progress; the libraries' bars and v6 rename notices would bury it."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)

@@ -191,12 +191,19 @@ def _explain(exc: ValidationError, source: str, node: yaml.Node | None, set_by: 
 def _schema_at(loc: tuple) -> type[BaseModel] | None:
     cls: Any = Recipe
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             return None
-        annotation = cls.model_fields[part].annotation
-        cls = next((a for a in (annotation, *get_args(annotation))
-                    if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        cls = _section_in(cls.model_fields[part].annotation)
+    return cls
+
+
+def _section_in(annotation) -> type[BaseModel] | None:
+    """The section class inside an annotation (`Section`, `list[Section] | None`, ...), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _section_in(arg)) is not None), None)
 
 
 def _clean_loc(loc: tuple) -> tuple:

@@ -20,8 +20,9 @@ from lorakit import data as data_mod
 from lorakit import model as model_mod
 from lorakit import run_dir as run_files
 from lorakit.config import Recipe
+from lorakit.console import quiet_libraries
 from lorakit.errors import LorakitError
-from lorakit.progress import RunProgress, quiet_libraries, summary_table
+from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",

@@ -66,3 +66,19 @@ def test_unknown_optimizer_refused_with_suggestion():
     with pytest.raises(LorakitError, match="did you mean paged_adamw_8bit"):
         check_optim("paged_adamw8bit")
     check_optim("paged_adamw_8bit")
+
+
+class _OwnAttention(torch.nn.Module):
+    """Stands in for remote model code that builds its own attention mask (this module imports no
+    transformers mask builder), so packed examples would see each other."""
+
+
+def test_packing_auto_where_masks_follow_positions(tiny_model):
+    cfg = ModelConfig(name_or_path=str(tiny_model))
+    llama = model_mod.model_class_for(cfg)
+    assert llama.__name__ == "LlamaForCausalLM" and model_mod.packing_supported(llama)
+    assert model_mod.use_packing("auto", llama) is True and model_mod.use_packing(False, llama) is False
+    assert not model_mod.packing_supported(_OwnAttention)
+    assert model_mod.use_packing("auto", _OwnAttention) is False
+    with pytest.raises(ModelError, match="_OwnAttention does not build its attention mask from position ids"):
+        model_mod.use_packing(True, _OwnAttention)

@@ -55,6 +55,7 @@ def test_run_directory_complete(trained, tiny_model):
     assert manifest["method"] == ("qlora" if recipe.model.load_in_4bit else "lora")
     assert manifest["precision"] == "float32"  # CPU
     assert set(manifest["data"]["fingerprints"]) == {recipe.data.train[0].path, recipe.data.eval[0].path}
+    assert manifest["data"]["packing"] is True  # auto: Llama builds its masks from position ids
     assert manifest["libraries"]["transformers"] and manifest["libraries"]["peft"]
     saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert Recipe.model_validate(saved) == Recipe.model_validate(recipe.to_saved_dict())

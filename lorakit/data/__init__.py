@@ -152,4 +152,4 @@ def _mix(split: Split, weights: list[float], seed: int) -> tuple[Split, list[int
         used.append(len(picked))
     if not chosen:
         raise DataError("data.train: the source weights leave no training example")
-    return Split(split.dataset.select(chosen), truncated=split.truncated, drops=split.drops), used
+    return Split(split.dataset.select(chosen).flatten_indices(), truncated=split.truncated, drops=split.drops), used

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lorakit import __version__
 from lorakit.config import DataConfig
+from lorakit.data.templates import chosen_template
 
 FORMAT = 1  # bump when the stored layout or the encoding rules change
 
@@ -32,23 +33,21 @@ def cache_root() -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Vocabulary, merges, normalizer and special tokens (the chat template is keyed separately)."""
     digest = hashlib.sha256()
     digest.update(type(tokenizer).__name__.encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    digest.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str)
-                  else json.dumps(tokenizer.chat_template, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def cache_key(cfg: DataConfig, fingerprints: dict[str, str], tokenizer, seed: int) -> str:
     section = cfg.model_dump(mode="json", exclude={"num_proc"})
-    template_file = cfg.chat_template if cfg.chat_template and cfg.chat_template.endswith(".jinja") else None
     seeded = cfg.eval_fraction is not None or any(s.weight != 1 for s in cfg.train)
     parts = {
         "format": FORMAT, "lorakit": __version__, "data": section, "sources": fingerprints,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template_file": Path(template_file).read_text(encoding="utf-8") if template_file else None,
+        "template": chosen_template(tokenizer, cfg.chat_template),  # the text, so an edited file misses
         "seed": seed if seeded else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -76,12 +75,12 @@ def store(key: str, meta: dict, splits: dict) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    except OSError:
+        return
+    try:
         for name, dataset in splits.items():
             dataset.save_to_disk(str(staging / name))
         (staging / "meta.json").write_text(json.dumps({**meta, "splits": list(splits)}, indent=1))
-        try:
-            staging.rename(root / key)
-        except OSError:  # another process stored the same key first: theirs is as good
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError:
-        return
+        staging.rename(root / key)
+    except OSError:  # disk full, or another process stored the same key first (theirs is as good)
+        shutil.rmtree(staging, ignore_errors=True)

@@ -49,11 +49,15 @@ class Split:
     def to_dataset(self):
         return self.dataset.select_columns(["input_ids", "labels"])
 
+    def column(self, name: str):
+        """One column as an Arrow array (through any row selection, unlike `Dataset.data`)."""
+        return self.dataset.with_format("arrow")[name]
+
     @cached_property
     def lengths(self):
         import pyarrow.compute as pc
 
-        return pc.list_value_length(self.dataset.data.column("input_ids")).to_numpy()
+        return pc.list_value_length(self.column("input_ids")).to_numpy()
 
     @property
     def tokens(self) -> int:
@@ -63,7 +67,7 @@ class Split:
     def trained_tokens(self) -> int:
         import pyarrow.compute as pc
 
-        labels = pc.list_flatten(self.dataset.data.column("labels"))
+        labels = pc.list_flatten(self.column("labels"))
         return int(pc.sum(pc.not_equal(labels, IGNORE)).as_py() or 0)
 
 
@@ -209,7 +213,7 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str) ->
     if not kept:
         raise DataError(f"{source}: no example is left to train on after the length policy "
                         f"(data.max_length={encoder.max_length}, data.on_overflow={encoder.on_overflow})")
-    dataset = mapped.select(kept) if len(kept) < len(status) else mapped
+    dataset = mapped.select(kept).flatten_indices() if len(kept) < len(status) else mapped
     return Split(dataset.select_columns(["input_ids", "labels", "source", "end_of_turn", "is_chat"]),
                  truncated=status.count(TRUNCATED), drops=drops)
 
@@ -233,6 +237,5 @@ def end_of_turn_id(split: Split, tokenizer) -> int:
     """The token chat turns end with (eos for plain text)."""
     import pyarrow.compute as pc
 
-    table = split.dataset.data
-    chat_ends = pc.filter(table.column("end_of_turn"), table.column("is_chat")).to_pylist()
+    chat_ends = pc.filter(split.column("end_of_turn"), split.column("is_chat")).to_pylist()
     return next((t for t in chat_ends if t >= 0), tokenizer.eos_token_id)

@@ -20,6 +20,16 @@ CHATML_EOS = (
 BUILT_IN = {"chatml": CHATML_EOS}
 
 
+def chosen_template(tokenizer, choice: str | None) -> str | None:
+    """The template text `choice` selects, without changing the tokenizer (None: an error is due)."""
+    if choice in (None, "tokenizer"):
+        return tokenizer.chat_template or (CHATML_EOS if choice is None else None)
+    if choice in BUILT_IN:
+        return BUILT_IN[choice]
+    path = Path(choice).expanduser()
+    return path.read_text(encoding="utf-8") if path.suffix == ".jinja" and path.is_file() else None
+
+
 def apply_chat_template_choice(tokenizer, choice: str | None, needs_template: bool) -> str:
     """Set the template on the tokenizer; returns a short description of the choice for the run log."""
     if choice is None and not needs_template:
