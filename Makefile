@@ -13,6 +13,7 @@ $(VENV)/.lorakit-setup: pyproject.toml scripts/setup.sh
 # A real QLoRA fine-tune of the embedded tiny model on the bundled dataset, offline, on CPU.
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tiny_model.py $(TINY)
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit data preview configs/quickstart.yaml --count 2
 	HF_HUB_OFFLINE=1 $(BIN)/lorakit train configs/quickstart.yaml --overwrite
 
 test: setup

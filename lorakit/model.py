@@ -99,7 +99,9 @@ def load_base(cfg: ModelConfig, precision: Precision):
         cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
         dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
         device_map=device_map(precision), **kwargs)
-    model.config.use_cache = False  # training; generation turns it back on
+    # Training needs no KV cache, and packing must not have one: with a cache, transformers does not look
+    # for packed examples in the position ids and lets them attend to each other. Generation turns it on.
+    model.config.use_cache = False
     keep_cpu_4bit_weights_exact(model)
     return model
 

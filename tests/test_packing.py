@@ -52,3 +52,24 @@ def test_packed_and_padded_batches_agree(tiny_model, tmp_path):
     assert torch.allclose(loss_pad, loss_pack, atol=1e-4), (loss_pad - loss_pack).abs().max()
     for name, grad in grad_pad.items():
         assert torch.allclose(grad, grad_pack[name], atol=1e-4, rtol=1e-3), name
+
+
+def test_a_kv_cache_would_join_packed_examples_so_lorakit_loads_without_one(tiny_model, tmp_path):
+    from lorakit import model as model_mod
+    from lorakit.config import ModelConfig
+
+    cfg = ModelConfig(name_or_path=str(tiny_model))
+    model = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+    assert model.config.use_cache is False
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(line) for line in (EXAMPLES / "train.jsonl").read_text().splitlines()[:4]]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare(DataConfig(train=str(path)), tok, seed=0)
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(data.train.input_ids, data.train.labels)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
+    with torch.no_grad():
+        reference = model(**padded).loss
+        assert torch.allclose(model(**packed).loss, reference, atol=1e-5)
+        assert not torch.allclose(model(**packed, use_cache=True).loss, reference, atol=1e-2)  # the trap

@@ -12,7 +12,6 @@ processes, so the first problem in data order is reported, whatever the number o
 from __future__ import annotations
 
 import json
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -113,18 +112,26 @@ class Encoder:
                 continue
             rendered[special].append((i, text, spans))
         for special, items in rendered.items():
-            if not items:
-                continue
-            encoded = self.tokenizer([text for _, text, _ in items], add_special_tokens=special,
-                                     return_offsets_mapping=True, verbose=False)
-            for (i, text, spans), ids, offsets in zip(items, encoded["input_ids"], encoded["offset_mapping"]):
-                self._finish(out, i, batch["where"][i], text, ids, _labels(ids, offsets, spans))
+            if items:
+                texts = [text for _, text, _ in items]
+                for (i, text, spans), (ids, offsets) in zip(items, self._tokenize(texts, special)):
+                    labels, ends = _labels(ids, offsets, spans)
+                    self._finish(out, i, batch["where"][i], text, ids, labels, [ids[j] for j in ends])
         return out
 
-    def _finish(self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int]) -> None:
+    def _tokenize(self, texts: list[str], special: bool):
+        """(ids, offsets) per text, one batched call into the Rust tokenizer. The backend is called
+        directly (transformers' per-example dict conversion costs as much as tokenizing) unless the
+        tokenizer file configures truncation or padding, which transformers' own call switches off."""
+        backend = self.tokenizer.backend_tokenizer
+        if backend.truncation is None and backend.padding is None:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=special)]
+        encoded = self.tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+    def _finish(self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int],
+                ends: list[int]) -> None:
         """Check the end-of-turn token and apply the length policy to one tokenized example."""
-        ends = [labels[j] for j in range(len(labels)) if labels[j] != IGNORE
-                and (j + 1 == len(labels) or labels[j + 1] == IGNORE)]
         for token in ends:
             if token not in self.special:
                 out["status"][i] = FAILED
@@ -184,17 +191,34 @@ class Encoder:
         return full, spans
 
 
-def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Token j is trained when its characters overlap a trained span (zero-width tokens never are)."""
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
+    """Labels, and the index of each span's last token. Token j is trained when its characters overlap a
+    trained span. Zero-width tokens (bos/eos added by the post-processor) lie before the first or after the
+    last character, outside every span's bounds. Spans are ordered."""
     labels = [IGNORE] * len(ids)
-    ends = [end for _, end in offsets]
+    ends = []
+    j = 0
     for start, stop in spans:
-        j = bisect_right(ends, start)
+        j = _first_ending_after(offsets, start, j)
+        first = j
         while j < len(ids) and offsets[j][0] < stop:
-            if offsets[j][1] > offsets[j][0]:
-                labels[j] = ids[j]
             j += 1
-    return labels
+        labels[first:j] = ids[first:j]  # zero-width tokens sit at the ends, where the bounds leave them out
+        if j > first:
+            ends.append(j - 1)
+    return labels, ends
+
+
+def _first_ending_after(offsets: list[tuple[int, int]], start: int, lo: int) -> int:
+    """Index of the first token from `lo` whose characters end after `start` (offsets ends never fall)."""
+    hi = len(offsets)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if offsets[mid][1] > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str) -> Split:
