@@ -265,8 +265,8 @@ class TrainConfig(Section):
         "tokens (best-fit decreasing), with positions restarting per example and no attention across examples. "
         "Same losses and gradients as padding, without computing padding. `auto` packs when the model's "
         "attention honours example boundaries in a packed row (transformers' causal-mask builder, used by Llama, "
-        "Qwen, Mistral, Gemma, Phi and most others) and refuses nothing; `true` insists and is refused for models "
-        "that cannot. With packing, `per_device_train_batch_size` counts packed rows.")
+        "Qwen, Mistral, Gemma, Phi and most others) and pads otherwise; `true` insists and is refused for models "
+        "that cannot; `false` pads. With packing, `per_device_train_batch_size` counts packed rows.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     report_to: list[str] | str = Field(

@@ -23,13 +23,14 @@ def test_help(args):
 
 def test_root_help_lists_commands_and_no_placeholders():
     out = lorakit("--help").stdout
-    assert "train" in out
+    assert "train" in out and "data" in out
+    assert "preview" in lorakit("data", "--help").stdout
     assert "merge" not in out and "eval " not in out  # their own issues; no placeholder commands
 
 
 def test_train_help_documents_options():
     out = lorakit("train", "--help").stdout
-    for option in ("--set", "--overwrite", "--dry-run"):
+    for option in ("--set", "--overwrite", "--dry-run", "--no-cache"):
         assert option in out
 
 

@@ -177,3 +177,25 @@ def test_recipe_resolves_sources_and_refuses_what_cannot_work(tmp_path, write_re
     recipe["data"] = {"train": "data/a.jsonl", "eval": {"path": "data/a.jsonl", "weight": 2}}
     with pytest.raises(RecipeError, match="`weight` applies to training sources only"):
         load_recipe(write_recipe(recipe))
+
+
+def test_null_message_fields_render_as_absent(tokenizer, tmp_path):
+    """Parquet files and `datasets` give every message every key any message has (`name`, `tool_calls`),
+    set to None; a template testing `is defined` must not render them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")  # unifies: every message gets `name`
+    template = tmp_path / "named.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m.role }}{% if m.name is defined %}"
+                        "{{ ' (' + m.name + ')' }}{% endif %}{{ '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    from_parquet = prepare(DataConfig(train=str(tmp_path / "t.parquet"), chat_template=str(template)), tokenizer,
+                           seed=0, use_cache=False)
+    from_jsonl = prepare(DataConfig(train=write(tmp_path / "t.jsonl", rows), chat_template=str(template)),
+                         tokenizer, seed=0, use_cache=False)
+    assert from_parquet.train.input_ids == from_jsonl.train.input_ids
+    texts = decoded(tokenizer, from_parquet.train)
+    assert "user (ann)" in texts[0] and "None" not in texts[1]

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit import model as model_mod
 from lorakit.config import Recipe
+from lorakit.data import prepare
 from lorakit.recipe_file import load_recipe
 from lorakit.train import run
 
@@ -75,10 +76,12 @@ def test_terminal_progress_bar(tiny_model, tmp_path):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=160)
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "tty", steps=4, logging_steps=1))
+    prepare(recipe.data, AutoTokenizer.from_pretrained(tiny_model), recipe.train.seed)  # fills the cache
     run(recipe, console=console)
     out = buffer.getvalue()
     assert "training" in out and "tok/s" in out and "4/4" in out
     assert "lorakit train: done" in out and "trainable params" in out
+    assert "(preprocessing cache)" in out and "packing: 1600 examples in" in out
 
 
 def test_loss_goes_down(trained):
