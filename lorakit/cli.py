@@ -64,6 +64,9 @@ def train(
         from lorakit.run_dir import check_free
 
         check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
         from lorakit.train import run
 
         run(resolved, overwrite=overwrite, use_cache=not no_cache)
@@ -97,6 +100,9 @@ def preview(
         resolved = load_recipe(recipe, set_)
         from rich.console import Console
 
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
         from lorakit import preview as preview_mod
 
         report = preview_mod.run(resolved, split=split, count=count, use_cache=not no_cache)

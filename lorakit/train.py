@@ -107,6 +107,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
 
     console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
                   f" {precision.device}, compute {precision.dtype})", highlight=False)
+    if precision.device == "cpu" and "paged" in default_optim(recipe):
+        console.print(f"note: {default_optim(recipe)} pages optimizer state between GPU and CPU memory; on a CPU "
+                      "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
     base = model_mod.load_base(recipe.model, precision)
     model_mod.check_target_modules(base, recipe.lora)
     packing = model_mod.use_packing(recipe.train.packing, type(base))
