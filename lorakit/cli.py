@@ -74,6 +74,53 @@ def train(
     _guarded(work)
 
 
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory written by `lorakit train`.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(help="Where to write the merged model (default: RUN_DIR/merged).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="Dtype of the merged weights: bfloat16, float16 or float32 (default: the base checkpoint's).")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        help="Base model to merge into, instead of the recipe's model.name_or_path (e.g. a local copy).")] = None,
+    merge_into: Annotated[Optional[str], typer.Option(
+        "--merge-into", help="QLoRA runs: `nf4` (default) adds the update to the NF4-dequantized weights training "
+        "saw; `original` to the published full-precision weights. See docs/merge.md.")] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip comparing the merged model with base + adapter (not recommended).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in the output directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merge report as JSON on stdout.")] = False,
+) -> None:
+    """Fold a run's adapter into its base and write a standard Hugging Face checkpoint, shard by shard,
+    verified against base + adapter before it is kept."""
+
+    def work() -> None:
+        from lorakit.errors import LorakitError
+
+        if merge_into not in (None, "nf4", "original"):
+            raise LorakitError(f"--merge-into: expected nf4 or original, got {merge_into!r}")
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        from rich.console import Console
+
+        from lorakit import merge as merge_mod
+
+        plan = merge_mod.plan(run_dir, output=str(output) if output else None, dtype=dtype, base=base,
+                              merge_into=merge_into, overwrite=overwrite)
+        report = merge_mod.run(plan, check=not no_verify)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(report, indent=1))
+        else:
+            console = Console(stderr=True)
+            if "verification" in report:
+                console.print(merge_mod.report_table(report))
+            console.print(f"merged model: {plan.output}", highlight=False)
+
+    _guarded(work)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at a recipe's data as training sees it.")
 app.add_typer(data_app, name="data")
 

@@ -236,3 +236,16 @@ def model_class_for(cfg: ModelConfig) -> type:
     except KeyError:
         raise ModelError(f"model.name_or_path: {cfg.name_or_path} ({type(config).__name__}) is not a causal "
                          "language model that transformers knows") from None
+
+
+def quantization_record(model) -> dict | None:
+    """What 4-bit loading did, as the merge needs it to reproduce the weights training saw: the modules
+    that were quantized and the bitsandbytes settings read back from their weights."""
+    import bitsandbytes as bnb
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not layers:
+        return None
+    weight = next(iter(layers.values())).weight
+    return {"modules": sorted(layers), "quant_type": weight.quant_type, "blocksize": weight.blocksize,
+            "double_quant": bool(weight.compress_statistics), "quant_storage": str(weight.quant_storage).split(".")[-1]}

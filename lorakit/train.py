@@ -113,6 +113,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
     base = model_mod.load_base(recipe.model, precision)
     model_mod.check_target_modules(base, recipe.lora)
     packing = model_mod.use_packing(recipe.train.packing, type(base))
+    quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console)
@@ -127,6 +128,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
 
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids)
+    details["quantization"] = quantized
     run_files.write_model_card(run_dir, recipe, details)
     run_files.write_manifest(run_dir, recipe, details)
     results, params = details["results"], details["trainable_parameters"]

@@ -1,0 +1,336 @@
+"""`lorakit merge`: a run's adapter folded into its base, written as a standard checkpoint, verified.
+
+Streams the base shard by shard: read a shard, fold in the LoRA updates of the weights it holds, write
+it. Memory is one shard plus the adapter, never the whole model. The LoRA arithmetic (scaling, rsLoRA,
+DoRA, rank and alpha patterns) is peft's own: the adapter is loaded by peft onto a weightless (meta)
+copy of the model, and each layer's `merge()` runs as soon as its real base weight is read.
+
+QLoRA runs choose what the update is added to (`--merge-into`): `nf4` (default) the base weights as
+training saw them, i.e. every 4-bit layer's weight quantized to NF4 and back with the run's settings, so
+the merged model computes what the adapter was trained and evaluated on; or `original`, the published
+full-precision weights, which keeps the base free of quantization error but differs from what training
+saw by that error.
+
+Everything is written to a staging directory; only a merge that passes verification is renamed into
+place. Verification compares merged logits with base + adapter (and with the base alone: the merge must
+change something) on the run's own examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lorakit import checkpoint as ckpt_mod
+from lorakit import model as model_mod
+from lorakit import verify
+from lorakit.config import Recipe
+from lorakit.errors import LorakitError, ModelError, RunFailed
+from lorakit.run_dir import MANIFEST, RECIPE
+
+REPORT = "merge_report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Plan:
+    """What one merge does, settled before any weight is read."""
+
+    run_dir: Path
+    recipe: Recipe
+    manifest: dict
+    base: str
+    base_dir: Path
+    output: Path
+    dtype: str
+    merge_into: str
+    quantization: dict | None = None
+    vocab_size: int | None = None  # set when training added tokens
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = None, base: str | None = None,
+         merge_into: str | None = None, overwrite: bool = False) -> Plan:
+    """Check everything that can be refused cheaply: the run, the output directory, the options."""
+    from lorakit.recipe_file import load_recipe
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / RECIPE).is_file() or not (run_dir / "adapter_config.json").is_file():
+        raise LorakitError(f"{run_dir} is not a lorakit run (no {RECIPE} or adapter_config.json)")
+    if not (run_dir / MANIFEST).is_file():
+        raise LorakitError(f"{run_dir} is an incomplete run (no {MANIFEST}: training did not finish)")
+    recipe = load_recipe(run_dir / RECIPE)
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    four_bit = recipe.model.load_in_4bit
+    merge_into = merge_into or ("nf4" if four_bit else "original")
+    if merge_into == "nf4" and not four_bit:
+        raise LorakitError("--merge-into nf4 is for QLoRA runs; this run trained on a full-precision base")
+    if merge_into == "nf4" and not manifest.get("quantization"):
+        raise LorakitError(f"{run_dir}/{MANIFEST} does not record the 4-bit settings (a run from an older "
+                           "lorakit); use --merge-into original")
+    out = Path(output).expanduser().resolve() if output else run_dir / "merged"
+    _check_output(out, overwrite)
+    base = base or recipe.model.name_or_path
+    base_dir = ckpt_mod.locate(base, recipe.model.revision)
+    config = json.loads((base_dir / "config.json").read_text())
+    if "quantization_config" in config:
+        raise ModelError(f"{base} is a quantized checkpoint; merge needs the full-precision base (--base)")
+    dtype = dtype or str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if dtype not in DTYPES:
+        raise LorakitError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return Plan(run_dir, recipe, manifest, base, base_dir, out, dtype, merge_into,
+                quantization=manifest.get("quantization") if merge_into == "nf4" else None)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise LorakitError(f"{out} exists; pass --overwrite to replace it, or choose --output")
+        if not (out / REPORT).is_file():
+            raise LorakitError(f"{out} is not a lorakit merge (no {REPORT}); refusing to delete it even with "
+                               "--overwrite")
+
+
+def run(p: Plan, *, check: bool = True, console: Console | None = None) -> dict:
+    """Stream the merge into a staging directory, verify it, then move it into place."""
+    console = console or Console(stderr=True)
+    staging = p.output.parent / f".{p.output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        console.print(f"merging {p.run_dir.name} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)
+        report = {"run": str(p.run_dir), "base": p.base, "merge_into": p.merge_into, "dtype": p.dtype,
+                  **stream_merge(p, staging)}
+        _write_companions(p, staging)
+        if check:
+            report["verification"] = _verify(p, staging)
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _write_card(p, staging, report)
+        if check and not report["verification"]["passed"]:
+            failed = p.run_dir / "merge_report.failed.json"
+            failed.write_text(json.dumps(report, indent=2) + "\n")
+            console.print(report_table(report))
+            raise RunFailed(f"the merged model does not match base + adapter ({report['verification']['reason']}); "
+                            f"nothing was written to {p.output}; figures in {failed}")
+        if p.output.exists():
+            shutil.rmtree(p.output)
+        staging.rename(p.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def stream_merge(p: Plan, staging: Path) -> dict:
+    """Fold the adapter into the base, shard by shard; returns what changed."""
+    checkpoint = ckpt_mod.Checkpoint.open(p.base_dir)
+    layers, saved = _adapter_on_skeleton(p, checkpoint)
+    quantized = set(p.quantization["modules"]) if p.quantization else set()
+    out_dtype = DTYPES[p.dtype]
+    weight_map, total, merged, replaced, rounded = {}, 0, 0, 0, 0
+    for shard in checkpoint.shards:
+        tensors = checkpoint.read(shard)
+        for name in list(tensors):
+            module = name.removesuffix(".weight")
+            weight = tensors[name].float()
+            if name.endswith(".weight") and module in quantized:
+                weight = _nf4_round_trip(weight, p)
+                rounded += 1
+            if name.endswith(".weight") and module in layers:
+                weight = _merge_layer(layers[module], weight)
+                merged += 1
+            if name in saved:
+                weight = saved.pop(name).float()
+                replaced += 1
+            tensors[name] = weight.to(out_dtype)
+            weight_map[name] = shard
+        total += ckpt_mod.write_shard(staging / shard, tensors)
+        del tensors
+    if saved:  # modules_to_save tensors the base checkpoint does not store (e.g. an untied lm_head)
+        extra = "model-lorakit-extra.safetensors"
+        total += ckpt_mod.write_shard(staging / extra, {k: v.to(out_dtype) for k, v in saved.items()})
+        weight_map.update({k: extra for k in saved})
+    ckpt_mod.write_index(staging, weight_map, total)
+    return {"lora_layers_merged": merged, "tensors_replaced": replaced, "weights_nf4_round_tripped": rounded,
+            "shards": len(checkpoint.shards)}
+
+
+def _adapter_on_skeleton(p: Plan, checkpoint: ckpt_mod.Checkpoint):
+    """The run's adapter loaded by peft onto a weightless copy of the base: {module name: LoRA layer}
+    and {checkpoint tensor name: trained replacement} for `modules_to_save`. Refuses adapters that do
+    not fit this base, and non-finite adapter weights."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state = load_file(str(p.run_dir / "adapter_model.safetensors"))
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise ModelError(f"the adapter holds NaN or inf values (first: {bad[0]}); refusing to merge it")
+    config = AutoConfig.from_pretrained(p.base_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    vocab = _trained_vocab(state)
+    if vocab and vocab != config.vocab_size:
+        skeleton.resize_token_embeddings(vocab)
+        p.vocab_size = vocab
+        p.notes.append(f"vocabulary {config.vocab_size} -> {vocab} (tokens added in training)")
+    try:
+        peft_model = get_peft_model(skeleton, PeftConfig.from_pretrained(p.run_dir), low_cpu_mem_usage=True)
+    except ValueError as exc:
+        raise ModelError(f"the adapter does not fit {p.base}: {str(exc).splitlines()[0]} (an adapter trained on "
+                         "another base?)") from None
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in layers.items():
+        if f"{name}.weight" not in checkpoint.weight_map:
+            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {p.base}'s checkpoint")
+        layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # see _merge_layer
+    try:
+        loaded = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"the adapter does not fit {p.base}: {str(exc).strip().splitlines()[-1].strip()}") from None
+    if loaded.unexpected_keys:
+        raise ModelError(f"adapter weight {loaded.unexpected_keys[0]} matches nothing in {p.base}")
+    for name, layer in layers.items():
+        _check_shapes(layer, checkpoint.shape(f"{name}.weight"), p.base)
+        for param_name, param in layer.named_parameters():
+            if not param_name.startswith("base_layer"):
+                param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
+    saved = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            prefix = name.removeprefix("base_model.model.")
+            for param, value in module.modules_to_save["default"].named_parameters():
+                saved[f"{prefix}.{param}"] = value.detach().float()
+    return layers, saved
+
+
+def _check_shapes(layer, base_shape: tuple, base: str) -> None:
+    a = layer.lora_A["default"].weight
+    b = layer.lora_B["default"].weight
+    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+        raise ModelError(f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
+                         f"shape {(b.shape[0], a.shape[1])} (an adapter trained on another base?)")
+
+
+def _trained_vocab(state: dict) -> int | None:
+    """The vocabulary size training ended with, from saved embedding rows (tokens added in training)."""
+    for key, value in state.items():
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
+            return value.shape[0]
+    return None
+
+
+def _merge_layer(layer, weight: torch.Tensor) -> torch.Tensor:
+    """peft's own merge of one layer, on the real weight just read; the layer is emptied again after."""
+    layer.base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer.merge(safe_merge=True)
+    merged = layer.base_layer.weight.detach()
+    layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    layer.merged_adapters.clear()
+    return merged
+
+
+def _nf4_round_trip(weight: torch.Tensor, p: Plan) -> torch.Tensor:
+    """The weight as the 4-bit layer held it in training: cast to the training precision, quantized with
+    the run's bitsandbytes settings, dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    q = p.quantization
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = weight.to(device=device, dtype=DTYPES[p.manifest.get("precision", "float32")])
+    packed, state = bnbf.quantize_4bit(source, blocksize=q["blocksize"], compress_statistics=q["double_quant"],
+                                       quant_type=q["quant_type"], quant_storage=getattr(torch, q["quant_storage"]))
+    return bnbf.dequantize_4bit(packed, state).float().cpu()
+
+
+def _write_companions(p: Plan, staging: Path) -> None:
+    """config.json (dtype, vocabulary) and the run's tokenizer, chat template and generation config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(p.base_dir)
+    config.dtype = p.dtype
+    if p.vocab_size:
+        config.vocab_size = p.vocab_size
+    config.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (p.run_dir / name).is_file():
+            shutil.copy2(p.run_dir / name, staging / name)
+
+
+def _verify(p: Plan, staging: Path) -> dict:
+    """Logits of base + adapter (as merged into), the merged model and the bare base, one at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(p.run_dir)
+    inputs, source = verify.inputs_for(p.recipe, tokenizer)
+    precision = model_mod.Precision("float32", "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = p.recipe.model.model_copy(update={"name_or_path": str(p.base_dir), "revision": None,
+                                            "load_in_4bit": p.merge_into == "nf4"})
+    reference = verify.logits(PeftModel.from_pretrained(model_mod.load_base(cfg, precision), p.run_dir), inputs)
+    merged = verify.logits(AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[p.dtype]), inputs)
+    full = cfg.model_copy(update={"load_in_4bit": False})
+    base = verify.logits(model_mod.load_base(full, precision), inputs)
+    kind = "4-bit NF4" if p.merge_into == "nf4" else "full-precision"
+    figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + adapter",
+               "merged_vs_reference": verify.compare(reference, merged), "merged_vs_base": verify.compare(base, merged)}
+    if p.recipe.model.load_in_4bit and p.merge_into == "original":  # the trade-off, measured
+        trained = cfg.model_copy(update={"load_in_4bit": True})
+        figures["merged_vs_training"] = verify.compare(
+            verify.logits(PeftModel.from_pretrained(model_mod.load_base(trained, precision), p.run_dir), inputs), merged)
+    match = figures["merged_vs_reference"]
+    changed = figures["merged_vs_base"]["max_abs_diff"] > 10 * verify.RTOL[p.dtype] * match["max_abs_logit"]
+    figures["tolerance"] = verify.tolerance(match, p.dtype)
+    figures["passed"] = verify.passes(match, p.dtype) and changed
+    figures["reason"] = ("" if figures["passed"] else "outside tolerance" if not verify.passes(match, p.dtype)
+                         else "the merged model equals the base: the adapter changed nothing")
+    return figures
+
+
+def _write_card(p: Plan, staging: Path, report: dict) -> None:
+    check = report.get("verification")
+    lines = ["---", f"base_model: {p.base}", "tags: [lorakit, merged]", "---", f"# {p.run_dir.name} (merged)", "",
+             f"The LoRA adapter of the lorakit run `{p.run_dir}` folded into `{p.base}`, saved in {p.dtype}. "
+             "Loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer carries the chat template used in "
+             "training and `generation_config.json` stops on the end-of-turn token it trained.", "",
+             f"- Merged into: **{p.merge_into}** weights"
+             + (" (the NF4-dequantized weights training saw)" if p.merge_into == "nf4" else
+                " (the published full-precision weights)"),
+             f"- LoRA layers merged: {report['lora_layers_merged']}; tensors replaced (modules_to_save): "
+             f"{report['tensors_replaced']}; weights NF4 round-tripped: {report['weights_nf4_round_tripped']}"]
+    lines += [f"- {note}" for note in p.notes]
+    if check:
+        m = check["merged_vs_reference"]
+        lines += ["", "## Verification", "", f"On {check['inputs']}, against {check['reference']}: max |logit "
+                  f"difference| {m['max_abs_diff']:.3g} ({check['tolerance']}), top-1 agreement "
+                  f"{m['top1_agreement']:.2%}. Against the bare base: max difference "
+                  f"{check['merged_vs_base']['max_abs_diff']:.3g}, top-1 agreement "
+                  f"{check['merged_vs_base']['top1_agreement']:.2%}."]
+    (staging / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def report_table(report: dict) -> Table:
+    check = report["verification"]
+    table = Table(title=f"merge verification ({check['inputs']})")
+    for column in ("merged vs", "max |logit diff|", "top-1 agreement", "positions"):
+        table.add_column(column)
+    rows = [(check["reference"], "merged_vs_reference"), ("bare base (must differ)", "merged_vs_base"),
+            ("4-bit base + adapter, as trained (information)", "merged_vs_training")]
+    for label, key in rows:
+        if key not in check:
+            continue
+        f = check[key]
+        table.add_row(label, f"{f['max_abs_diff']:.3g}", f"{f['top1_agreement']:.2%}", str(f["positions"]))
+    table.caption = f"tolerance {check['tolerance']}: {'passed' if check['passed'] else 'FAILED: ' + check['reason']}"
+    return table
