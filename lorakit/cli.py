@@ -108,15 +108,14 @@ def merge(
         plan = merge_mod.plan(run_dir, output=str(output) if output else None, dtype=dtype, base=base,
                               merge_into=merge_into, overwrite=overwrite)
         report = merge_mod.run(plan, check=not no_verify)
+        console = Console(stderr=True)  # the table goes to stderr, so --json keeps stdout clean
+        if "verification" in report:
+            console.print(merge_mod.report_table(report))
+        console.print(f"merged model: {plan.output}", highlight=False)
         if as_json:
             import json
 
             typer.echo(json.dumps(report, indent=1))
-        else:
-            console = Console(stderr=True)
-            if "verification" in report:
-                console.print(merge_mod.report_table(report))
-            console.print(f"merged model: {plan.output}", highlight=False)
 
     _guarded(work)
 
