@@ -7,8 +7,9 @@ the same tokenizer and chat template (ChatML with `{% generation %}` markers, wh
   lorakit: `lorakit.data.prepare` (read + validate + render + tokenize + mask), cache off.
   trl:     `datasets.load_dataset("json")` + `SFTTrainer._prepare_dataset`, the function trl's constructor
            runs on a raw dataset (timed on its own, after the trainer was built on a one-row dataset),
-           with `assistant_only_loss=True` and `dataset_num_proc` = the same process count; datasets'
-           cache off so no run reuses another's work.
+           with `assistant_only_loss=True` and `dataset_num_proc` = the same process count. datasets'
+           caching is off and each load gets a fresh cache directory, so no run reuses another's work
+           (lorakit's time also includes hashing the file, which it does for its manifest).
 
 Runs alternate (lorakit, trl, lorakit, ...), each setting is repeated, the median is reported, and
 the outputs are compared token for token before any time is reported.
@@ -67,7 +68,9 @@ def trl_trainer(model_dir: Path, tokenizer, num_proc: int, max_length: int):
 def trl_prepare(path: Path, trainer):
     from datasets import load_dataset
 
-    raw = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    # a fresh cache directory each run: load_dataset's own build cache would skip parsing the JSON
+    raw = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True,
+                       cache_dir=tempfile.mkdtemp(prefix="lorakit-bench-ds-"))
     out = trainer._prepare_dataset(raw, trainer.processing_class, trainer.args, False, None, "train")
     return out["input_ids"][:], out["labels"][:]
 

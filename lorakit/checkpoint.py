@@ -58,6 +58,7 @@ class Checkpoint:
         return sorted(set(self.weight_map.values()))
 
     def read(self, shard: str) -> dict:
+        """One shard's tensors, memory-mapped: a tensor costs memory only once it is converted or changed."""
         from safetensors.torch import load_file
 
         return load_file(str(self.directory / shard))

@@ -116,7 +116,7 @@ DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completio
 class DataSource(Section):
     """One dataset in `data.train` / `data.eval`. A plain string is short for `{path: ...}`."""
 
-    path: str = Field(description="A local .jsonl, .json, .csv or .parquet file; a directory of them (read "
+    path: str = Field(min_length=1, description="A local .jsonl, .json, .csv or .parquet file; a directory of them (read "
                       "recursively, in name order); a glob (`data/*.jsonl`, `data/**/*.parquet`); or a hub dataset "
                       "id (`HuggingFaceH4/ultrachat_200k`) loaded with `datasets.load_dataset`. A local directory "
                       "with `split` or `subset` is loaded with `datasets.load_dataset` too (a downloaded dataset "
@@ -262,11 +262,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Padding-free packing: several examples share each row of up to `data.max_length` "
-        "tokens (best-fit decreasing), with positions restarting per example and no attention across examples. "
-        "Same losses and gradients as padding, without computing padding. `auto` packs when the model's "
-        "attention honours example boundaries in a packed row (transformers' causal-mask builder, used by Llama, "
-        "Qwen, Mistral, Gemma, Phi and most others) and pads otherwise; `true` insists and is refused for models "
-        "that cannot; `false` pads. With packing, `per_device_train_batch_size` counts packed rows.")
+        "tokens (best-fit decreasing), with positions restarting per example and no attention across examples: "
+        "the same losses and gradients as padding, without computing padding. `auto` packs architectures known "
+        "to be exact (attention-only models whose masks follow position ids: Llama, Mistral, Qwen, Gemma, Phi "
+        "and others; see docs/data.md) and pads the rest; `true` insists, and is refused where packing would "
+        "let examples affect each other (custom masks, recurrent or state-space layers); `false` pads. With "
+        "packing, `per_device_train_batch_size` counts packed rows.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     report_to: list[str] | str = Field(

@@ -18,6 +18,8 @@ change something) on the run's own examples.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -28,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lorakit import adapter as adapter_mod
 from lorakit import checkpoint as ckpt_mod
 from lorakit import model as model_mod
 from lorakit import verify
@@ -132,28 +135,35 @@ def run(p: Plan, *, check: bool = True, console: Console | None = None) -> dict:
 def stream_merge(p: Plan, staging: Path) -> dict:
     """Fold the adapter into the base, shard by shard; returns what changed."""
     checkpoint = ckpt_mod.Checkpoint.open(p.base_dir)
-    layers, saved = _adapter_on_skeleton(p, checkpoint)
+    skeleton = adapter_mod.on_skeleton(p.run_dir, p.base_dir, p.base, checkpoint)
+    layers, saved = skeleton.layers, skeleton.saved
+    if skeleton.vocab_size:
+        p.vocab_size = skeleton.vocab_size
+        p.notes.append(f"vocabulary {skeleton.base_vocab_size} -> {skeleton.vocab_size} (tokens added in training)")
     quantized = set(p.quantization["modules"]) if p.quantization else set()
     out_dtype = DTYPES[p.dtype]
     weight_map, total, merged, replaced, rounded = {}, 0, 0, 0, 0
     for shard in checkpoint.shards:
-        tensors = checkpoint.read(shard)
-        for name in list(tensors):
-            module = name.removesuffix(".weight")
-            weight = tensors[name].float()
-            if name.endswith(".weight") and module in quantized:
-                weight = _nf4_round_trip(weight, p)
-                rounded += 1
-            if name.endswith(".weight") and module in layers:
-                weight = _merge_layer(layers[module], weight)
-                merged += 1
+        tensors = checkpoint.read(shard)  # memory-mapped: what is written unchanged is never copied
+        for name, tensor in list(tensors.items()):
+            module = name.removesuffix(".weight") if name.endswith(".weight") else None
             if name in saved:
-                weight = saved.pop(name).float()
+                tensor = saved.pop(name)
                 replaced += 1
-            tensors[name] = weight.to(out_dtype)
+            elif module in quantized or module in layers:  # float32 arithmetic, one tensor at a time
+                tensor = tensor.float()
+                if module in quantized:
+                    tensor = _nf4_round_trip(tensor, p)
+                    rounded += 1
+                if module in layers:
+                    tensor = adapter_mod.merge_layer(layers[module], tensor)
+                    merged += 1
+            tensors[name] = tensor.to(out_dtype)
+            del tensor
             weight_map[name] = shard
         total += ckpt_mod.write_shard(staging / shard, tensors)
         del tensors
+        _release_freed_memory()
     if saved:  # modules_to_save tensors the base checkpoint does not store (e.g. an untied lm_head)
         extra = "model-lorakit-extra.safetensors"
         total += ckpt_mod.write_shard(staging / extra, {k: v.to(out_dtype) for k, v in saved.items()})
@@ -163,85 +173,14 @@ def stream_merge(p: Plan, staging: Path) -> dict:
             "shards": len(checkpoint.shards)}
 
 
-def _adapter_on_skeleton(p: Plan, checkpoint: ckpt_mod.Checkpoint):
-    """The run's adapter loaded by peft onto a weightless copy of the base: {module name: LoRA layer}
-    and {checkpoint tensor name: trained replacement} for `modules_to_save`. Refuses adapters that do
-    not fit this base, and non-finite adapter weights."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    state = load_file(str(p.run_dir / "adapter_model.safetensors"))
-    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
-    if bad:
-        raise ModelError(f"the adapter holds NaN or inf values (first: {bad[0]}); refusing to merge it")
-    config = AutoConfig.from_pretrained(p.base_dir)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    vocab = _trained_vocab(state)
-    if vocab and vocab != config.vocab_size:
-        skeleton.resize_token_embeddings(vocab, mean_resizing=False)  # rows come from the adapter
-        p.vocab_size = vocab
-        p.notes.append(f"vocabulary {config.vocab_size} -> {vocab} (tokens added in training)")
+def _release_freed_memory() -> None:
+    """Hand the previous shard's freed buffers back to the OS (glibc keeps large freed blocks otherwise,
+    and resident memory would creep up shard after shard)."""
+    gc.collect()
     try:
-        peft_model = get_peft_model(skeleton, PeftConfig.from_pretrained(p.run_dir), low_cpu_mem_usage=True)
-    except ValueError as exc:
-        raise ModelError(f"the adapter does not fit {p.base}: {str(exc).splitlines()[0]} (an adapter trained on "
-                         "another base?)") from None
-    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
-    for name, layer in layers.items():
-        if f"{name}.weight" not in checkpoint.weight_map:
-            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {p.base}'s checkpoint")
-        layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # see _merge_layer
-    try:
-        loaded = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
-    except RuntimeError as exc:  # shape mismatches
-        raise ModelError(f"the adapter does not fit {p.base}: {str(exc).strip().splitlines()[-1].strip()}") from None
-    wrapped = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-    stray = [k for k in loaded.unexpected_keys  # peft saves resized embeddings' wrapper copies too; it skips them
-             if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)]
-    if stray:
-        raise ModelError(f"adapter weight {stray[0]} matches nothing in {p.base}")
-    for name, layer in layers.items():
-        _check_shapes(layer, checkpoint.shape(f"{name}.weight"), p.base)
-        for param_name, param in layer.named_parameters():
-            if not param_name.startswith("base_layer"):
-                param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
-    saved = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            prefix = name.removeprefix("base_model.model.")
-            for param, value in module.modules_to_save["default"].named_parameters():
-                saved[f"{prefix}.{param}"] = value.detach().float()
-    return layers, saved
-
-
-def _check_shapes(layer, base_shape: tuple, base: str) -> None:
-    a = layer.lora_A["default"].weight
-    b = layer.lora_B["default"].weight
-    if (b.shape[0], a.shape[1]) != tuple(base_shape):
-        raise ModelError(f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
-                         f"shape {(b.shape[0], a.shape[1])} (an adapter trained on another base?)")
-
-
-def _trained_vocab(state: dict) -> int | None:
-    """The vocabulary size training ended with, from saved embedding rows (tokens added in training)."""
-    for key, value in state.items():
-        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
-            return value.shape[0]
-    return None
-
-
-def _merge_layer(layer, weight: torch.Tensor) -> torch.Tensor:
-    """peft's own merge of one layer, on the real weight just read; the layer is emptied again after."""
-    layer.base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-    layer.merge(safe_merge=True)
-    merged = layer.base_layer.weight.detach()
-    layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    layer.merged_adapters.clear()
-    return merged
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _nf4_round_trip(weight: torch.Tensor, p: Plan) -> torch.Tensor:

@@ -201,26 +201,46 @@ def _is_linear(module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def packing_supported(model_class: type) -> bool:
-    """Padding-free packing is exact only when attention masks are built from position ids, as
-    transformers' causal-mask builder does (a packed row gets a block-diagonal mask). Models whose code
-    does not use it (some `trust_remote_code` models) would attend across examples."""
+# Architectures whose layers are all attention with masks built from position ids: padding-free packing
+# is exact for them. Others may be too, but `auto` does not guess.
+PACKING_EXACT = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "phi", "phi3", "granite", "granitemoe", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "starcoder2", "glm",
+    "glm4", "stablelm", "smollm3", "deepseek_v3", "ministral", "seed_oss", "exaone4", "arcee", "hunyuan_v1_dense",
+}
+# Layers that carry state along the sequence (convolutions, state spaces, linear attention, recurrence):
+# packed examples would leak into each other whatever the attention mask says.
+PACKING_NEVER = {
+    "mamba", "mamba2", "jamba", "falcon_h1", "falcon_mamba", "lfm2", "lfm2_moe", "qwen3_next", "recurrent_gemma",
+    "zamba", "zamba2", "bamba", "granitemoehybrid", "nemotron_h", "rwkv", "xlstm", "minimax", "plamo2",
+}
+
+
+def packing_supported(model_class: type, model_type: str | None = None) -> bool | None:
+    """True: packing is exact (known attention-only architecture whose code builds masks from position
+    ids). False: it would leak across examples. None: the code builds such masks, but the architecture is
+    not known to be attention-only."""
     module = sys.modules.get(model_class.__module__)
-    return module is not None and (hasattr(module, "create_causal_mask")
-                                   or hasattr(module, "create_sliding_window_causal_mask"))
+    builds_masks = module is not None and (hasattr(module, "create_causal_mask")
+                                          or hasattr(module, "create_sliding_window_causal_mask"))
+    if not builds_masks or model_type in PACKING_NEVER:
+        return False
+    return True if model_type in PACKING_EXACT else None
 
 
-def use_packing(setting: bool | str, model_class: type) -> bool:
-    """`train.packing`: auto packs where exact; true is refused where packing would leak across examples."""
-    supported = packing_supported(model_class)
-    if setting is True and not supported:
-        raise ModelError(f"train.packing: {model_class.__name__} does not build its attention mask from position "
-                         "ids, so packed examples would attend to each other; set `train.packing: auto` or false")
-    return supported if setting == "auto" else bool(setting)
+def use_packing(setting: bool | str, model_class: type, model_type: str | None = None) -> bool:
+    """`train.packing`: auto packs where known exact; true is refused where packing would leak across
+    examples, and allowed for architectures lorakit does not know, on the user's word."""
+    supported = packing_supported(model_class, model_type)
+    if setting is True and supported is False:
+        raise ModelError(f"train.packing: {model_class.__name__} would let packed examples affect each other "
+                         "(its attention mask is not built from position ids, or it has layers that carry state "
+                         "along the sequence); set `train.packing: auto` or false")
+    return supported is True if setting == "auto" else bool(setting)
 
 
-def model_class_for(cfg: ModelConfig) -> type:
-    """The causal-LM class `from_pretrained` would build, from the model's config alone (no weights)."""
+def model_class_for(cfg: ModelConfig) -> tuple[type, str]:
+    """The causal-LM class `from_pretrained` would build, and the model type, from the config alone."""
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -230,9 +250,9 @@ def model_class_for(cfg: ModelConfig) -> type:
     auto_map = getattr(config, "auto_map", None) or {}
     if cfg.trust_remote_code and "AutoModelForCausalLM" in auto_map:
         return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], cfg.name_or_path,
-                                             revision=cfg.revision)
+                                             revision=cfg.revision), config.model_type
     try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config.model_type
     except KeyError:
         raise ModelError(f"model.name_or_path: {cfg.name_or_path} ({type(config).__name__}) is not a causal "
                          "language model that transformers knows") from None

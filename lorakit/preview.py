@@ -52,10 +52,10 @@ def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool
 def _packing(recipe: Recipe) -> bool | None:
     """Whether training will pack, from the model's config alone; None when the config is unreachable."""
     try:
-        model_class = model_mod.model_class_for(recipe.model)
+        model_class, model_type = model_mod.model_class_for(recipe.model)
     except OSError:
         return None
-    return model_mod.use_packing(recipe.train.packing, model_class)
+    return model_mod.use_packing(recipe.train.packing, model_class, model_type)
 
 
 def _segments(tokenizer, ids: list[int], labels: list[int], specials: set[int]) -> list[dict]:

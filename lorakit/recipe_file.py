@@ -112,11 +112,12 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
     """Fill defaults that depend on the recipe's name, and make local paths absolute (runs outlive cwd)."""
     problems = []
     for key in ("train", "eval"):
-        for index, source in enumerate(getattr(recipe.data, key) or []):
+        sources = getattr(recipe.data, key) or []
+        for index, source in enumerate(sources):
             problem = resolve_source(source)
             if problem:
                 where = _where(("data", key, index, "path"), str(path), node, set_by)
-                problems.append(f"{where}: data.{key}{f'[{index}]' if index else ''}: {problem}")
+                problems.append(f"{where}: data.{key}{f'[{index}]' if len(sources) > 1 else ''}: {problem}")
     template = recipe.data.chat_template
     if template and template.endswith(".jinja"):
         file = Path(template).expanduser()
@@ -141,17 +142,17 @@ def resolve_source(source: DataSource) -> str | None:
     names nothing local and has no data-file suffix is taken as a hub dataset id, checked when loaded."""
     raw = Path(source.path).expanduser()
     local_only = "`split`, `subset` and `revision` are for hub datasets and dataset directories"
-    if glob.has_magic(source.path):
-        if not glob.glob(str(raw), recursive=True):
-            return f"no file matches the pattern {source.path}"
-        source.path = str(Path(os.path.abspath(raw)))
-    elif raw.is_file():
+    if raw.is_file():
         source.path = str(raw.resolve())
     elif raw.is_dir():
         source.path = str(raw.resolve())
         if source.revision is not None:
             return f"`revision` is for hub datasets; {source.path} is a local directory"
         return None
+    elif glob.has_magic(source.path):
+        if not glob.glob(str(raw), recursive=True):
+            return f"no file matches the pattern {source.path}"
+        source.path = str(Path(os.path.abspath(raw)))
     elif raw.suffix.lower() in DATA_SUFFIXES or raw.is_absolute() or source.path.startswith("."):
         return f"file not found: {source.path}"
     else:

@@ -112,7 +112,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
                       "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
     base = model_mod.load_base(recipe.model, precision)
     model_mod.check_target_modules(base, recipe.lora)
-    packing = model_mod.use_packing(recipe.train.packing, type(base))
+    packing = model_mod.use_packing(recipe.train.packing, type(base), base.config.model_type)
     quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 

@@ -234,3 +234,63 @@ def test_unsupported_file_type(tokenizer, tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match="unsupported data file type '.txt'"):
         prepare(DataConfig(train=str(path)), tokenizer, seed=0)
+
+
+def test_a_reply_cut_down_to_nothing_is_not_trained_as_an_empty_reply(tokenizer, tmp_path):
+    long = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello world"}]}
+    short = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    header = len(tokenizer.apply_chat_template(long["messages"][:1], add_generation_prompt=True,
+                                               return_dict=True)["input_ids"])
+    assert len(prepare(DataConfig(train=write(tmp_path, [short])), tokenizer, seed=0).train.input_ids[0]) <= header + 1
+    # the cut leaves one token of the reply: it would become a bare end-of-turn token, so nothing is trained
+    cut = prepare(DataConfig(train=write(tmp_path, [long, short]), max_length=header + 1), tokenizer, seed=0)
+    assert cut.train.drops == {"nothing left to train on after truncation": 1} and cut.rows["train"] == 1
+    # two tokens left: the first reply token, then the end-of-turn token
+    kept = prepare(DataConfig(train=write(tmp_path, [long, short]), max_length=header + 2), tokenizer, seed=0)
+    assert kept.train.truncated == 1 and kept.train.dropped == 0
+    text = trained(tokenizer, kept)
+    assert text.endswith("<|im_end|>") and text != "<|im_end|>" and len(kept.train.input_ids[0]) == header + 2
+
+
+RAISES_ON_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_row(tokenizer, tmp_path):
+    jinja = tmp_path / "no-system.jinja"
+    jinja.write_text(RAISES_ON_SYSTEM)
+    rows = [{"messages": QA}, {"messages": [{"role": "system", "content": "s"}] + QA}] + [{"messages": QA}] * 8
+    path = write(tmp_path, rows)
+    with pytest.raises(DataError, match=r"t.jsonl:2: the chat template refuses this conversation: System role not "
+                                        "supported"):
+        prepare(DataConfig(train=path, chat_template=str(jinja)), tokenizer, seed=0)
+    data = prepare(DataConfig(train=path, chat_template=str(jinja), on_bad_rows="skip", max_bad_fraction=0.2),
+                   tokenizer, seed=0)
+    assert data.rows["train"] == 9 and len(data.bad_rows) == 1 and "t.jsonl:2:" in data.bad_rows[0]
+
+
+def test_a_conversation_opening_with_the_assistant_trains_its_reply_only(tokenizer, tmp_path):
+    rows = [{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "x"},
+                          {"role": "assistant", "content": "y"}]}]
+    data = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0)
+    assert trained(tokenizer, data) == "Hi!<|im_end|>y<|im_end|>"
+
+
+def test_plain_text_ends_in_one_trained_eos_whatever_the_post_processor_adds(tiny_model, tmp_path):
+    spec = json.loads((tiny_model / "tokenizer.json").read_text())
+    template = spec["post_processor"]["processors"][-1]  # Sequence[ByteLevel, TemplateProcessing]
+    template["single"].append({"SpecialToken": {"id": "<|im_end|>", "type_id": 0}})
+    template["special_tokens"]["<|im_end|>"] = {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}
+    copy = tmp_path / "tok"
+    copy.mkdir()
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    (copy / "tokenizer_config.json").write_text((tiny_model / "tokenizer_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(copy)
+    assert tok("a b")["input_ids"][-1] == 2  # this tokenizer appends eos itself
+    data = prepare(DataConfig(train=write(tmp_path, [{"prompt": "reverse: a b", "completion": " b a"}])), tok, seed=0)
+    ids, labels = data.train.input_ids[0], data.train.labels[0]
+    assert ids[0] == tok.bos_token_id and ids.count(2) == 1 and ids[-1] == 2 and labels[-1] == 2
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE]) == " b a<|im_end|>"

@@ -74,11 +74,20 @@ class _OwnAttention(torch.nn.Module):
 
 
 def test_packing_auto_where_masks_follow_positions(tiny_model):
+    from transformers import JambaForCausalLM, LlamaForCausalLM, Qwen3NextForCausalLM
+
     cfg = ModelConfig(name_or_path=str(tiny_model))
-    llama = model_mod.model_class_for(cfg)
-    assert llama.__name__ == "LlamaForCausalLM" and model_mod.packing_supported(llama)
-    assert model_mod.use_packing("auto", llama) is True and model_mod.use_packing(False, llama) is False
-    assert not model_mod.packing_supported(_OwnAttention)
-    assert model_mod.use_packing("auto", _OwnAttention) is False
-    with pytest.raises(ModelError, match="_OwnAttention does not build its attention mask from position ids"):
-        model_mod.use_packing(True, _OwnAttention)
+    llama, model_type = model_mod.model_class_for(cfg)
+    assert (llama.__name__, model_type) == ("LlamaForCausalLM", "llama")
+    assert model_mod.packing_supported(llama, "llama") is True
+    assert model_mod.use_packing("auto", llama, "llama") is True and model_mod.use_packing(False, llama, "llama") is False
+    # code that builds its own masks, and hybrids whose recurrent layers carry state across packed examples
+    for cls, kind in ((_OwnAttention, "own"), (JambaForCausalLM, "jamba"), (Qwen3NextForCausalLM, "qwen3_next")):
+        assert model_mod.packing_supported(cls, kind) is False
+        assert model_mod.use_packing("auto", cls, kind) is False
+        with pytest.raises(ModelError, match=f"{cls.__name__} would let packed examples affect each other"):
+            model_mod.use_packing(True, cls, kind)
+    # an architecture lorakit does not know: auto does not guess, `true` is the user's call
+    assert model_mod.packing_supported(LlamaForCausalLM, "some_new_llama") is None
+    assert model_mod.use_packing("auto", LlamaForCausalLM, "some_new_llama") is False
+    assert model_mod.use_packing(True, LlamaForCausalLM, "some_new_llama") is True

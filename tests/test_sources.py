@@ -199,3 +199,29 @@ def test_null_message_fields_render_as_absent(tokenizer, tmp_path):
     assert from_parquet.train.input_ids == from_jsonl.train.input_ids
     texts = decoded(tokenizer, from_parquet.train)
     assert "user (ann)" in texts[0] and "None" not in texts[1]
+
+
+def test_a_file_name_with_brackets_is_read_as_a_file_not_a_pattern(tokenizer, tmp_path):
+    write(tmp_path / "train[1].jsonl", [chat(1)])
+    write(tmp_path / "train1.jsonl", [chat(2), chat(3)])
+    data = prepare(DataConfig(train=str(tmp_path / "train[1].jsonl")), tokenizer, seed=0)
+    assert data.rows["train"] == 1 and "n1" in decoded(tokenizer, data.train)[0]
+
+
+def test_directory_skips_hidden_folders_and_refuses_mixed_splits(tokenizer, tmp_path):
+    write(tmp_path / "d" / "train.jsonl", [chat(1)])
+    write(tmp_path / "d" / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [chat(9)])
+    assert prepare(DataConfig(train=str(tmp_path / "d")), tokenizer, seed=0).rows["train"] == 1
+    write(tmp_path / "d" / "data" / "test-00000.jsonl", [chat(2)])
+    with pytest.raises(DataError, match=r"holds what look like several splits \(e.g. data/test-00000.jsonl\)"):
+        prepare(DataConfig(train=str(tmp_path / "d")), tokenizer, seed=0)
+
+
+def test_every_row_malformed_is_reported_per_source(tokenizer, tmp_path):
+    first = tmp_path / "a.jsonl"
+    first.write_text(json.dumps(chat(1)) + "\n{bad\n" + "".join(json.dumps(chat(i)) + "\n" for i in range(2, 40)))
+    second = tmp_path / "b.jsonl"
+    second.write_text("[1]\n[2]\n")
+    with pytest.raises(DataError, match=rf"data.train\[1\]: {second}: every row is malformed; first: {second}:1:"):
+        prepare(DataConfig(train=[str(first), str(second)], on_bad_rows="skip", max_bad_fraction=0.5), tokenizer,
+                seed=0)

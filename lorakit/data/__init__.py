@@ -42,6 +42,8 @@ class PreparedData:
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) -> PreparedData:
     """Read, split, mix, render and tokenize the recipe's data; every example must train something."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("lorakit needs a fast tokenizer (offset mapping) to build loss masks")
     opened = {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
               for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
     fingerprints = {name: digest for source in opened["train"] + opened["eval"]
@@ -66,18 +68,18 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
     if cfg.eval_fraction is not None:
         train, evaluation = _split(train, cfg.eval_fraction, seed)
     if bad:
-        total = len(train) + len(evaluation) + len(bad)
-        if len(bad) > cfg.max_bad_fraction * total or not train:
-            raise DataError(f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
-                            f"{cfg.max_bad_fraction}; first: {bad[0]}")
+        _check_bad_share(bad, len(train) + len(evaluation) + len(bad), cfg)
     needs_template = any(isinstance(ex, Chat) for _, ex, _ in train + evaluation)
     template = apply_chat_template_choice(tokenizer, cfg.chat_template, needs_template)
 
     encoder = Encoder(tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_overflow=cfg.on_overflow)
+    read = len(train) + len(evaluation) + len(bad or [])
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(train) + len(evaluation) > 2000 else 1)
-    splits = {"train": encode([example_record(*e) for e in train], encoder, num_proc, "data.train")}
+    splits = {"train": encode([example_record(*e) for e in train], encoder, num_proc, "data.train", bad)}
     if evaluation:
-        splits["eval"] = encode([example_record(*e) for e in evaluation], encoder, num_proc, "data.eval")
+        splits["eval"] = encode([example_record(*e) for e in evaluation], encoder, num_proc, "data.eval", bad)
+    if bad:
+        _check_bad_share(bad, read, cfg)
     counts = [sum(1 for *_, s in train if s == i) for i in range(len(opened["train"]))]
     splits["train"], used = _mix(splits["train"], [s.source.weight for s in opened["train"]], seed)
     meta = {
@@ -88,6 +90,12 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
                     for i, o in enumerate(opened["train"])],
     }
     return meta, {k: s.dataset for k, s in splits.items()}
+
+
+def _check_bad_share(bad: list[str], total: int, cfg: DataConfig) -> None:
+    if len(bad) > cfg.max_bad_fraction * total or len(bad) >= total:
+        raise DataError(f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
+                        f"{cfg.max_bad_fraction}; first: {bad[0]}")
 
 
 def _prepared(meta: dict, datasets: dict, fingerprints: dict, cached: bool = False) -> PreparedData:
@@ -108,9 +116,10 @@ def _examples(opened: list[Opened], cfg: DataConfig, bad: list[str] | None, form
     rows are recorded there instead of raised."""
     examples = []
     for index, source in enumerate(opened):
+        earlier = len(bad or [])
         rows = source.rows(cfg, bad)
         if not rows:  # read_rows refuses empty files, so every row was malformed and skipped
-            raise DataError(f"{source.label}: {source.name}: every row is malformed; first: {bad[0]}")
+            raise DataError(f"{source.label}: {source.name}: every row is malformed; first: {bad[earlier]}")
         fmt = source.source.format or cfg.format
         if fmt == "auto":
             fmt = detect_format(rows[0][1], rows[0][0])

@@ -16,6 +16,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lorakit import __version__
@@ -44,11 +47,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(cfg: DataConfig, fingerprints: dict[str, str], tokenizer, seed: int) -> str:
     section = cfg.model_dump(mode="json", exclude={"num_proc"})
     seeded = cfg.eval_fraction is not None or any(s.weight != 1 for s in cfg.train)
+    template = chosen_template(tokenizer, cfg.chat_template)
     parts = {
         "format": FORMAT, "lorakit": __version__, "data": section, "sources": fingerprints,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": chosen_template(tokenizer, cfg.chat_template),  # the text, so an edited file misses
+        "template": template,  # the text, so an edited file misses
         "seed": seed if seeded else None,
+        # libraries that render and tokenize: an upgrade may change either
+        "libraries": {name: _version(name) for name in ("transformers", "tokenizers", "jinja2")},
+        # templates that print today's date render differently tomorrow
+        "date": date.today().isoformat() if template and "strftime_now" in template else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -61,10 +69,10 @@ def load(key: str):
         return None
     from datasets import load_from_disk
 
-    meta = json.loads(meta_file.read_text())
     try:
+        meta = json.loads(meta_file.read_text())
         return meta, {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
-    except (FileNotFoundError, ValueError):  # damaged by hand: rebuild it
+    except (OSError, ValueError, KeyError):  # damaged by hand: rebuild it
         shutil.rmtree(entry, ignore_errors=True)
         return None
 
@@ -74,6 +82,7 @@ def store(key: str, meta: dict, splits: dict) -> None:
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(root)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     except OSError:
         return
@@ -84,3 +93,21 @@ def store(key: str, meta: dict, splits: dict) -> None:
         staging.rename(root / key)
     except OSError:  # disk full, or another process stored the same key first (theirs is as good)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned(root: Path, older_than_s: float = 24 * 3600) -> None:
+    """Staging directories left by runs that were killed while storing (a day old: none still writing)."""
+    now = time.time()
+    for staging in root.glob(".*-*"):
+        try:
+            if staging.is_dir() and now - staging.stat().st_mtime > older_than_s:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None

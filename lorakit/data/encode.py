@@ -15,11 +15,17 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from jinja2 import TemplateError
+
 from lorakit.data.rows import Chat, Plain
 from lorakit.errors import DataError
 
 IGNORE = -100
-KEPT, TRUNCATED, DROPPED_LONG, DROPPED_MASKED, FAILED = range(5)
+
+
+class RowError(DataError):
+    """A problem with one row under this template (skipped with `on_bad_rows: skip`), not with the data."""
+KEPT, TRUNCATED, DROPPED_LONG, DROPPED_MASKED, FAILED, REFUSED = range(6)  # REFUSED: a bad row
 DROP_REASONS = {DROPPED_LONG: "longer than max_length (on_overflow: drop)",
                 DROPPED_MASKED: "nothing left to train on after truncation"}
 
@@ -95,38 +101,54 @@ class Encoder:
         self.tokenizer, self.max_length = tokenizer, max_length
         self.train_on, self.on_overflow = train_on, on_overflow
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.prefix = _post_processor_prefix(tokenizer)
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
-        """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn."""
+        """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn.
+        Text is tokenized without the tokenizer's special tokens (so every token covers characters of the
+        text); plain text gets the post-processor's prefix (bos) and an eos token id added here."""
         n = len(batch["where"])
         out = {"input_ids": [[] for _ in range(n)], "labels": [[] for _ in range(n)], "status": [KEPT] * n,
                "error": [""] * n, "end_of_turn": [-1] * n, "is_chat": [False] * n}
-        rendered: dict[bool, list[tuple[int, str, list]]] = {True: [], False: []}
+        items = []
         for i, (where, payload) in enumerate(zip(batch["where"], batch["example"])):
             example = _from_record(payload)
             out["is_chat"][i] = isinstance(example, Chat)
             try:
-                text, spans, special = self.render(example, where)
+                items.append((i, example, *self.render(example, where)))
+            except RowError as exc:
+                out["status"][i], out["error"][i] = REFUSED, str(exc)
             except DataError as exc:
                 out["status"][i], out["error"][i] = FAILED, str(exc)
-                continue
-            rendered[special].append((i, text, spans))
-        for special, items in rendered.items():
-            if items:
-                texts = [text for _, text, _ in items]
-                for (i, text, spans), (ids, offsets) in zip(items, self._tokenize(texts, special)):
-                    labels, ends = _labels(ids, offsets, spans)
-                    self._finish(out, i, batch["where"][i], text, ids, labels, [ids[j] for j in ends])
+            except TemplateError as exc:  # the template's own raise_exception: this row, not the data, is bad
+                out["status"][i] = REFUSED
+                out["error"][i] = f"{where}: the chat template refuses this conversation: {exc}"
+        if not items:
+            return out
+        tokenized = self._tokenize([text for _, _, text, _ in items])
+        for (i, example, text, spans), (ids, offsets) in zip(items, tokenized):
+            labels, ends = _labels(ids, offsets, spans)
+            if isinstance(example, Plain):
+                ids, labels, ends = self._frame_plain(example, ids, labels, ends)
+            self._finish(out, i, batch["where"][i], text, ids, labels, [ids[j] for j in ends])
         return out
 
-    def _tokenize(self, texts: list[str], special: bool):
+    def _frame_plain(self, example: Plain, ids: list[int], labels: list[int], ends: list[int]):
+        """Plain text: the post-processor's prefix (bos) in front, the eos token id at the end (trained)."""
+        ids, labels = self.prefix + ids, [IGNORE] * len(self.prefix) + labels
+        ends = [j + len(self.prefix) for j in ends]
+        if not example.completion.endswith(self.tokenizer.eos_token):
+            ids, labels, ends = ids + [self.tokenizer.eos_token_id], labels + [self.tokenizer.eos_token_id], [len(ids)]
+        return ids, labels, ends
+
+    def _tokenize(self, texts: list[str]):
         """(ids, offsets) per text, one batched call into the Rust tokenizer. The backend is called
         directly (transformers' per-example dict conversion costs as much as tokenizing) unless the
         tokenizer file configures truncation or padding, which transformers' own call switches off."""
         backend = self.tokenizer.backend_tokenizer
         if backend.truncation is None and backend.padding is None:
-            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=special)]
-        encoded = self.tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True, verbose=False)
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
     def _finish(self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int],
@@ -156,20 +178,16 @@ class Encoder:
             if self.on_overflow == "drop":
                 out["status"][i] = DROPPED_LONG
                 return
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if labels[-1] != IGNORE:  # the cut fell inside a trained turn: it still ends with end-of-turn
-                ids[-1] = labels[-1] = end_of_turn
+            ids, labels = _truncate(ids, labels, self.max_length, end_of_turn)
             out["status"][i] = TRUNCATED if any(t != IGNORE for t in labels) else DROPPED_MASKED
         out["input_ids"][i], out["labels"][i] = ids, labels
 
-    def render(self, example: Chat | Plain, where: str) -> tuple[str, list[tuple[int, int]], bool]:
-        """(text, trained character spans, whether tokenizing should add the tokenizer's special tokens)."""
+    def render(self, example: Chat | Plain, where: str) -> tuple[str, list[tuple[int, int]]]:
+        """(text, trained character spans)."""
         if isinstance(example, Chat):
-            return (*self._render_chat(example, where), False)
-        eos = self.tokenizer.eos_token
-        text = example.prompt + example.completion + ("" if example.completion.endswith(eos) else eos)
-        start = 0 if self.train_on == "all" else len(example.prompt)
-        return text, [(start, len(text))], True
+            return self._render_chat(example, where)
+        text = example.prompt + example.completion
+        return text, [(0 if self.train_on == "all" else len(example.prompt), len(text))]
 
     def _render_chat(self, example: Chat, where: str) -> tuple[str, list[tuple[int, int]]]:
         render = self.tokenizer.apply_chat_template
@@ -180,12 +198,16 @@ class Encoder:
             turns = turns[-1:]
         spans = []
         for i in turns:
-            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             through = full if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
+            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
                 raise DataError(f"{where}: the chat template renders earlier turns differently once later turns "
                                 "follow, so assistant turns cannot be located; lorakit cannot mask this template")
-            spans.append((len(before), len(through.rstrip())))  # the end-of-turn token is trained, not the newline
+            start = len(before) if i else through.find(messages[0]["content"])  # after bos and the turn's header
+            if start < 0:
+                raise RowError(f"{where}: the conversation opens with an assistant turn whose text the template "
+                               "changes, so where it starts cannot be found")
+            spans.append((start, len(through.rstrip())))  # the end-of-turn token is trained, not the newline
         if self.train_on == "all" and spans:
             spans = [(0, spans[-1][1])]
         return full, spans
@@ -193,8 +215,8 @@ class Encoder:
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
     """Labels, and the index of each span's last token. Token j is trained when its characters overlap a
-    trained span. Zero-width tokens (bos/eos added by the post-processor) lie before the first or after the
-    last character, outside every span's bounds. Spans are ordered."""
+    trained span. Text is tokenized without post-processor tokens, so every token covers characters and
+    offset ends never decrease. Spans are ordered."""
     labels = [IGNORE] * len(ids)
     ends = []
     j = 0
@@ -203,14 +225,14 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
         first = j
         while j < len(ids) and offsets[j][0] < stop:
             j += 1
-        labels[first:j] = ids[first:j]  # zero-width tokens sit at the ends, where the bounds leave them out
+        labels[first:j] = ids[first:j]
         if j > first:
             ends.append(j - 1)
     return labels, ends
 
 
 def _first_ending_after(offsets: list[tuple[int, int]], start: int, lo: int) -> int:
-    """Index of the first token from `lo` whose characters end after `start` (offsets ends never fall)."""
+    """Index of the first token from `lo` whose characters end after `start` (a binary search)."""
     hi = len(offsets)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -221,16 +243,43 @@ def _first_ending_after(offsets: list[tuple[int, int]], start: int, lo: int) -> 
     return lo
 
 
-def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str) -> Split:
-    """Encode canonical example records into a Split; raises the first problem in data order."""
+def _truncate(ids: list[int], labels: list[int], max_length: int, end_of_turn: int):
+    """Keep the start. A trained turn the cut runs through still ends with the end-of-turn token, if any
+    of its text is left to precede it; a turn cut down to nothing is masked (it would teach an empty reply)."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    if labels[-1] != IGNORE:
+        if len(labels) >= 2 and labels[-2] != IGNORE:
+            ids[-1] = labels[-1] = end_of_turn
+        else:
+            labels[-1] = IGNORE
+    return ids, labels
+
+
+def _post_processor_prefix(tokenizer) -> list[int]:
+    """The token ids the tokenizer's post-processor puts before a text (usually bos; none for many)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for k in range(len(framed) - len(plain) + 1):
+        if framed[k:k + len(plain)] == plain:
+            return framed[:k]
+    return []
+
+
+def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, bad: list[str] | None = None) -> Split:
+    """Encode canonical example records into a Split; raises the first problem in data order. With a
+    `bad` list (on_bad_rows: skip), rows the chat template refuses are recorded there and left out."""
     from datasets import Dataset
 
     table = Dataset.from_list(records)
     mapped = table.map(encoder.encode_batch, batched=True, batch_size=256, remove_columns=["example"],
                        num_proc=num_proc if num_proc > 1 and len(records) >= 2 * num_proc else None)
     status = mapped["status"][:]
-    if FAILED in status:
-        raise DataError(mapped[status.index(FAILED)]["error"])
+    fatal = (FAILED,) if bad is not None else (FAILED, REFUSED)
+    first = next((i for i, code in enumerate(status) if code in fatal), None)
+    if first is not None:
+        raise DataError(mapped[first]["error"])
+    if REFUSED in status:
+        bad.extend(mapped.select([i for i, code in enumerate(status) if code == REFUSED])["error"])
     _check_same_end_of_turn(mapped, status, encoder)
     drops = {reason: status.count(code) for code, reason in DROP_REASONS.items() if code in status}
     kept = [i for i, code in enumerate(status) if code in (KEPT, TRUNCATED)]

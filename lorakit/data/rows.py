@@ -74,7 +74,7 @@ def read_rows(path: str, bad: list[str] | None = None, limit: int | None = None)
 def read_jsonl(path: str, bad: list[str] | None = None, limit: int | None = None) -> list[tuple[int, dict]]:
     """(line number, row) pairs. A malformed line is an error naming file and line, or, when a `bad`
     list is given (data.on_bad_rows: skip), its message is appended there and the line skipped."""
-    rows = []
+    rows, skipped = [], 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if limit is not None and len(rows) >= limit:
@@ -85,7 +85,8 @@ def read_jsonl(path: str, bad: list[str] | None = None, limit: int | None = None
                 if bad is None:
                     raise
                 bad.append(str(exc))
-    if not rows and not bad:
+                skipped += 1
+    if not rows and not skipped:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
 

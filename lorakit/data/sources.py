@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,25 +57,41 @@ class Opened:
         return [(where, rename_columns(row, columns)) for where, row in rows]
 
 
+SPLIT_WORDS = {"test", "validation", "valid", "val", "eval", "dev"}
+
+
 def open_source(source: DataSource, label: str) -> Opened:
     path = Path(source.path).expanduser()
-    if glob.has_magic(source.path):
-        files = sorted(p for p in glob.glob(str(path), recursive=True) if _is_data_file(Path(p)))
-        if not files:
-            raise DataError(f"{label}: no .jsonl, .json, .csv or .parquet file matches {source.path}")
-        return Opened(source, label, files=files)
-    if path.is_file():
+    if path.is_file():  # before globbing: `train[1].jsonl` is a file name, not a pattern
         return Opened(source, label, files=[str(path)])
     if path.is_dir() and source.split is None and source.subset is None:
-        files = sorted(str(p) for p in path.rglob("*") if _is_data_file(p))
+        files = sorted(str(p) for p in path.rglob("*") if _is_data_file(p.relative_to(path), p))
         if not files:
             raise DataError(f"{label}: the directory {source.path} holds no .jsonl, .json, .csv or .parquet file")
+        _refuse_mixed_splits(files, path, label)
+        return Opened(source, label, files=files)
+    if glob.has_magic(source.path):
+        files = sorted(p for p in glob.glob(str(path), recursive=True) if _is_data_file(Path(p), Path(p)))
+        if not files:
+            raise DataError(f"{label}: no .jsonl, .json, .csv or .parquet file matches {source.path}")
         return Opened(source, label, files=files)
     return Opened(source, label, dataset=_load_dataset(source, label))
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in DATA_SUFFIXES and not path.name.startswith(".")
+def _is_data_file(shown: Path, path: Path) -> bool:
+    """A data file not hidden and not inside a hidden folder (.ipynb_checkpoints, .cache, .git)."""
+    return (path.suffix.lower() in DATA_SUFFIXES and not any(part.startswith(".") for part in shown.parts)
+            and path.is_file())
+
+
+def _refuse_mixed_splits(files: list[str], directory: Path, label: str) -> None:
+    """A directory holding train and test files (a downloaded dataset repository) must not all be trained on."""
+    named = {f: set(re.split(r"[-_./]", str(Path(f).relative_to(directory).with_suffix("")).lower())) for f in files}
+    held_out = [f for f, words in named.items() if words & SPLIT_WORDS]
+    if held_out and len(held_out) < len(files):
+        raise DataError(f"{label}: the directory {directory} holds what look like several splits (e.g. "
+                        f"{Path(held_out[0]).relative_to(directory)}); point at the training files with a glob, "
+                        "or give `split:` to load it as a dataset")
 
 
 def _load_dataset(source: DataSource, label: str):
@@ -88,7 +105,8 @@ def _load_dataset(source: DataSource, label: str):
     except Exception as exc:  # datasets raises many types (offline, not found, bad split or config names)
         what = ", ".join(f"{k}={v}" for k, v in (("subset", source.subset), ("split", source.split or "train"),
                                                    ("revision", source.revision)) if v)
-        raise DataError(f"{label}: cannot load the dataset {source.path!r} ({what}): {type(exc).__name__}: "
+        local = "" if Path(source.path).expanduser().exists() else " (there is no local file or directory of that name)"
+        raise DataError(f"{label}: cannot load the dataset {source.path!r}{local} ({what}): {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if len(loaded) == 0:
         raise DataError(f"{label}: the dataset {source.path!r} split {source.split or 'train'!r} is empty")

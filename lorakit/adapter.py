@@ -1,0 +1,105 @@
+"""A run's adapter on a weightless copy of its base, so each layer can be merged as its weight is read.
+
+Owns: loading the adapter with peft onto a meta-device model, refusing adapters that do not fit the base
+(layers, shapes, stray keys, NaN/inf), the trained `modules_to_save` tensors, the vocabulary size training
+ended with, and merging one layer with peft's own `merge()`. Does not read or write the base (lorakit.merge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.checkpoint import Checkpoint
+from lorakit.errors import ModelError
+
+
+@dataclass
+class Skeleton:
+    layers: dict  # module name -> peft LoRA layer (adapter weights real, base weight empty)
+    saved: dict  # checkpoint tensor name -> trained replacement (modules_to_save)
+    vocab_size: int | None  # the vocabulary after tokens were added in training, else None
+    base_vocab_size: int
+
+
+def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint) -> Skeleton:
+    """The run's adapter loaded by peft onto a weightless copy of the base. Refuses adapters that do not
+    fit this base, and non-finite adapter weights."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state = load_file(str(run_dir / "adapter_model.safetensors"))
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise ModelError(f"the adapter holds NaN or inf values (first: {bad[0]}); refusing to merge it")
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    vocab = _trained_vocab(state)
+    resized = vocab if vocab and vocab != config.vocab_size else None
+    if resized:
+        skeleton.resize_token_embeddings(resized, mean_resizing=False)  # the rows come from the adapter
+    try:
+        peft_model = get_peft_model(skeleton, PeftConfig.from_pretrained(run_dir), low_cpu_mem_usage=True)
+    except ValueError as exc:
+        raise ModelError(f"the adapter does not fit {base}: {str(exc).splitlines()[0]} (an adapter trained on "
+                         "another base?)") from None
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in layers.items():
+        if f"{name}.weight" not in checkpoint.weight_map:
+            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {base}'s checkpoint")
+        # an empty CPU placeholder: peft moves loaded adapter weights to the base weight's device, and on meta
+        # they would be dropped; the real weight arrives shard by shard (merge_layer)
+        layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    try:
+        loaded = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"the adapter does not fit {base}: {str(exc).strip().splitlines()[-1].strip()}") from None
+    wrapped = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    stray = [k for k in loaded.unexpected_keys  # peft saves resized embeddings' wrapper copies too; it skips them
+             if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)]
+    if stray:
+        raise ModelError(f"adapter weight {stray[0]} matches nothing in {base}")
+    for name, layer in layers.items():
+        _check_shapes(layer, checkpoint.shape(f"{name}.weight"), base)
+        for param_name, param in layer.named_parameters():
+            if not param_name.startswith("base_layer"):
+                param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
+    saved = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            prefix = name.removeprefix("base_model.model.")
+            for param, value in module.modules_to_save["default"].named_parameters():
+                saved[f"{prefix}.{param}"] = value.detach().float()
+    return Skeleton(layers, saved, resized, config.vocab_size)
+
+
+def _check_shapes(layer, base_shape: tuple, base: str) -> None:
+    a = layer.lora_A["default"].weight
+    b = layer.lora_B["default"].weight
+    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+        raise ModelError(f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
+                         f"shape {(b.shape[0], a.shape[1])} (an adapter trained on another base?)")
+
+
+def _trained_vocab(state: dict) -> int | None:
+    """The vocabulary size training ended with, from saved embedding rows (tokens added in training)."""
+    for key, value in state.items():
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
+            return value.shape[0]
+    return None
+
+
+def merge_layer(layer, weight: torch.Tensor) -> torch.Tensor:
+    """peft's own merge of one layer, on the real weight just read; the layer is emptied again after."""
+    layer.base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer.merge(safe_merge=True)
+    merged = layer.base_layer.weight.detach()
+    layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    layer.merged_adapters.clear()
+    return merged
