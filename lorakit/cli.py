@@ -120,6 +120,158 @@ def merge(
     _guarded(work)
 
 
+def _eval_settings(recipe_eval, max_new_tokens, batch_size, max_examples, do_sample, temperature, top_p):
+    """The recipe's `eval:` section with command-line options on top, validated like the recipe."""
+    updates = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                                 ("max_examples", max_examples), ("do_sample", do_sample),
+                                 ("temperature", temperature), ("top_p", top_p)) if v is not None}
+    return recipe_eval.model_validate({**recipe_eval.model_dump(), **updates})
+
+
+_MAX_NEW = typer.Option("--max-new-tokens", help="Most tokens per generation (default: recipe eval.max_new_tokens).")
+_BATCH = typer.Option("--batch-size", help="Batch size for loss and generation (default: recipe).")
+_SAMPLE = typer.Option("--do-sample/--greedy", help="Sample instead of greedy decoding (default: recipe).",
+                       show_default=False)
+_TEMP = typer.Option("--temperature", help="Sampling temperature.")
+_TOP_P = typer.Option("--top-p", help="Nucleus sampling mass.")
+
+
+@app.command(name="eval")
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A run directory, a merged model directory (lorakit merge), or a "
+                                           "recipe with --adapter.", show_default=False)],
+    adapter: Annotated[Optional[Path], typer.Option(help="With a recipe as TARGET: the adapter directory.")] = None,
+    compare: Annotated[str, typer.Option(help="`base` evaluates the base model too, side by side; `none` skips it.")] = "base",
+    split: Annotated[str, typer.Option(help="Which split to evaluate: eval or train.")] = "eval",
+    fail_under: Annotated[list[str], typer.Option(
+        "--fail-under", metavar="METRIC=VALUE", help="Gate: exit 3 unless the tuned model's METRIC >= VALUE "
+        "(repeatable; e.g. exact_match=0.8).")] = [],
+    fail_over: Annotated[list[str], typer.Option(
+        "--fail-over", metavar="METRIC=VALUE", help="Gate: exit 3 unless METRIC <= VALUE (e.g. loss=1.2).")] = [],
+    max_loss: Annotated[Optional[float], typer.Option("--max-loss", help="Gate: shorthand for --fail-over loss=X.")] = None,
+    max_new_tokens: Annotated[Optional[int], _MAX_NEW] = None,
+    batch_size: Annotated[Optional[int], _BATCH] = None,
+    max_examples: Annotated[Optional[int], typer.Option(
+        "--max-examples", help="Generate for at most N eval examples (the loss uses all).")] = None,
+    do_sample: Annotated[Optional[bool], _SAMPLE] = None,
+    temperature: Annotated[Optional[float], _TEMP] = None,
+    top_p: Annotated[Optional[float], _TOP_P] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Report directory (default: TARGET/eval).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Evaluate a tuned model and its base on the eval data: loss, perplexity, exact match, ROUGE-L, stop
+    rate and more, side by side. Writes TARGET/eval/ (report.json, report.md, samples.jsonl, loss.png);
+    exits 3 when a gate is missed."""
+
+    def work() -> None:
+        from lorakit import metrics as metrics_mod
+        from lorakit.errors import LorakitError
+
+        if compare not in ("base", "none"):
+            raise LorakitError(f"--compare: expected base or none, got {compare!r}")
+        if split not in ("eval", "train"):
+            raise LorakitError(f"--split: expected eval or train, got {split!r}")
+        try:
+            gates = metrics_mod.parse_gates(fail_under, fail_over + ([f"loss={max_loss}"] if max_loss is not None else []))
+        except ValueError as exc:
+            raise LorakitError(str(exc)) from None
+        from lorakit import evaluate
+
+        resolved = evaluate.resolve(target, str(adapter) if adapter else None)
+        settings = _eval_settings(resolved.recipe.eval, max_new_tokens, batch_size, max_examples, do_sample,
+                                  temperature, top_p)
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        report = evaluate.run(resolved, settings=settings, compare_base=compare == "base", split=split,
+                              gates=gates, output=output, console=console)
+        console.print(evaluate.table(report))
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(report, indent=1))
+        missed = [g for g in report["gates"] if not g["passed"]]
+        if missed:
+            _error("gate missed: " + "; ".join(f"{g['metric']} = {g['value']:.4g}, needs {g['op']} {g['threshold']}"
+                                               for g in missed))
+            raise typer.Exit(3)
+
+    _guarded(work)
+
+
+@app.command()
+def generate(
+    target: Annotated[Path, typer.Argument(help="A run directory or a merged model directory.", show_default=False)],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message (repeatable).")] = [],
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line.")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Run the base model instead of the tuned one.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="A system message put before each prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], _MAX_NEW] = None,
+    batch_size: Annotated[Optional[int], _BATCH] = None,
+    do_sample: Annotated[Optional[bool], _SAMPLE] = None,
+    temperature: Annotated[Optional[float], _TEMP] = None,
+    top_p: Annotated[Optional[float], _TOP_P] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+) -> None:
+    """Generate replies with a tuned model (or its base), using the run's chat template and stop tokens."""
+
+    def work() -> None:
+        from lorakit import evaluate
+        from lorakit.errors import LorakitError
+
+        conversations = [[{"role": "user", "content": p}] for p in prompt]
+        if file is not None:
+            conversations += _read_prompts(file)
+        if not conversations:
+            raise LorakitError("nothing to generate: give --prompt or --file")
+        if system:
+            conversations = [[{"role": "system", "content": system}] + c for c in conversations]
+        resolved = evaluate.resolve(target)
+        settings = _eval_settings(resolved.recipe.eval, max_new_tokens, batch_size, None, do_sample, temperature,
+                                  top_p)
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        replies = evaluate.reply(resolved, conversations, settings=settings, base=base)
+        for conversation, out in zip(conversations, replies):
+            if as_json:
+                import json
+
+                typer.echo(json.dumps({"messages": conversation, "reply": out.text, "stopped": out.stopped,
+                                       "tokens": out.tokens}, ensure_ascii=False))
+            else:
+                typer.echo(f"> {conversation[-1]['content']}\n{out.text}"
+                           + ("" if out.stopped else f"\n[did not stop within {settings.max_new_tokens} tokens]") + "\n")
+
+    _guarded(work)
+
+
+def _read_prompts(path: Path) -> list[list[dict]]:
+    import json
+
+    from lorakit.errors import DataError
+
+    conversations = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            conversations.append(row["messages"])
+        else:
+            raise DataError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+    return conversations
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at a recipe's data as training sees it.")
 app.add_typer(data_app, name="data")
 
@@ -169,6 +321,8 @@ def _guarded(work) -> None:
     debug = os.environ.get("LORAKIT_DEBUG") == "1"
     try:
         work()
+    except typer.Exit:  # a command's own exit code (e.g. 3 for a missed gate)
+        raise
     except (LorakitError, RunFailed) as exc:
         if debug:
             raise

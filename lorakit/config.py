@@ -288,6 +288,20 @@ class TrainConfig(Section):
         return value
 
 
+class EvalConfig(Section):
+    """Generation settings for `lorakit eval` and `lorakit generate` (transformers `generate` names)."""
+
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per prompt; a generation that "
+                                "reaches it without the end-of-turn token counts as not stopped.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with `do_sample`).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with `do_sample`).")
+    batch_size: int | None = Field(None, gt=0, description="Prompts per generation batch and examples per loss "
+                                   "batch. Default: `train.per_device_eval_batch_size`.")
+    max_examples: int | None = Field(None, gt=0, description="Generate for at most the first N eval examples "
+                                     "(the loss always uses all).")
+
+
 class Recipe(Section):
     """A whole lorakit recipe."""
 
@@ -295,6 +309,7 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
     data: DataConfig = Field(description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings.")
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:

@@ -98,7 +98,7 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
 def render() -> str:
     out = ["# Recipe reference", "",
            "Generated from `lorakit/config.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
-           "", "A recipe has four sections. Unknown keys are errors (with the line and a suggestion); "
+           "", "A recipe has five sections (`eval` optional, like `lora` and `train`). Unknown keys are errors (with the line and a suggestion); "
            "values are checked for type and range before anything is loaded. Any value can be overridden "
            "on the command line with `--set section.key=value` (parsed as YAML, so `1e-4` is a float).", ""]
     for name, field in Recipe.model_fields.items():

@@ -19,7 +19,7 @@ from lorakit.data.sources import Opened, open_source
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
 
-__all__ = ["IGNORE", "PreparedData", "Split", "prepare"]
+__all__ = ["IGNORE", "PreparedData", "Prompt", "Split", "prepare", "prompts"]
 
 
 @dataclass
@@ -58,6 +58,43 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) ->
     if key:
         cache_mod.store(key, meta, splits)
     return _prepared(meta, splits, fingerprints)
+
+
+@dataclass
+class Prompt:
+    """One generation task from the data: the conversation up to its last assistant turn, and that turn."""
+
+    where: str
+    prompt: str  # as rendered (chat template applied) or the plain prompt
+    prompt_ids: list[int]
+    reference: str
+
+
+def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[Prompt]:
+    """Generation prompts and references from the same rows, split and template as `prepare`. Plain text
+    rows (continued pre-training) have no reference to generate and are left out."""
+    opened = {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
+              for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
+    bad: list[str] | None = [] if cfg.on_bad_rows == "skip" else None
+    formats: dict[str, str] = {}
+    train = _examples(opened["train"], cfg, bad, formats)
+    evaluation = _examples(opened["eval"], cfg, bad, formats) if opened["eval"] else []
+    if cfg.eval_fraction is not None:
+        train, evaluation = _split(train, cfg.eval_fraction, seed)
+    chosen = evaluation if split == "eval" else train
+    apply_chat_template_choice(tokenizer, cfg.chat_template, any(isinstance(ex, Chat) for _, ex, _ in chosen))
+    prefix = Encoder(tokenizer, max_length=cfg.max_length).prefix
+    out = []
+    for where, example, _ in chosen:
+        if isinstance(example, Chat):
+            last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+            text = tokenizer.apply_chat_template(example.messages[:last], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append(Prompt(where, text, ids, example.messages[last]["content"]))
+        elif example.prompt:
+            ids = prefix + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+            out.append(Prompt(where, example.prompt, ids, example.completion))
+    return out
 
 
 def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: int) -> tuple[dict, dict]:

@@ -1,0 +1,267 @@
+"""`lorakit eval`: a tuned model and its base on the run's eval data, side by side, with CI gates.
+
+Targets: a run directory (base + adapter, the base loaded as in training: 4-bit for QLoRA), a merged
+directory (`lorakit merge` output), or a recipe plus `--adapter`. The loss uses `data.prepare`, the
+function training used, so formatting and masks cannot drift; it is summed per batch and never keeps
+logits beyond one batch. Generation uses the target's own chat template and stop tokens.
+
+Writes EVAL_DIR/report.json, report.md, samples.jsonl and loss.png (when the run logged losses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit import data as data_mod
+from lorakit import generation
+from lorakit import metrics as metrics_mod
+from lorakit import model as model_mod
+from lorakit.config import EvalConfig, Recipe
+from lorakit.errors import LorakitError, ModelError
+from lorakit.run_dir import MANIFEST, METRICS, RECIPE
+
+
+@dataclass
+class Target:
+    """What is evaluated: where its files are, its recipe, and how to load it."""
+
+    kind: str  # run | merged | adapter
+    path: Path  # run dir, merged dir or adapter dir: tokenizer, template, stop tokens and eval/ live here
+    recipe: Recipe
+    run_dir: Path | None  # the training run (metrics.jsonl), when known
+
+
+def resolve(target: str | Path, adapter: str | None = None) -> Target:
+    """Refuse, before loading anything, what cannot be evaluated."""
+    from lorakit.recipe_file import load_recipe
+
+    path = Path(target).expanduser().resolve()
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser().resolve()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise LorakitError(f"--adapter {adapter}: no adapter_config.json there")
+        return Target("adapter", adapter_dir, load_recipe(path), None)
+    if path.is_file():
+        raise LorakitError(f"{target} is a recipe; give the adapter to evaluate with --adapter")
+    if (path / "merge_report.json").is_file():
+        report = json.loads((path / "merge_report.json").read_text())
+        run_dir = Path(report["run"])
+        recipe = load_recipe(run_dir / RECIPE)
+        recipe.model.name_or_path = report["base"]
+        return Target("merged", path, recipe, run_dir)
+    if not (path / RECIPE).is_file():
+        raise LorakitError(f"{target} is neither a lorakit run, a merged model, nor a recipe")
+    if not (path / "adapter_config.json").is_file():
+        raise LorakitError(f"{target} holds no adapter (adapter_config.json): the run did not finish, so there is "
+                           "nothing tuned to evaluate")
+    if not (path / MANIFEST).is_file():
+        raise LorakitError(f"{target} is an incomplete run (no {MANIFEST})")
+    return Target("run", path, load_recipe(path / RECIPE), path)
+
+
+def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
+        gates: list | None = None, output: Path | None = None, console=None) -> dict:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(target.path if _has_tokenizer(target.path)
+                                              else target.recipe.model.name_or_path)
+    cfg = target.recipe.data.model_copy(update={"chat_template": None})  # the template saved with the target
+    seed = target.recipe.train.seed
+    prepared = data_mod.prepare(cfg, tokenizer, seed)
+    scored = prepared.eval if split == "eval" else prepared.train
+    if scored is None:
+        raise LorakitError("the recipe has no eval data (data.eval or data.eval_fraction); use --split train")
+    prompts = data_mod.prompts(cfg, tokenizer, seed, split)[: settings.max_examples]
+    batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
+    stops = generation.stop_ids(target.path, tokenizer)
+    precision = model_mod.resolve_precision(target.recipe.model)
+
+    results, samples = {}, {}
+    for name, model in _models(target, precision, compare_base):
+        if console:
+            console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
+                          f"{len(prompts)} prompts", highlight=False)
+        loss, tokens = token_loss(model, scored, tokenizer, batch)
+        outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
+        results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens,
+                         **metrics_mod.score([o.text for o in outs], [p.reference for p in prompts],
+                                             [o.tokens for o in outs], [o.stopped for o in outs])}
+        samples[name] = outs
+    gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
+    report = {
+        "target": str(target.path), "kind": target.kind,
+        "models": {"tuned": str(target.path), "base": target.recipe.model.name_or_path if compare_base else None},
+        "data": {"split": split, "loss_examples": len(scored.dataset), "generation_prompts": len(prompts),
+                 "fingerprints": prepared.fingerprints, "chat_template": prepared.template},
+        "settings": {**settings.model_dump(), "batch_size": batch, "stop_token_ids": stops,
+                     "precision": precision.dtype, "4bit_base": target.kind != "merged"
+                     and target.recipe.model.load_in_4bit},
+        "metrics": results, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write(report, prompts, samples, target, output or target.path / "eval")
+    return report
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def _models(target: Target, precision, compare_base: bool):
+    """("tuned", model) then ("base", model): base + adapter shares one loaded base (the adapter is
+    switched off for the base), a merged model is compared with its base loaded separately."""
+    from transformers import AutoModelForCausalLM
+
+    if target.kind == "merged":
+        yield "tuned", AutoModelForCausalLM.from_pretrained(target.path, dtype=precision.torch_dtype,
+                                                           device_map=model_mod.device_map(precision))
+        if compare_base:
+            cfg = target.recipe.model.model_copy(update={"load_in_4bit": False})
+            yield "base", model_mod.load_base(cfg, precision)
+        return
+    from peft import PeftModel
+
+    base = model_mod.load_base(target.recipe.model, precision)
+    try:
+        tuned = PeftModel.from_pretrained(base, target.path)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"the adapter in {target.path} does not fit {target.recipe.model.name_or_path}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    yield "tuned", tuned
+    if compare_base:
+        with tuned.disable_adapter():
+            yield "base", tuned
+
+
+@torch.no_grad()
+def token_loss(model, split: data_mod.Split, tokenizer, batch_size: int) -> tuple[float, int]:
+    """Mean loss per trained token over the split, one padded batch at a time (logits never kept)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    ids, labels = split.dataset["input_ids"], split.dataset["labels"]
+    for start in range(0, len(split.dataset), batch_size):
+        batch = collate([{"input_ids": i, "labels": lab} for i, lab in
+                         zip(ids[start:start + batch_size], labels[start:start + batch_size])])
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        target = batch["labels"][:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
+                                                   ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((target != -100).sum())
+        del logits
+    return total / max(count, 1), count
+
+
+def _write(report: dict, prompts, samples: dict, target: Target, out: Path) -> None:
+    """All files into a fresh directory, then swapped in for the previous report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".eval-", dir=out.parent))
+    try:
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        with open(staging / "samples.jsonl", "w") as handle:
+            for i, p in enumerate(prompts):
+                row = {"where": p.where, "prompt": p.prompt, "reference": p.reference}
+                for name, outs in samples.items():
+                    row[name], row[f"{name}_stopped"] = outs[i].text, outs[i].stopped
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (staging / "report.md").write_text(markdown(report, prompts, samples))
+        if target.run_dir is not None and (target.run_dir / METRICS).is_file():
+            loss_curve(target.run_dir / METRICS, staging / "loss.png")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
+    names = list(report["metrics"])
+    lines = [f"# Evaluation of {report['target']}", "",
+             f"{report['data']['loss_examples']} {report['data']['split']} examples for the loss, "
+             f"{report['data']['generation_prompts']} prompts for generation "
+             f"({'greedy' if not report['settings']['do_sample'] else 'sampling'}, "
+             f"max_new_tokens {report['settings']['max_new_tokens']}).", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in metrics_mod.ALL_METRICS:
+        if metric in report["metrics"][names[0]]:
+            lines.append(f"| {metric} | " + " | ".join(f"{report['metrics'][n][metric]:.4g}" for n in names) + " |")
+    for gate in report["gates"]:
+        lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}: "
+                     f"{'passed' if gate['passed'] else 'FAILED'} ({gate['value']:.4g})")
+    lines += ["", "## Examples", ""]
+    for i, p in enumerate(prompts[:examples]):
+        lines += [f"**{p.where}**", "", "```", p.prompt.strip(), "```", f"- reference: {p.reference!r}"]
+        lines += [f"- {n}: {samples[n][i].text!r}{'' if samples[n][i].stopped else ' (did not stop)'}" for n in names]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def loss_curve(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for points, label in ((train, "train loss"), (evals, "eval loss")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "eval loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def table(report: dict):
+    from rich.table import Table
+
+    names = list(report["metrics"])
+    out = Table(title=f"{report['data']['split']}: {report['data']['loss_examples']} examples (loss), "
+                      f"{report['data']['generation_prompts']} prompts (generation)")
+    out.add_column("metric")
+    for name in names:
+        out.add_column(name, justify="right")
+    for metric in metrics_mod.ALL_METRICS:
+        if metric in report["metrics"][names[0]]:
+            out.add_row(metric, *(f"{report['metrics'][n][metric]:.4g}" for n in names))
+    return out
+
+
+def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
+    """Generations for chat conversations with the target's template and stop tokens (`lorakit generate`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target.path if _has_tokenizer(target.path)
+                                              else target.recipe.model.name_or_path)
+    prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for c in conversations]
+    stops = generation.stop_ids(target.path, tokenizer)
+    precision = model_mod.resolve_precision(target.recipe.model)
+    batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
+    for name, model in _models(target, precision, compare_base=base):
+        if name == ("base" if base else "tuned"):
+            return generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
+    raise AssertionError("unreachable")

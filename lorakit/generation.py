@@ -1,0 +1,57 @@
+"""Batched generation with left padding and the run's stop tokens, shared by `eval` and `generate`.
+
+Owns: ordering prompts by length into batches, left padding, calling `generate` with the run's
+end-of-turn/eos ids, and cutting each output at its first stop token (recording whether it stopped
+before `max_new_tokens`). Does not choose prompts or models (lorakit.evaluate, lorakit.cli).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.config import EvalConfig
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: int  # generated tokens before the stop token
+    stopped: bool  # ended with a stop token before max_new_tokens
+
+
+def stop_ids(model_dir: Path, tokenizer) -> list[int]:
+    """The stop tokens a run (or merged model) saved in generation_config.json, else the tokenizer's eos."""
+    path = Path(model_dir) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], settings: EvalConfig,
+             batch_size: int, seed: int = 0) -> list[Generation]:
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
+            if settings.do_sample else {"do_sample": False}
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling)
+        for row, i in zip(out[:, width:].tolist(), chunk):
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            kept = row if end is None else row[:end]
+            results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+    return results

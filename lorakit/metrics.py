@@ -1,0 +1,94 @@
+"""Text metrics for generations against references: exact match, normalized exact match, contains,
+ROUGE-L and token F1 (both over normalized words), generated length and stop rate.
+
+Normalization follows the SQuAD convention: lower case, punctuation and the articles a/an/the removed,
+whitespace collapsed. Every metric is a mean over examples, in [0, 1] except the length.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+GENERATION_METRICS = ("exact_match", "normalized_exact_match", "contains_reference", "rouge_l", "token_f1",
+                      "mean_generated_tokens", "stop_rate")
+LOSS_METRICS = ("loss", "perplexity")
+ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: longest common subsequence of normalized words."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for word in pred:
+        current = [0]
+        for j, other in enumerate(ref):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Bag-of-words F1 of normalized words (order ignored)."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(outputs: list[str], references: list[str], lengths: list[int], stopped: list[bool]) -> dict:
+    n = len(outputs)
+    if n == 0:
+        return {}
+    pairs = list(zip(outputs, references))
+    return {
+        "exact_match": sum(o.strip() == r.strip() for o, r in pairs) / n,
+        "normalized_exact_match": sum(normalize(o) == normalize(r) for o, r in pairs) / n,
+        "contains_reference": sum(normalize(r) in normalize(o) for o, r in pairs) / n,
+        "rouge_l": sum(rouge_l(o, r) for o, r in pairs) / n,
+        "token_f1": sum(token_f1(o, r) for o, r in pairs) / n,
+        "mean_generated_tokens": sum(lengths) / n,
+        "stop_rate": sum(stopped) / n,
+    }
+
+
+def parse_gates(fail_under: list[str], fail_over: list[str]) -> list[tuple[str, str, float]]:
+    """`metric=value` options -> (metric, ">=" | "<=", value); unknown metrics are refused."""
+    gates = []
+    for items, op, flag in ((fail_under, ">=", "--fail-under"), (fail_over, "<=", "--fail-over")):
+        for item in items:
+            name, sep, raw = item.partition("=")
+            name = name.strip()
+            if not sep or name not in ALL_METRICS:
+                raise ValueError(f"{flag} {item}: expected METRIC=VALUE with METRIC one of {', '.join(ALL_METRICS)}")
+            try:
+                gates.append((name, op, float(raw)))
+            except ValueError:
+                raise ValueError(f"{flag} {item}: {raw!r} is not a number") from None
+    return gates
+
+
+def check_gates(gates: list[tuple[str, str, float]], figures: dict) -> list[dict]:
+    results = []
+    for name, op, value in gates:
+        got = figures.get(name)
+        ok = got is not None and (got >= value if op == ">=" else got <= value)
+        results.append({"metric": name, "op": op, "threshold": value, "value": got, "passed": ok})
+    return results
