@@ -11,12 +11,13 @@ $(VENV)/.lorakit-setup: pyproject.toml scripts/setup.sh
 	touch $@
 
 # A real QLoRA fine-tune of the embedded tiny model on the bundled dataset, offline, on CPU: preview the
-# data, train, then merge (with its verification table).
+# data, train, merge (with its verification table), then evaluate base versus tuned (gate: exact match).
 quickstart: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tiny_model.py $(TINY)
 	HF_HUB_OFFLINE=1 $(BIN)/lorakit data preview configs/quickstart.yaml --count 2
 	HF_HUB_OFFLINE=1 $(BIN)/lorakit train configs/quickstart.yaml --overwrite
 	HF_HUB_OFFLINE=1 $(BIN)/lorakit merge runs/quickstart
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit eval runs/quickstart --fail-under exact_match=0.5
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
