@@ -156,6 +156,12 @@ def eval_(
     do_sample: Annotated[Optional[bool], _SAMPLE] = None,
     temperature: Annotated[Optional[float], _TEMP] = None,
     top_p: Annotated[Optional[float], _TOP_P] = None,
+    lm_eval_tasks: Annotated[Optional[str], typer.Option(
+        "--lm-eval-tasks", help="Also run lm-evaluation-harness tasks (comma-separated) on both models; needs "
+        "the lm-eval extra.")] = None,
+    lm_eval_include: Annotated[Optional[Path], typer.Option(
+        "--lm-eval-include", help="A directory of your own lm-eval task YAML files.")] = None,
+    lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="At most N documents per task.")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Report directory (default: TARGET/eval).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
@@ -175,6 +181,13 @@ def eval_(
             gates = metrics_mod.parse_gates(fail_under, fail_over + ([f"loss={max_loss}"] if max_loss is not None else []))
         except ValueError as exc:
             raise LorakitError(str(exc)) from None
+        harness = None
+        if lm_eval_tasks:
+            from lorakit.harness import check_available
+
+            check_available()
+            harness = {"tasks": [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
+                       "include": lm_eval_include, "limit": lm_eval_limit}
         from lorakit import evaluate
 
         resolved = evaluate.resolve(target, str(adapter) if adapter else None)
@@ -187,7 +200,7 @@ def eval_(
 
         console = Console(stderr=True)
         report = evaluate.run(resolved, settings=settings, compare_base=compare == "base", split=split,
-                              gates=gates, output=output, console=console)
+                              gates=gates, output=output, console=console, lm_eval=harness)
         console.print(evaluate.table(report))
         if as_json:
             import json

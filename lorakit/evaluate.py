@@ -68,7 +68,8 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
 
 
 def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
-        gates: list | None = None, output: Path | None = None, console=None) -> dict:
+        gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
+    """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
@@ -84,6 +85,10 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
+    if lm_eval:
+        from lorakit import harness
+
+        manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
     results, samples = {}, {}
     for name, model in _models(target, precision, compare_base):
@@ -96,6 +101,9 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
                          **metrics_mod.score([o.text for o in outs], [p.reference for p in prompts],
                                              [o.tokens for o in outs], [o.stopped for o in outs])}
         samples[name] = outs
+        if lm_eval:
+            results[name]["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval["tasks"], manager,
+                                                         limit=lm_eval.get("limit"), batch_size=batch)
     gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
     report = {
         "target": str(target.path), "kind": target.kind,
@@ -199,6 +207,8 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
     for metric in metrics_mod.ALL_METRICS:
         if metric in report["metrics"][names[0]]:
             lines.append(f"| {metric} | " + " | ".join(f"{report['metrics'][n][metric]:.4g}" for n in names) + " |")
+    for label, values in _harness_rows(report, names):
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
     for gate in report["gates"]:
         lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}: "
                      f"{'passed' if gate['passed'] else 'FAILED'} ({gate['value']:.4g})")
@@ -247,7 +257,16 @@ def table(report: dict):
     for metric in metrics_mod.ALL_METRICS:
         if metric in report["metrics"][names[0]]:
             out.add_row(metric, *(f"{report['metrics'][n][metric]:.4g}" for n in names))
+    for label, values in _harness_rows(report, names):
+        out.add_row(label, *values)
     return out
+
+
+def _harness_rows(report: dict, names: list[str]):
+    first = report["metrics"][names[0]].get("lm_eval", {})
+    for task, figures in first.items():
+        for metric in figures:
+            yield f"lm-eval {task} {metric}", [f"{report['metrics'][n]['lm_eval'][task][metric]:.4g}" for n in names]
 
 
 def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):

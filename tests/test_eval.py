@@ -171,3 +171,48 @@ def test_refusals_name_the_cause(run_dir, tiny_model, tmp_path, write_recipe):
     (broken / "recipe.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(DataError, match=rf"{bad_data}:1: `messages` has no assistant message"):
         evaluate.run(evaluate.resolve(broken), settings=SETTINGS)
+
+
+LM_EVAL_TASK = """task: lorakit_reverse
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "<|begin_of_text|><|im_start|>user\\n{{{{question}}}}<|im_end|>\\n<|im_start|>assistant\\n"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["<|im_end|>"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def test_lm_eval_harness_on_a_local_task(run_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from conftest import EXAMPLES
+
+    rows = [json.loads(line)["messages"] for line in (EXAMPLES / "eval.jsonl").read_text().splitlines()[:6]]
+    data = tmp_path / "reverse.jsonl"
+    data.write_text("".join(json.dumps({"question": m[-2]["content"], "answer": m[-1]["content"]}) + "\n"
+                            for m in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "lorakit_reverse.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    report = evaluate.run(evaluate.resolve(run_dir), settings=EvalConfig(max_new_tokens=6, max_examples=2),
+                          output=tmp_path / "e", lm_eval={"tasks": ["lorakit_reverse"], "include": tasks, "limit": 6})
+    for name in ("tuned", "base"):
+        score = report["metrics"][name]["lm_eval"]["lorakit_reverse"]["exact_match"]
+        assert 0 <= score <= 1
+    assert report["metrics"]["base"]["lm_eval"]["lorakit_reverse"]["exact_match"] == 0  # a random base
+    assert "lm-eval lorakit_reverse exact_match" in (tmp_path / "e" / "report.md").read_text()
+    with pytest.raises(LorakitError, match="unknown task 'no_such_task'"):
+        evaluate.run(evaluate.resolve(run_dir), settings=SETTINGS, output=tmp_path / "e2",
+                     lm_eval={"tasks": ["no_such_task"], "include": tasks, "limit": 2})
