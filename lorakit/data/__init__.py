@@ -44,8 +44,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) ->
     """Read, split, mix, render and tokenize the recipe's data; every example must train something."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("lorakit needs a fast tokenizer (offset mapping) to build loss masks")
-    opened = {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
-              for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
+    opened = _open(cfg)
     fingerprints = {name: digest for source in opened["train"] + opened["eval"]
                     for name, digest in source.fingerprints().items()}
     key = cache_mod.cache_key(cfg, fingerprints, tokenizer, seed) if use_cache else None
@@ -73,14 +72,7 @@ class Prompt:
 def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[Prompt]:
     """Generation prompts and references from the same rows, split and template as `prepare`. Plain text
     rows (continued pre-training) have no reference to generate and are left out."""
-    opened = {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
-              for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
-    bad: list[str] | None = [] if cfg.on_bad_rows == "skip" else None
-    formats: dict[str, str] = {}
-    train = _examples(opened["train"], cfg, bad, formats)
-    evaluation = _examples(opened["eval"], cfg, bad, formats) if opened["eval"] else []
-    if cfg.eval_fraction is not None:
-        train, evaluation = _split(train, cfg.eval_fraction, seed)
+    train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
     chosen = evaluation if split == "eval" else train
     apply_chat_template_choice(tokenizer, cfg.chat_template, any(isinstance(ex, Chat) for _, ex, _ in chosen))
     prefix = Encoder(tokenizer, max_length=cfg.max_length).prefix
@@ -97,13 +89,24 @@ def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[
     return out
 
 
-def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: int) -> tuple[dict, dict]:
+def _open(cfg: DataConfig) -> dict[str, list[Opened]]:
+    return {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
+            for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
+
+
+def _canonical(cfg: DataConfig, opened: dict[str, list[Opened]], seed: int):
+    """(train examples, eval examples, bad rows or None, formats): rows read, checked and split."""
     bad: list[str] | None = [] if cfg.on_bad_rows == "skip" else None
     formats: dict[str, str] = {}
     train = _examples(opened["train"], cfg, bad, formats)
     evaluation = _examples(opened["eval"], cfg, bad, formats) if opened["eval"] else []
     if cfg.eval_fraction is not None:
         train, evaluation = _split(train, cfg.eval_fraction, seed)
+    return train, evaluation, bad, formats
+
+
+def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: int) -> tuple[dict, dict]:
+    train, evaluation, bad, formats = _canonical(cfg, opened, seed)
     if bad:
         _check_bad_share(bad, len(train) + len(evaluation) + len(bad), cfg)
     needs_template = any(isinstance(ex, Chat) for _, ex, _ in train + evaluation)
