@@ -59,7 +59,11 @@ class ModelConfig(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
         None, description="Attention kernel; unset lets transformers choose (sdpa where available).")
     trust_remote_code: bool = Field(
-        False, description="Run model code shipped in the model repository. Only for repositories you trust.")
+        False, description="Run model code shipped in the model repository. Only for repositories you trust; "
+        "the run summary and manifest say when it was on.")
+    allow_pickle_weights: bool = Field(
+        False, description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
+        "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.")
 
     @model_validator(mode="after")
     def _quantization_needs_4bit(self) -> ModelConfig:

@@ -95,10 +95,19 @@ def load_base(cfg: ModelConfig, precision: Precision):
     kwargs = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-        dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
-        device_map=device_map(precision), **kwargs)
+    if not cfg.allow_pickle_weights:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
+            device_map=device_map(precision), **kwargs)
+    except OSError as exc:
+        if cfg.allow_pickle_weights or "safetensors" not in str(exc):
+            raise
+        raise ModelError(f"model.name_or_path: {cfg.name_or_path} has no safetensors weights, only pickle files, "
+                         "which can run code when loaded; convert them, or set `model.allow_pickle_weights: true` "
+                         "if you trust them") from None
     # Training needs no KV cache, and packing must not have one: with a cache, transformers does not look
     # for packed examples in the position ids and lets them attend to each other. Generation turns it on.
     model.config.use_cache = False

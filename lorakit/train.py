@@ -127,7 +127,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
     trainer.save_model(str(run_dir))  # adapter + tokenizer with the chat template used (chat_template.jinja)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
 
-    details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids)
+    details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
+                       recipe.model.trust_remote_code)
     details["quantization"] = quantized
     run_files.write_model_card(run_dir, recipe, details)
     run_files.write_manifest(run_dir, recipe, details)
@@ -139,6 +140,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
         "eval loss": _fmt(results["eval_loss"]),
         "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
         "peak memory": details["peak_memory"], "adapter": str(run_dir),
+        **({"remote code": "ran (model.trust_remote_code)"} if recipe.model.trust_remote_code else {}),
     }))
     return TrainResult(run_dir, trainer.model, details)
 
@@ -168,7 +170,8 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
     return trainer, progress
 
 
-def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids) -> dict:
+def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
+             trust_remote_code: bool = False) -> dict:
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
     runtime = output.metrics["train_runtime"]
@@ -176,6 +179,7 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
     trainable, total = model_mod.trainable_parameters(trainer.model)
     return {
         "precision": precision.dtype, "device": _device_name(precision),
+        "trust_remote_code": trust_remote_code,
         "trainable_parameters": trainable, "total_parameters": total,
         "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows,
                  "sources": prepared.sources, "fingerprints": prepared.fingerprints,
