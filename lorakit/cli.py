@@ -50,6 +50,10 @@ def train(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate the recipe and print it resolved, then stop before loading anything.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help=NO_CACHE_HELP)] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in train.output_dir from its newest complete checkpoint.")] = False,
+    force_resume: Annotated[bool, typer.Option(
+        "--force-resume", help="Resume even though the recipe or data changed (the changes are listed).")] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE and write a run directory."""
     from lorakit.recipe_file import load_recipe
@@ -61,15 +65,27 @@ def train(
 
             typer.echo(yaml.safe_dump(resolved.to_saved_dict(), sort_keys=False), nl=False)
             return
-        from lorakit.run_dir import check_free
+        from lorakit.errors import LorakitError
 
-        check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
+        if (resume or force_resume) and overwrite:
+            raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
+                               "deletes it")
+        if resume or force_resume:
+            from lorakit.resume import run_to_resume
+
+            run_to_resume(resolved.train.output_dir)
+        else:
+            from lorakit.run_dir import check_free
+
+            check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
         from lorakit.console import quiet_libraries
 
         quiet_libraries()
         from lorakit.train import run
 
-        run(resolved, overwrite=overwrite, use_cache=not no_cache)
+        again = " ".join(["lorakit", "train", str(recipe), *[f"--set {s}" for s in set_], "--resume"])
+        run(resolved, overwrite=overwrite, use_cache=not no_cache, resume=resume or force_resume,
+            force_resume=force_resume, resume_command=again)
 
     _guarded(work)
 
@@ -329,14 +345,14 @@ def preview(
 
 def _guarded(work) -> None:
     """Run a command body; user mistakes become one message and their exit code, never a traceback."""
-    from lorakit.errors import LorakitError, RunFailed
+    from lorakit.errors import Interrupted, LorakitError, RunFailed
 
     debug = os.environ.get("LORAKIT_DEBUG") == "1"
     try:
         work()
     except typer.Exit:  # a command's own exit code (e.g. 3 for a missed gate)
         raise
-    except (LorakitError, RunFailed) as exc:
+    except (LorakitError, RunFailed, Interrupted) as exc:
         if debug:
             raise
         _error(str(exc))

@@ -29,3 +29,11 @@ class RunFailed(Exception):
     """A run started but failed (exit code 1)."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGTERM (exit 143) or SIGINT (exit 130) after writing a complete checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

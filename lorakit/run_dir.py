@@ -32,10 +32,14 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 def check_free(output_dir: str, overwrite: bool) -> Path:
     """Refuse, before anything is loaded, a run directory that holds files (without --overwrite) or that
     is not a lorakit run to clear; changes nothing."""
-    run_dir = Path(output_dir).expanduser().resolve()
+    run_dir = Path(output_dir).expanduser().resolve()  # through `..` and symlinks: the real place
     cwd = Path.cwd().resolve()
     if run_dir == cwd or run_dir in cwd.parents or run_dir == Path(run_dir.anchor):
         raise LorakitError(f"train.output_dir: {output_dir} is the current directory or one of its parents; "
+                           "choose a directory of its own, e.g. runs/NAME")
+    home = Path.home().resolve()
+    if run_dir == home or run_dir in home.parents or _system_directory(run_dir):
+        raise LorakitError(f"train.output_dir: {output_dir} resolves to {run_dir}, a home or system directory; "
                            "choose a directory of its own, e.g. runs/NAME")
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"train.output_dir: {output_dir} exists and is not a directory")
@@ -47,6 +51,13 @@ def check_free(output_dir: str, overwrite: bool) -> Path:
             raise LorakitError(f"train.output_dir: {output_dir} is not empty and is not a lorakit run (no "
                                f"{RECIPE}); refusing to delete it even with --overwrite")
     return run_dir
+
+
+_SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr", "/var")
+
+
+def _system_directory(path: Path) -> bool:
+    return any(path == Path(d) or Path(d) in path.parents for d in _SYSTEM) and not str(path).startswith("/var/tmp")
 
 
 def claim(output_dir: str, overwrite: bool) -> Path:

@@ -7,6 +7,7 @@ data) is checked before the base model's weights are loaded.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import resource
 import time
@@ -18,15 +19,16 @@ from rich.console import Console
 
 from lorakit import data as data_mod
 from lorakit import model as model_mod
+from lorakit import resume as resume_mod
 from lorakit import run_dir as run_files
 from lorakit.config import Recipe
 from lorakit.console import quiet_libraries
-from lorakit.errors import LorakitError
+from lorakit.errors import Interrupted, LorakitError, RunFailed
 from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing"}
+            "packing", "save_total_limit"}
 
 
 def default_optim(recipe: Recipe) -> str:
@@ -75,6 +77,7 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
+        save_total_limit=None,  # lorakit rotates, and only after a newer checkpoint is complete (resume.py)
     )
 
 
@@ -87,9 +90,10 @@ class TrainResult:
     details: dict = field(default_factory=dict)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
-        console: Console | None = None) -> TrainResult:
-    """Train the recipe and write the complete run directory."""
+def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resume: bool = False,
+        force_resume: bool = False, resume_command: str | None = None, console: Console | None = None) -> TrainResult:
+    """Train the recipe and write the complete run directory; with `resume`, continue the run in
+    `train.output_dir` from its newest complete checkpoint."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     quiet_libraries()
@@ -97,13 +101,21 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
     check_optim(default_optim(recipe))
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
         os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
-    run_dir = run_files.claim(recipe.train.output_dir, overwrite)
-    run_files.write_recipe(run_dir, recipe)
+    run_dir = resume_mod.run_to_resume(recipe.train.output_dir) if resume else run_files.claim(
+        recipe.train.output_dir, overwrite)
+    if not resume:
+        run_files.write_recipe(run_dir, recipe)
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = model_mod.load_tokenizer(recipe.model)
     prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     _report_data(console, prepared, recipe)
+    checkpoint = None
+    if resume:
+        checkpoint = resume_mod.check_resumable(run_dir, recipe.to_saved_dict(), prepared.fingerprints, force_resume,
+                                                warn=console.print)
+        run_files.write_recipe(run_dir, recipe)
+        console.print(f"resuming from {checkpoint.name}", highlight=False)
 
     console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
                   f" {precision.device}, compute {precision.dtype})", highlight=False)
@@ -117,7 +129,25 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True,
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console)
-    output = trainer.train()
+    guard = resume_mod.CheckpointGuard(prepared.fingerprints, recipe.train.save_total_limit)
+    trainer.add_callback(guard)
+    guard.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        saved = next(iter(resume_mod.complete_checkpoints(run_dir / "checkpoints")), None)
+        raise RunFailed(f"the disk is full ({exc.filename or run_dir}); "
+                        f"{saved.name + ' is the last complete checkpoint' if saved else 'no checkpoint is complete'}"
+                        f". Free space and resume with:\n  {resume_command or 'lorakit train RECIPE --resume'}") from None
+    finally:
+        guard.uninstall()
+    if guard.exit_code is not None:
+        saved = next(iter(resume_mod.complete_checkpoints(run_dir / "checkpoints")), None)
+        raise Interrupted(f"interrupted by {'SIGTERM' if guard.exit_code == 143 else 'SIGINT'} at step "
+                          f"{trainer.state.global_step}; {saved.name if saved else 'no checkpoint'} is complete. "
+                          f"Resume with:\n  {resume_command or 'lorakit train RECIPE --resume'}", guard.exit_code)
     eval_loss = None
     if prepared.eval:
         last = [r for r in progress.history if "eval_loss" in r and r["step"] == trainer.state.global_step]

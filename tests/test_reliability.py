@@ -55,3 +55,20 @@ def test_the_same_recipe_and_seed_give_bit_identical_adapters(tiny_model, tmp_pa
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert any(v.abs().sum() > 0 for k, v in adapters[0].items() if "lora_B" in k)  # it did train
+
+
+def test_output_dir_escaping_through_dotdot_or_a_symlink_is_refused(tmp_path, monkeypatch):
+    from lorakit.errors import LorakitError
+    from lorakit.run_dir import check_free
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "runs").symlink_to("/usr")
+    with pytest.raises(LorakitError, match="resolves to /usr, a home or system directory"):
+        check_free("runs", overwrite=False)
+    with pytest.raises(LorakitError, match="is the current directory or one of its parents"):
+        check_free("runs/../..", overwrite=True)
+    with pytest.raises(LorakitError, match="a home or system directory"):
+        check_free("~", overwrite=True)
+    assert check_free(str(tmp_path / "fine" / "run"), overwrite=False) == tmp_path / "fine" / "run"

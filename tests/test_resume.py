@@ -1,0 +1,140 @@
+"""Checkpoints, resume and interrupts, on real subprocesses and really damaged files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.resume import MARKER
+
+from conftest import tiny_recipe
+
+STEPS = 40
+# Every run in its own process, with MKL's conditional numerical reproducibility on: otherwise CPU matmuls
+# may round differently from one process to the next (buffer alignment), and bit-exact comparisons between
+# a straight run and an interrupted-then-resumed one would be about MKL, not about resuming.
+ENV = {**os.environ, "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
+
+
+def start(recipe_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(recipe_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(run_dir, step: int, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the step in time")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model, tmp_path_factory):
+    """The reference: STEPS steps without interruption."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("straight")
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model, root / "run", four_bit=False, steps=STEPS, logging_steps=1,
+                                               save_steps=10)))
+    proc = start(path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return root / "run"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupt_saves_and_resume_is_exact(straight, tiny_model, tmp_path, write_recipe, sig, code):
+    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=STEPS, logging_steps=1,
+                                      save_steps=10))
+    run_dir = tmp_path / "run"
+    proc = start(recipe)
+    wait_for_step(run_dir, 13, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"lorakit train {recipe} --resume" in err
+    marked = sorted(p.parent.name for p in (run_dir / "checkpoints").glob(f"*/{MARKER}"))
+    stopped = max(losses(run_dir))
+    assert f"checkpoint-{stopped}" in marked and stopped < STEPS
+    assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "manifest.json").exists()
+
+    resumed = start(recipe, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming from checkpoint-{stopped}" in err
+    ours, theirs = losses(run_dir), losses(straight)
+    assert sorted(ours) == sorted(theirs)
+    assert all(abs(ours[s] - theirs[s]) < 1e-6 for s in theirs), {s: (ours[s], theirs[s]) for s in theirs}
+    a, b = load_file(run_dir / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_recipe_and_damaged_checkpoints(straight, tiny_model, tmp_path, write_recipe):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    (run_dir / "manifest.json").unlink()  # as if it had been interrupted after its last checkpoint
+    (run_dir / "adapter_model.safetensors").unlink()
+    changed = tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10,
+                          learning_rate=1e-3)
+    changed["lora"]["r"] = 8
+    out = start(write_recipe(changed), "--resume")
+    _, err = out.communicate(timeout=120)
+    assert out.returncode == 2
+    assert "lora.r: 16 -> 8" in err and "train.learning_rate: 0.002 -> 0.001" in err and "--force-resume" in err
+    # the newest checkpoint loses its last bytes: detected, and the one before is used
+    newest = run_dir / "checkpoints" / "checkpoint-40" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    same = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10),
+                        name="same")
+    proc = start(same, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "checkpoint-40 is damaged (optimizer.pt has" in err and "resuming from checkpoint-30" in err
+
+
+def test_a_save_killed_midway_is_ignored(straight, tiny_model, tmp_path, write_recipe):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    for name in ("manifest.json", "adapter_model.safetensors"):
+        (run_dir / name).unlink()
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "checkpoint-30").iterdir()}
+    partial = run_dir / "checkpoints" / "checkpoint-40"
+    (partial / MARKER).unlink()  # what kill -9 during the save leaves: files, no marker
+    (partial / "optimizer.pt").write_bytes(b"half")
+    recipe = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1,
+                                      save_steps=10))
+    proc = start(recipe, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resuming from checkpoint-30" in err and "damaged" not in err
+    after = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "checkpoint-30").iterdir()}
+    assert after == before  # the checkpoint resumed from is left byte for byte as it was
+    assert (partial / MARKER).is_file() and (partial / "optimizer.pt").stat().st_size > 4  # redone, complete
+
+
+def test_resume_needs_a_run_and_a_checkpoint(tiny_model, tmp_path, write_recipe):
+    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "none", four_bit=False))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--resume"], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "holds no lorakit run to resume" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--resume", "--overwrite"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "contradict" in out.stderr
