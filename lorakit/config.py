@@ -263,6 +263,9 @@ class TrainConfig(Section):
     save_steps: int = Field(500, gt=0, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
     seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="A step whose gradients hold NaN or inf is skipped (no update, logged with its step); "
+        "this many in a row stop the run with an error, keeping the last good checkpoint.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Padding-free packing: several examples share each row of up to `data.max_length` "

@@ -171,6 +171,43 @@ class CheckpointGuard(TrainerCallback):
         return None if self.signal is None else 128 + self.signal
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Skips the update of a step whose gradients are not finite: every gradient is dropped before the
+    optimizer steps, and optimizers leave parameters without a gradient untouched (no moment update, no
+    weight decay). `limit` such steps in a row stop training."""
+
+    def __init__(self, limit: int, console):
+        self.limit, self.console = limit, console
+        self.in_a_row, self.skipped = 0, []
+        self.stopped_at: int | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            self.in_a_row = 0
+            return control
+        step = state.global_step + 1
+        for p in model.parameters():
+            p.grad = None
+        self.in_a_row += 1
+        self.skipped.append(step)
+        if state.is_world_process_zero:
+            self.console.print(f"[yellow]warning:[/] step {step}: non-finite gradients, update skipped "
+                               f"({self.in_a_row} in a row)", highlight=False)
+        if self.in_a_row >= self.limit:
+            self.stopped_at = step
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_save = False  # the last good checkpoint stays the newest
+        return control
+
+
 def _step(path: Path) -> int:
     try:
         return int(path.name.rsplit("-", 1)[1])

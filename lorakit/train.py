@@ -28,7 +28,7 @@ from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing", "save_total_limit"}
+            "packing", "save_total_limit", "max_nonfinite_steps"}
 
 
 def default_optim(recipe: Recipe) -> str:
@@ -91,7 +91,8 @@ class TrainResult:
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resume: bool = False,
-        force_resume: bool = False, resume_command: str | None = None, console: Console | None = None) -> TrainResult:
+        force_resume: bool = False, resume_command: str | None = None, console: Console | None = None,
+        callbacks: tuple = ()) -> TrainResult:
     """Train the recipe and write the complete run directory; with `resume`, continue the run in
     `train.output_dir` from its newest complete checkpoint."""
     console = console or Console(stderr=True)
@@ -129,7 +130,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
 
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    nonfinite = resume_mod.NonFiniteGuard(recipe.train.max_nonfinite_steps, console)
     guard = resume_mod.CheckpointGuard(prepared.fingerprints, recipe.train.save_total_limit)
+    trainer.add_callback(nonfinite)
     trainer.add_callback(guard)
     guard.install()
     try:
@@ -143,6 +148,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
                         f". Free space and resume with:\n  {resume_command or 'lorakit train RECIPE --resume'}") from None
     finally:
         guard.uninstall()
+    if nonfinite.stopped_at is not None:
+        saved = next(iter(resume_mod.complete_checkpoints(run_dir / "checkpoints")), None)
+        raise RunFailed(f"{recipe.train.max_nonfinite_steps} steps in a row ended with non-finite gradients (the last "
+                        f"at step {nonfinite.stopped_at}); the run stopped. "
+                        f"{saved.name + ' is the last good checkpoint' if saved else 'No checkpoint was written'}; "
+                        "lower train.learning_rate or check the data before resuming")
     if guard.exit_code is not None:
         saved = next(iter(resume_mod.complete_checkpoints(run_dir / "checkpoints")), None)
         raise Interrupted(f"interrupted by {'SIGTERM' if guard.exit_code == 143 else 'SIGINT'} at step "

@@ -72,3 +72,51 @@ def test_output_dir_escaping_through_dotdot_or_a_symlink_is_refused(tmp_path, mo
     with pytest.raises(LorakitError, match="a home or system directory"):
         check_free("~", overwrite=True)
     assert check_free(str(tmp_path / "fine" / "run"), overwrite=False) == tmp_path / "fine" / "run"
+
+
+class PoisonGradients:
+    """Test-side injection through the trainer's public callback hooks: NaN gradients at chosen steps,
+    and a snapshot of the trainable weights around every optimizer step."""
+
+    def __init__(self, steps):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                outer.before[state.global_step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                                       if p.requires_grad}
+                if state.global_step + 1 in steps:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.fill_(float("nan"))
+
+            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+                outer.after[state.global_step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                                      if p.requires_grad}
+
+        self.before, self.after, self.callback = {}, {}, Callback()
+
+
+def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tiny_model, tmp_path, capsys):
+    from lorakit.errors import RunFailed
+    from lorakit.resume import MARKER
+
+    poison = PoisonGradients({3})
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "one", four_bit=False, steps=5))
+    result = train(recipe, callbacks=(poison.callback,))
+    unchanged = all(torch.equal(poison.before[3][n], poison.after[3][n]) for n in poison.before[3])
+    changed = any(not torch.equal(poison.before[4][n], poison.after[4][n]) for n in poison.before[4])
+    assert unchanged and changed and (result.run_dir / "adapter_model.safetensors").is_file()
+    assert "step 3: non-finite gradients, update skipped (1 in a row)" in " ".join(capsys.readouterr().err.split())
+
+    poison = PoisonGradients({3, 4, 5})
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "three", four_bit=False, steps=8, save_steps=2))
+    with pytest.raises(RunFailed, match=r"3 steps in a row ended with non-finite gradients \(the last at step 5\).*"
+                                        r"checkpoint-4 is the last good checkpoint"):
+        train(recipe, callbacks=(poison.callback,))
+    run_dir = tmp_path / "three"
+    assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "manifest.json").exists()
+    assert (run_dir / "checkpoints" / "checkpoint-4" / MARKER).is_file()
+    assert not (run_dir / "checkpoints" / "checkpoint-6").exists()
