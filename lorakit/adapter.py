@@ -50,9 +50,12 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
         raise ModelError(f"the adapter does not fit {base}: {str(exc).splitlines()[0]} (an adapter trained on "
                          "another base?)") from None
     layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    _refuse_unsupported(peft_model, layers, config, base)
     for name, layer in layers.items():
         if f"{name}.weight" not in checkpoint.weight_map:
-            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {base}'s checkpoint")
+            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {base}'s checkpoint (the "
+                             "checkpoint names its tensors differently from the model's modules, or the adapter was "
+                             "trained on another base); lorakit's streaming merge cannot map them")
         # an empty CPU placeholder: peft moves loaded adapter weights to the base weight's device, and on meta
         # they would be dropped; the real weight arrives shard by shard (merge_layer)
         layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
@@ -65,26 +68,56 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
              if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)]
     if stray:
         raise ModelError(f"adapter weight {stray[0]} matches nothing in {base}")
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if missing:
+        raise ModelError(f"the adapter file has no {missing[0]}; it is incomplete")
     for name, layer in layers.items():
         _check_shapes(layer, checkpoint.shape(f"{name}.weight"), base)
         for param_name, param in layer.named_parameters():
             if not param_name.startswith("base_layer"):
                 param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
-    saved = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            prefix = name.removeprefix("base_model.model.")
-            for param, value in module.modules_to_save["default"].named_parameters():
-                saved[f"{prefix}.{param}"] = value.detach().float()
+    saved = _trained_tensors(peft_model, checkpoint)
+    if getattr(config, "tie_word_embeddings", False) and any(k.startswith(("lm_head.", "model.embed_tokens."))
+                                                              for k in saved):
+        raise ModelError(f"{base} ties its input and output embeddings and the adapter trained one of them; "
+                         "merging would have to untie them, which lorakit's merge does not do yet")
     return Skeleton(layers, saved, resized, config.vocab_size)
+
+
+def _refuse_unsupported(peft_model, layers: dict, config, base: str) -> None:
+    """What the streaming merge does not handle: refused by name rather than merged wrong."""
+    from peft.tuners.lora import Embedding
+
+    for name, layer in layers.items():
+        if isinstance(layer, Embedding):
+            raise ModelError(f"the adapter puts LoRA on the embedding layer {name}; lorakit's merge does not handle "
+                             "LoRA on embeddings yet (train them with lora.modules_to_save instead)")
+        if any(getattr(layer, "lora_bias", {}).values()):
+            raise ModelError(f"the adapter trains LoRA biases (lora_bias) in {name}; lorakit's merge does not "
+                             "handle them yet")
+
+
+def _trained_tensors(peft_model, checkpoint: Checkpoint) -> dict:
+    """Base tensors the adapter replaces: `modules_to_save` copies and trained biases, by checkpoint name."""
+    saved = {}
+    for name, param in peft_model.named_parameters():
+        if param.device.type == "meta" or param.numel() == 0 or "lora_" in name or ".original_module." in name:
+            continue
+        key = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+               .replace(".modules_to_save.default.", "."))
+        saved[key] = param.detach().float()
+    return saved
 
 
 def _check_shapes(layer, base_shape: tuple, base: str) -> None:
     a = layer.lora_A["default"].weight
     b = layer.lora_B["default"].weight
-    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+    update = (b.shape[0], a.shape[1])
+    if getattr(layer, "fan_in_fan_out", False):  # Conv1D layers (GPT-2) store the weight transposed
+        update = update[::-1]
+    if update != tuple(base_shape):
         raise ModelError(f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
-                         f"shape {(b.shape[0], a.shape[1])} (an adapter trained on another base?)")
+                         f"shape {update} (an adapter trained on another base?)")
 
 
 def _trained_vocab(state: dict) -> int | None:

@@ -224,8 +224,9 @@ def eval_(
             typer.echo(json.dumps(report, indent=1))
         missed = [g for g in report["gates"] if not g["passed"]]
         if missed:
-            _error("gate missed: " + "; ".join(f"{g['metric']} = {g['value']:.4g}, needs {g['op']} {g['threshold']}"
-                                               for g in missed))
+            _error("gate missed: " + "; ".join(
+                f"{g['metric']} = {'not computed' if g['value'] is None else format(g['value'], '.4g')}, needs "
+                f"{g['op']} {g['threshold']}" for g in missed))
             raise typer.Exit(3)
 
     _guarded(work)
@@ -285,6 +286,8 @@ def _read_prompts(path: Path) -> list[list[dict]]:
     from lorakit.errors import DataError
 
     conversations = []
+    if not path.is_file():
+        raise DataError(f"--file {path}: no such file")
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue

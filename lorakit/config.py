@@ -12,7 +12,7 @@ and `--set` overrides live in `lorakit.recipe_file`. Nothing here imports torch 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -233,6 +233,8 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     """Training settings (trl `SFTConfig` / transformers `TrainingArguments` names)."""
+
+    LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"max_nonfinite_steps"})  # lorakit's own keys in this section
 
     output_dir: str | None = Field(
         None, description="The run directory. Default: `runs/<recipe file name>`. Refused when it holds files, "

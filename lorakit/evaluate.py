@@ -72,6 +72,9 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
     from transformers import AutoTokenizer
 
+    output = output or target.path / "eval"
+    check_output(output)
+
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(target.path if _has_tokenizer(target.path)
                                               else target.recipe.model.name_or_path)
@@ -83,7 +86,9 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         raise LorakitError("the recipe has no eval data (data.eval or data.eval_fraction); use --split train")
     prompts = data_mod.prompts(cfg, tokenizer, seed, split)[: settings.max_examples]
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
-    stops = generation.stop_ids(target.path, tokenizer)
+    # the saved stop tokens, and the end-of-turn token the data ends turns with (a checkpoint's adapter
+    # directory has no generation_config.json of its own)
+    stops = sorted(set(generation.stop_ids(target.path, tokenizer)) | {prepared.end_of_turn_id})
     precision = model_mod.resolve_precision(target.recipe.model)
     if lm_eval:
         from lorakit import harness
@@ -116,8 +121,14 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         "metrics": results, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    _write(report, prompts, samples, target, output or target.path / "eval")
+    _write(report, prompts, samples, target, output)
     return report
+
+
+def check_output(out: Path) -> None:
+    """An eval directory is replaced whole, so it must be empty or an earlier lorakit report."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise LorakitError(f"--output {out} exists and is not a lorakit eval report; refusing to replace it")
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -189,9 +200,12 @@ def _write(report: dict, prompts, samples: dict, target: Target, out: Path) -> N
         (staging / "report.md").write_text(markdown(report, prompts, samples))
         if target.run_dir is not None and (target.run_dir / METRICS).is_file():
             loss_curve(target.run_dir / METRICS, staging / "loss.png")
-        if out.exists():
-            shutil.rmtree(out)
+        previous = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(previous, ignore_errors=True)
+        if out.exists():  # moved aside until the new report is in place
+            out.rename(previous)
         staging.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -210,8 +224,9 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
     for label, values in _harness_rows(report, names):
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for gate in report["gates"]:
+        got = "not computed" if gate["value"] is None else f"{gate['value']:.4g}"
         lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}: "
-                     f"{'passed' if gate['passed'] else 'FAILED'} ({gate['value']:.4g})")
+                     f"{'passed' if gate['passed'] else 'FAILED'} ({got})")
     lines += ["", "## Examples", ""]
     for i, p in enumerate(prompts[:examples]):
         lines += [f"**{p.where}**", "", "```", p.prompt.strip(), "```", f"- reference: {p.reference!r}"]

@@ -46,12 +46,20 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
-            if settings.do_sample else {"do_sample": False}
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=_config(settings, stops, pad))
         for row, i in zip(out[:, width:].tolist(), chunk):
             end = next((j for j, t in enumerate(row) if t in stops), None)
             kept = row if end is None else row[:end]
             results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
     return results
+
+
+def _config(settings: EvalConfig, stops: list[int], pad: int):
+    """Exactly the recipe's decoding: a fresh GenerationConfig, so the model's own defaults (top_k,
+    repetition_penalty, min_p, ...) do not creep in."""
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} \
+        if settings.do_sample else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                            use_cache=True, **sampling)

@@ -39,6 +39,7 @@ def run_tasks(model, tokenizer, tasks: list[str], manager, *, limit: int | None,
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = simple_evaluate(model=harness_model, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
                           bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    return {task: {key.split(",")[0]: float(value) for key, value in figures.items()
+    # keys are "metric,filter": the filter is kept unless it is "none" (gsm8k reports strict and flexible)
+    return {task: {key.removesuffix(",none"): float(value) for key, value in figures.items()
                    if isinstance(value, (int, float)) and "stderr" not in key and key != "sample_len"}
             for task, figures in out["results"].items()}

@@ -84,6 +84,8 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
     _check_output(out, overwrite)
     base = base or recipe.model.name_or_path
     base_dir = ckpt_mod.locate(base, recipe.model.revision)
+    if not (base_dir / "config.json").is_file():
+        raise ModelError(f"--base {base}: no config.json in {base_dir}")
     config = json.loads((base_dir / "config.json").read_text())
     if "quantization_config" in config:
         raise ModelError(f"{base} is a quantized checkpoint; merge needs the full-precision base (--base)")
@@ -124,9 +126,11 @@ def run(p: Plan, *, check: bool = True, console: Console | None = None) -> dict:
             console.print(report_table(report))
             raise RunFailed(f"the merged model does not match base + adapter ({report['verification']['reason']}); "
                             f"nothing was written to {p.output}; figures in {failed}")
-        if p.output.exists():
-            shutil.rmtree(p.output)
+        previous = p.output.parent / f".{p.output.name}.replaced-{os.getpid()}"
+        if p.output.exists():  # moved aside, not deleted, until the new merge is in place
+            p.output.rename(previous)
         staging.rename(p.output)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -158,7 +162,7 @@ def stream_merge(p: Plan, staging: Path) -> dict:
                 if module in layers:
                     tensor = adapter_mod.merge_layer(layers[module], tensor)
                     merged += 1
-            tensors[name] = tensor.to(out_dtype)
+            tensors[name] = tensor.to(out_dtype) if tensor.is_floating_point() else tensor  # integer buffers stay
             del tensor
             weight_map[name] = shard
         total += ckpt_mod.write_shard(staging / shard, tensors)
@@ -229,7 +233,7 @@ def _verify(p: Plan, staging: Path) -> dict:
 
     reference = verify.logits(PeftModel.from_pretrained(base(p.merge_into == "nf4"), p.run_dir), inputs)
     merged = verify.logits(AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[p.dtype]), inputs)
-    bare = verify.logits(base(False), inputs)
+    bare = verify.logits(base(p.merge_into == "nf4"), inputs)  # the base as merged into: only the adapter differs
     kind = "4-bit NF4" if p.merge_into == "nf4" else "full-precision"
     figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + adapter",
                "merged_vs_reference": verify.compare(reference, merged), "merged_vs_base": verify.compare(bare, merged)}

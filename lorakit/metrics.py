@@ -7,6 +7,7 @@ whitespace collapsed. Every metric is a mean over examples, in [0, 1] except the
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -21,6 +22,15 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 def normalize(text: str) -> str:
     text = text.lower().translate(_PUNCTUATION)
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def contains(prediction: str, reference: str) -> bool:
+    """The normalized reference appears in the normalized prediction as whole words ("42" does not
+    contain "4"); a reference that normalizes to nothing must be matched exactly."""
+    words, wanted = normalize(prediction).split(), normalize(reference).split()
+    if not wanted:
+        return prediction.strip() == reference.strip()
+    return any(words[i:i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -61,7 +71,7 @@ def score(outputs: list[str], references: list[str], lengths: list[int], stopped
     return {
         "exact_match": sum(o.strip() == r.strip() for o, r in pairs) / n,
         "normalized_exact_match": sum(normalize(o) == normalize(r) for o, r in pairs) / n,
-        "contains_reference": sum(normalize(r) in normalize(o) for o, r in pairs) / n,
+        "contains_reference": sum(contains(o, r) for o, r in pairs) / n,
         "rouge_l": sum(rouge_l(o, r) for o, r in pairs) / n,
         "token_f1": sum(token_f1(o, r) for o, r in pairs) / n,
         "mean_generated_tokens": sum(lengths) / n,
@@ -79,16 +89,19 @@ def parse_gates(fail_under: list[str], fail_over: list[str]) -> list[tuple[str, 
             if not sep or name not in ALL_METRICS:
                 raise ValueError(f"{flag} {item}: expected METRIC=VALUE with METRIC one of {', '.join(ALL_METRICS)}")
             try:
-                gates.append((name, op, float(raw)))
+                value = float(raw)
             except ValueError:
                 raise ValueError(f"{flag} {item}: {raw!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{flag} {item}: the threshold must be a finite number")
+            gates.append((name, op, value))
     return gates
 
 
 def check_gates(gates: list[tuple[str, str, float]], figures: dict) -> list[dict]:
     results = []
     for name, op, value in gates:
-        got = figures.get(name)
+        got = figures.get(name)  # None: not computed (no generation prompts), which fails the gate
         ok = got is not None and (got >= value if op == ">=" else got <= value)
         results.append({"metric": name, "op": op, "threshold": value, "value": got, "passed": ok})
     return results

@@ -21,14 +21,14 @@ from lorakit import data as data_mod
 from lorakit import model as model_mod
 from lorakit import resume as resume_mod
 from lorakit import run_dir as run_files
-from lorakit.config import Recipe
+from lorakit.config import Recipe, TrainConfig
 from lorakit.console import quiet_libraries
 from lorakit.errors import Interrupted, LorakitError, RunFailed
 from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing", "save_total_limit", "max_nonfinite_steps"}
+            "packing", "save_total_limit", *TrainConfig.LORAKIT_ONLY}
 
 
 def default_optim(recipe: Recipe) -> str:

@@ -34,8 +34,11 @@ def inputs_for(recipe: Recipe, tokenizer, count: int = 8, max_tokens: int = 128)
     if prepared is not None:
         split, name = (prepared.eval, "eval") if prepared.eval is not None else (prepared.train, "train")
         return [ids[:max_tokens] for ids in split.dataset["input_ids"][:count]], f"the run's {name} examples"
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False) for p in FALLBACK_PROMPTS]
+    if tokenizer.chat_template:
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in FALLBACK_PROMPTS]
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in FALLBACK_PROMPTS]
     return [list(i) for i in ids], "built-in prompts (the run's data files are not readable)"
 
 

@@ -216,3 +216,21 @@ def test_lm_eval_harness_on_a_local_task(run_dir, tmp_path):
     with pytest.raises(LorakitError, match="unknown task 'no_such_task'"):
         evaluate.run(evaluate.resolve(run_dir), settings=SETTINGS, output=tmp_path / "e2",
                      lm_eval={"tasks": ["no_such_task"], "include": tasks, "limit": 2})
+
+
+def test_contains_reference_matches_whole_words_and_gates_fail_on_missing_metrics():
+    assert metrics_mod.score(["42", "yes", "the cat sat"], ["4", "The", "cat"], [1, 1, 3], [True] * 3)[
+        "contains_reference"] == 1 / 3
+    assert metrics_mod.check_gates([("exact_match", ">=", 0.5)], {"loss": 1.0}) == [
+        {"metric": "exact_match", "op": ">=", "threshold": 0.5, "value": None, "passed": False}]
+    with pytest.raises(ValueError, match="finite"):
+        metrics_mod.parse_gates([], ["loss=inf"])
+
+
+def test_eval_output_must_be_a_report_directory(run_dir, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "main.py").write_text("keep me")
+    with pytest.raises(LorakitError, match="is not a lorakit eval report"):
+        evaluate.run(evaluate.resolve(run_dir), settings=SETTINGS, output=precious)
+    assert (precious / "main.py").read_text() == "keep me"

@@ -202,3 +202,46 @@ def test_cli_refuses_bad_options_before_loading(runs):
     assert out.returncode == 2 and "--merge-into: expected nf4 or original" in out.stderr
     out = lorakit("merge", str(EXAMPLES))
     assert out.returncode == 2 and "is not a lorakit run" in out.stderr
+
+
+def handmade_run(tiny_model, tmp_path, base_dir, model, tokenizer_dir=None):
+    """A run directory around an adapter made with peft directly (for layouts lorakit's train does not make)."""
+    run_dir = tmp_path / "handmade"
+    model.save_pretrained(run_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir or tiny_model).save_pretrained(run_dir)
+    recipe = Recipe.model_validate(tiny_recipe(base_dir, run_dir, four_bit=False))
+    (run_dir / "recipe.yaml").write_text(json.dumps(recipe.to_saved_dict()))
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "complete", "precision": "float32"}))
+    return run_dir
+
+
+def test_trained_biases_merge(tiny_model, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.attention_bias = True
+    torch.manual_seed(0)
+    base_dir = tmp_path / "biased-base"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"], bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.5)  # trained biases
+    expected = logits(model)
+    run_dir = handmade_run(tiny_model, tmp_path, base_dir, model)
+    report = merge_mod.run(merge_mod.plan(run_dir, output=str(tmp_path / "m")))
+    assert report["tensors_replaced"] > 0 and report["verification"]["passed"]
+    assert max_diff(merged_logits(tmp_path / "m"), expected) < 1e-4
+
+
+def test_an_adapter_missing_a_tensor_is_refused(runs, tmp_path):
+    broken = copy_run(runs["lora"], tmp_path)
+    state = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_B" in k)
+    del state[key]
+    save_file(state, broken / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match="the adapter file has no .*lora_B"):
+        merge_mod.run(merge_mod.plan(broken, output=str(tmp_path / "m")), check=False)

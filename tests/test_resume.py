@@ -138,3 +138,36 @@ def test_resume_needs_a_run_and_a_checkpoint(tiny_model, tmp_path, write_recipe)
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--resume", "--overwrite"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "contradict" in out.stderr
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, tmp_path, write_recipe):
+    """SIGKILL the moment a checkpoint directory appears without its marker (retried at the next save if
+    the save finished before the kill landed)."""
+    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1,
+                                      save_steps=5))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    proc = start(recipe)
+    snapshot, killed_at = {}, None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        for checkpoint in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
+            if (checkpoint / MARKER).is_file():
+                if checkpoint.name not in snapshot:
+                    snapshot[checkpoint.name] = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+            elif snapshot:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = checkpoint.name
+                break
+        if killed_at:
+            break
+        time.sleep(0.002)
+    proc.communicate(timeout=60)
+    assert killed_at, "no save was caught in progress"
+    assert proc.returncode == -signal.SIGKILL
+    complete = sorted((p.parent.name for p in checkpoints.glob(f"*/{MARKER}")), key=lambda n: int(n.split("-")[1]))
+    previous = complete[-1]
+    assert int(previous.split("-")[1]) < int(killed_at.split("-")[1]) and not (checkpoints / killed_at / MARKER).exists()
+    assert {p.name: p.read_bytes() for p in (checkpoints / previous).iterdir()} == snapshot[previous]
+    resumed = start(recipe, "--resume", "--set", "train.max_steps=" + str(int(previous.split("-")[1]) + 3))
+    _, err = resumed.communicate(timeout=300)
+    assert f"resuming from {previous}" in err
