@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,11 +140,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     guard.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        if not _disk_full(exc, run_dir):
             raise
         saved = next(iter(resume_mod.complete_checkpoints(run_dir / "checkpoints")), None)
-        raise RunFailed(f"the disk is full ({exc.filename or run_dir}); "
+        raise RunFailed(f"the disk is full ({run_dir}); "
                         f"{saved.name + ' is the last complete checkpoint' if saved else 'no checkpoint is complete'}"
                         f". Free space and resume with:\n  {resume_command or 'lorakit train RECIPE --resume'}") from None
     finally:
@@ -254,6 +255,15 @@ def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Reci
         why = "; ".join(f"{n} {reason}" for reason, n in split.drops.items())
         console.print(f"[yellow]warning:[/] data.max_length={recipe.data.max_length}: {split.truncated} training "
                       f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}", highlight=False)
+
+
+def _disk_full(exc: BaseException, run_dir: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(run_dir).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _device_name(precision: model_mod.Precision) -> str:

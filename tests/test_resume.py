@@ -171,3 +171,45 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, 
     resumed = start(recipe, "--resume", "--set", "train.max_steps=" + str(int(previous.split("-")[1]) + 3))
     _, err = resumed.communicate(timeout=300)
     assert f"resuming from {previous}" in err
+
+
+def test_a_second_sigint_stops_at_once_and_keeps_the_last_checkpoint(tiny_model, tmp_path, write_recipe):
+    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1,
+                                      save_steps=10))
+    run_dir = tmp_path / "run"
+    proc = start(recipe)
+    wait_for_step(run_dir, 12, proc)
+    first = run_dir / "checkpoints" / "checkpoint-10"
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "adapter_model.safetensors").exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path, write_recipe):
+    """On a small tmpfs that holds one checkpoint and not two (needs the right to mount; skipped without)."""
+    probe = tmp_path / "probe"
+    recipe = tiny_recipe(tiny_model, probe, four_bit=False, steps=2, save_steps=2)
+    proc = start(write_recipe(recipe, name="probe"))
+    assert proc.wait(timeout=300) == 0
+    checkpoint = sum(p.stat().st_size for p in (probe / "checkpoints" / "checkpoint-2").rglob("*") if p.is_file())
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    size = int(checkpoint * 1.6) + (256 << 10)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = write_recipe(tiny_recipe(tiny_model, disk / "run", four_bit=False, steps=8, save_steps=2), name="full")
+        proc = start(path)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err
+        assert "the disk is full" in err and "checkpoint-2 is the last complete checkpoint" in err
+        assert f"lorakit train {path} --resume" in err
+        assert (disk / "run" / "checkpoints" / "checkpoint-2" / MARKER).is_file()
+        assert not (disk / "run" / "checkpoints" / "checkpoint-4" / MARKER).exists()
+    finally:
+        subprocess.run(["umount", str(disk)])
