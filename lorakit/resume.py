@@ -1,7 +1,8 @@
 """Checkpoints that can be trusted, resuming from them, and stopping cleanly on a signal.
 
-Owns: the completion marker written last into each trainer checkpoint (file sizes and sha256, the step,
-the data fingerprints), finding the newest complete checkpoint (a checkpoint without a valid marker, or
+Owns: where checkpoints are written (the trainer saves into `checkpoints/.incoming/`; lorakit flushes
+the files, writes the completion marker last (file sizes and sha256, the step, the data fingerprints) and
+renames the directory into `checkpoints/`), finding the newest complete checkpoint (a checkpoint without a valid marker, or
 whose files no longer match it, is never used), keeping `save_total_limit` checkpoints only after a newer
 one is complete, refusing a resume whose recipe or data changed, and the SIGTERM/SIGINT handling that
 turns a preemption into a complete checkpoint and a resumable exit.
@@ -22,6 +23,7 @@ from transformers import TrainerCallback
 from lorakit.errors import LorakitError
 
 MARKER = "lorakit-checkpoint.json"
+INCOMING = ".incoming"  # the trainer writes checkpoints here; only complete ones are renamed into place
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Keys a resume may change: how long to train and what to log or keep; anything else changes the run.
 MAY_CHANGE = {("train", k) for k in ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps",
@@ -125,7 +127,8 @@ def keep_newest(directory: Path, limit: int | None) -> None:
     for old in complete[limit:]:
         shutil.rmtree(old, ignore_errors=True)
     newest = _step(complete[0]) if complete else None
-    for partial in directory.glob("checkpoint-*"):  # unfinished saves older than a complete checkpoint
+    unfinished = [*directory.glob("checkpoint-*"), *(directory / INCOMING).glob("checkpoint-*")]
+    for partial in unfinished:  # saves that never finished, older than a complete checkpoint
         if newest is not None and _step(partial) < newest and not (partial / MARKER).is_file():
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -161,8 +164,14 @@ class CheckpointGuard(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            directory = Path(args.output_dir)
-            write_marker(directory / f"checkpoint-{state.global_step}", state.global_step, self.fingerprints)
+            incoming = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            directory = incoming.parent.parent
+            write_marker(incoming, state.global_step, self.fingerprints)
+            final = directory / incoming.name
+            if final.exists():  # a damaged checkpoint of the same step, skipped when resuming
+                shutil.rmtree(final)
+            os.rename(incoming, final)
+            _fsync_directory(directory)
             keep_newest(directory, self.limit)
         return control
 
@@ -206,6 +215,18 @@ class NonFiniteGuard(TrainerCallback):
         if self.stopped_at is not None:
             control.should_save = False  # the last good checkpoint stays the newest
         return control
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _step(path: Path) -> int:

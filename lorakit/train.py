@@ -63,7 +63,7 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
     values[checkpointing] = train.gradient_checkpointing
     return SFTConfig(
         **values,
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / "checkpoints" / resume_mod.INCOMING),  # moved up a level once complete
         run_name=train.run_name or run_dir.name,
         optim=default_optim(recipe),
         eval_strategy=eval_strategy,

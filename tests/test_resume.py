@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.resume import MARKER
+from lorakit.resume import INCOMING, MARKER
 
 from conftest import tiny_recipe
 
@@ -141,8 +141,7 @@ def test_resume_needs_a_run_and_a_checkpoint(tiny_model, tmp_path, write_recipe)
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, tmp_path, write_recipe):
-    """SIGKILL the moment a checkpoint directory appears without its marker (retried at the next save if
-    the save finished before the kill landed)."""
+    """SIGKILL the moment the trainer starts writing a checkpoint (in checkpoints/.incoming/)."""
     recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1,
                                       save_steps=5))
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -151,13 +150,12 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, 
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         for checkpoint in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
-            if (checkpoint / MARKER).is_file():
-                if checkpoint.name not in snapshot:
-                    snapshot[checkpoint.name] = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
-            elif snapshot:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = checkpoint.name
-                break
+            if checkpoint.name not in snapshot:
+                snapshot[checkpoint.name] = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+        for checkpoint in (checkpoints / INCOMING).glob("checkpoint-*") if snapshot else []:
+            proc.send_signal(signal.SIGKILL)  # a save in progress: the trainer is writing it
+            killed_at = checkpoint.name
+            break
         if killed_at:
             break
         time.sleep(0.002)
@@ -166,7 +164,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, 
     assert proc.returncode == -signal.SIGKILL
     complete = sorted((p.parent.name for p in checkpoints.glob(f"*/{MARKER}")), key=lambda n: int(n.split("-")[1]))
     previous = complete[-1]
-    assert int(previous.split("-")[1]) < int(killed_at.split("-")[1]) and not (checkpoints / killed_at / MARKER).exists()
+    assert int(previous.split("-")[1]) < int(killed_at.split("-")[1]) and not (checkpoints / killed_at).exists()
     assert {p.name: p.read_bytes() for p in (checkpoints / previous).iterdir()} == snapshot[previous]
     resumed = start(recipe, "--resume", "--set", "train.max_steps=" + str(int(previous.split("-")[1]) + 3))
     _, err = resumed.communicate(timeout=300)
