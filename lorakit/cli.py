@@ -54,6 +54,9 @@ def train(
         "--resume", help="Continue the run in train.output_dir from its newest complete checkpoint.")] = False,
     force_resume: Annotated[bool, typer.Option(
         "--force-resume", help="Resume even though the recipe or data changed (the changes are listed).")] = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", min=1, help="Start this many processes on this machine through torchrun (DDP: one per GPU). "
+        "For several machines, run `torchrun` or `accelerate launch -m lorakit train` yourself.")] = None,
 ) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE and write a run directory."""
     from lorakit.recipe_file import load_recipe
@@ -67,6 +70,15 @@ def train(
             return
         from lorakit.errors import LorakitError
 
+        from lorakit import distributed
+
+        if nproc and nproc > 1 and distributed.world_size() == 1:
+            check_output = load_recipe(recipe, set_)  # refuse a bad recipe before starting N processes
+            if not (resume or force_resume):
+                from lorakit.run_dir import check_free
+
+                check_free(check_output.train.output_dir, overwrite)
+            distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc"))
         if (resume or force_resume) and overwrite:
             raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
                                "deletes it")
@@ -74,7 +86,7 @@ def train(
             from lorakit.resume import run_to_resume
 
             run_to_resume(resolved.train.output_dir)
-        else:
+        elif distributed.is_main():  # the other processes of a launch find the directory claimed
             from lorakit.run_dir import check_free
 
             check_free(resolved.train.output_dir, overwrite)  # refuse before the slow imports
@@ -278,6 +290,19 @@ def generate(
                            + ("" if out.stopped else f"\n[did not stop within {settings.max_new_tokens} tokens]") + "\n")
 
     _guarded(work)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _read_prompts(path: Path) -> list[list[dict]]:

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from lorakit import data as data_mod
+from lorakit import distributed
 from lorakit import model as model_mod
 from lorakit import resume as resume_mod
 from lorakit import run_dir as run_files
@@ -79,6 +80,7 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
         save_total_limit=None,  # lorakit rotates, and only after a newer checkpoint is complete (resume.py)
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
     )
 
 
@@ -96,27 +98,33 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         callbacks: tuple = ()) -> TrainResult:
     """Train the recipe and write the complete run directory; with `resume`, continue the run in
     `train.output_dir` from its newest complete checkpoint."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, quiet=not distributed.is_main())  # one voice: the main process
     started = time.perf_counter()
     quiet_libraries()
     precision = model_mod.resolve_precision(recipe.model)
     check_optim(default_optim(recipe))
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
         os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
-    run_dir = resume_mod.run_to_resume(recipe.train.output_dir) if resume else run_files.claim(
-        recipe.train.output_dir, overwrite)
-    if not resume:
+    if resume:
+        run_dir = resume_mod.run_to_resume(recipe.train.output_dir)
+    elif distributed.is_main():
+        run_dir = run_files.claim(recipe.train.output_dir, overwrite)
         run_files.write_recipe(run_dir, recipe)
+    else:
+        run_dir = Path(recipe.train.output_dir).expanduser().resolve()
+    distributed.barrier()  # the others go on once the main process has claimed the directory
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = model_mod.load_tokenizer(recipe.model)
-    prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
+    with distributed.main_first():  # the main process tokenizes and fills the cache; the others read it
+        prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     _report_data(console, prepared, recipe)
     checkpoint = None
     if resume:
         checkpoint = resume_mod.check_resumable(run_dir, recipe.to_saved_dict(), prepared.fingerprints, force_resume,
                                                 warn=console.print)
-        run_files.write_recipe(run_dir, recipe)
+        if distributed.is_main():
+            run_files.write_recipe(run_dir, recipe)
         console.print(f"resuming from {checkpoint.name}", highlight=False)
 
     console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
@@ -162,7 +170,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
                           f"Resume with:\n  {resume_command or 'lorakit train RECIPE --resume'}", guard.exit_code)
     eval_loss = None
     if prepared.eval:
-        last = [r for r in progress.history if "eval_loss" in r and r["step"] == trainer.state.global_step]
+        # the trainer's own log (kept on every process) decides, so all processes make the same collective calls
+        last = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
         eval_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"]
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, trainer.model)
@@ -180,6 +189,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         "tokens/s": results["tokens_per_s"],
         "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
         "eval loss": _fmt(results["eval_loss"]),
+        "global batch": f"{details['global_batch']} ({recipe.train.per_device_train_batch_size} per device x "
+                        f"{recipe.train.gradient_accumulation_steps} accumulation x {details['world_size']} processes)",
         "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
         "peak memory": details["peak_memory"], "adapter": str(run_dir),
         **({"remote code": "ran (model.trust_remote_code)"} if recipe.model.trust_remote_code else {}),
@@ -222,6 +233,9 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
     return {
         "precision": precision.dtype, "device": _device_name(precision),
         "trust_remote_code": trust_remote_code,
+        "world_size": trainer.args.world_size,
+        "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "trainable_parameters": trainable, "total_parameters": total,
         "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows,
                  "sources": prepared.sources, "fingerprints": prepared.fingerprints,
