@@ -8,7 +8,6 @@ whitespace collapsed. Every metric is a mean over examples, in [0, 1] except the
 from __future__ import annotations
 
 import math
-import re
 import string
 from collections import Counter
 
