@@ -190,7 +190,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
         "eval loss": _fmt(results["eval_loss"]),
         "global batch": f"{details['global_batch']} ({recipe.train.per_device_train_batch_size} per device x "
-                        f"{recipe.train.gradient_accumulation_steps} accumulation x {details['world_size']} processes)",
+                        f"{recipe.train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
+                        f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
         "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
         "peak memory": details["peak_memory"], "adapter": str(run_dir),
         **({"remote code": "ran (model.trust_remote_code)"} if recipe.model.trust_remote_code else {}),
@@ -234,6 +235,7 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
         "precision": precision.dtype, "device": _device_name(precision),
         "trust_remote_code": trust_remote_code,
         "world_size": trainer.args.world_size,
+        "engine": _engine(trainer),
         "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size,
         "trainable_parameters": trainable, "total_parameters": total,
@@ -269,6 +271,15 @@ def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Reci
         why = "; ".join(f"{n} {reason}" for reason, n in split.drops.items())
         console.print(f"[yellow]warning:[/] data.max_length={recipe.data.max_length}: {split.truncated} training "
                       f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}", highlight=False)
+
+
+def _engine(trainer) -> str:
+    """How the processes share the work, as accelerate runs it: DDP, FSDP (with its version), DeepSpeed, or one."""
+    kind = str(trainer.accelerator.distributed_type).split(".")[-1]
+    if kind == "FSDP":
+        plugin = trainer.accelerator.state.fsdp_plugin
+        return f"FSDP{getattr(plugin, 'fsdp_version', '')}"
+    return {"MULTI_CPU": "DDP", "MULTI_GPU": "DDP", "DEEPSPEED": "DeepSpeed", "NO": "single process"}.get(kind, kind)
 
 
 def _disk_full(exc: BaseException, run_dir: Path) -> bool:

@@ -22,9 +22,9 @@ def test_two_processes_train_one_run(tiny_model, tmp_path, write_recipe, four_bi
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["global_batch"] == 16
+    assert manifest["world_size"] == 2 and manifest["global_batch"] == 16 and manifest["engine"] == "DDP"
     assert out.stderr.count("lorakit train: done") == 1  # only the main process speaks
-    assert "16 (8 per device x 1 accumulation x 2 processes)" in " ".join(out.stderr.split())
+    assert "16 (8 per device x 1 accumulation x 2 processes, DDP)" in " ".join(out.stderr.split())
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps))  # one writer: no step logged twice
