@@ -70,14 +70,10 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
 def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
         gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
-    from transformers import AutoTokenizer
-
     output = output or target.path / "eval"
     check_output(output)
-
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(target.path if _has_tokenizer(target.path)
-                                              else target.recipe.model.name_or_path)
+    tokenizer = _tokenizer(target)
     cfg = target.recipe.data.model_copy(update={"chat_template": None})  # the template saved with the target
     seed = target.recipe.train.seed
     prepared = data_mod.prepare(cfg, tokenizer, seed)
@@ -96,7 +92,7 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
     results, samples = {}, {}
-    for name, model in _models(target, precision, compare_base):
+    for name, model in _models(target, precision, ("tuned", "base") if compare_base else ("tuned",)):
         if console:
             console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
                           f"{len(prompts)} prompts", highlight=False)
@@ -131,32 +127,41 @@ def check_output(out: Path) -> None:
         raise LorakitError(f"--output {out} exists and is not a lorakit eval report; refusing to replace it")
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+def _tokenizer(target: Target):
+    """The target's own tokenizer (it carries the chat template used in training), else the base's."""
+    from transformers import AutoTokenizer
+
+    own = (target.path / "tokenizer_config.json").is_file() or (target.path / "tokenizer.json").is_file()
+    return AutoTokenizer.from_pretrained(target.path if own else target.recipe.model.name_or_path)
 
 
-def _models(target: Target, precision, compare_base: bool):
-    """("tuned", model) then ("base", model): base + adapter shares one loaded base (the adapter is
-    switched off for the base), a merged model is compared with its base loaded separately."""
+def _models(target: Target, precision, names: tuple[str, ...]):
+    """(name, model) for each of `names` ("tuned", "base"), loading nothing that is not asked for:
+    base + adapter shares one loaded base (the adapter is switched off for the base); a merged model's
+    base is loaded on its own."""
     from transformers import AutoModelForCausalLM
 
     if target.kind == "merged":
-        yield "tuned", AutoModelForCausalLM.from_pretrained(target.path, dtype=precision.torch_dtype,
-                                                           device_map=model_mod.device_map(precision))
-        if compare_base:
+        if "tuned" in names:
+            yield "tuned", AutoModelForCausalLM.from_pretrained(target.path, dtype=precision.torch_dtype,
+                                                               device_map=model_mod.device_map(precision))
+        if "base" in names:
             cfg = target.recipe.model.model_copy(update={"load_in_4bit": False})
             yield "base", model_mod.load_base(cfg, precision)
         return
     from peft import PeftModel
 
     base = model_mod.load_base(target.recipe.model, precision)
+    if "tuned" not in names:
+        yield "base", base
+        return
     try:
         tuned = PeftModel.from_pretrained(base, target.path)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ModelError(f"the adapter in {target.path} does not fit {target.recipe.model.name_or_path}: "
                          f"{str(exc).strip().splitlines()[-1].strip()}") from None
     yield "tuned", tuned
-    if compare_base:
+    if "base" in names:
         with tuned.disable_adapter():
             yield "base", tuned
 
@@ -286,16 +291,11 @@ def _harness_rows(report: dict, names: list[str]):
 
 def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
     """Generations for chat conversations with the target's template and stop tokens (`lorakit generate`)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(target.path if _has_tokenizer(target.path)
-                                              else target.recipe.model.name_or_path)
+    tokenizer = _tokenizer(target)
     prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for c in conversations]
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
-    for name, model in _models(target, precision, compare_base=base):
-        if name == ("base" if base else "tuned"):
-            return generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
-    raise AssertionError("unreachable")
+    (_, model), = _models(target, precision, ("base",) if base else ("tuned",))
+    return generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)

@@ -231,9 +231,12 @@ def _verify(p: Plan, staging: Path) -> dict:
             model.resize_token_embeddings(p.vocab_size, mean_resizing=False)
         return model
 
-    reference = verify.logits(PeftModel.from_pretrained(base(p.merge_into == "nf4"), p.run_dir), inputs)
+    with_adapter = PeftModel.from_pretrained(base(p.merge_into == "nf4"), p.run_dir)
+    reference = verify.logits(with_adapter, inputs)
+    with with_adapter.disable_adapter():  # the base as merged into, same loaded weights: only the adapter differs
+        bare = verify.logits(with_adapter, inputs)
+    del with_adapter
     merged = verify.logits(AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[p.dtype]), inputs)
-    bare = verify.logits(base(p.merge_into == "nf4"), inputs)  # the base as merged into: only the adapter differs
     kind = "4-bit NF4" if p.merge_into == "nf4" else "full-precision"
     figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + adapter",
                "merged_vs_reference": verify.compare(reference, merged), "merged_vs_base": verify.compare(bare, merged)}

@@ -123,7 +123,9 @@ def keep_newest(directory: Path, limit: int | None) -> None:
     """Delete older checkpoints beyond `limit`, only ever after a newer one is complete."""
     if not limit:
         return
-    complete = complete_checkpoints(directory, warn=lambda _: None)
+    # marked ones, newest first; not re-hashed (that is for choosing what to resume from, and checkpoints
+    # of large runs hold gigabytes of optimizer state)
+    complete = sorted((c for c in directory.glob("checkpoint-*") if (c / MARKER).is_file()), key=_step, reverse=True)
     for old in complete[limit:]:
         shutil.rmtree(old, ignore_errors=True)
     newest = _step(complete[0]) if complete else None
