@@ -55,8 +55,9 @@ def train(
     force_resume: Annotated[bool, typer.Option(
         "--force-resume", help="Resume even though the recipe or data changed (the changes are listed).")] = False,
     nproc: Annotated[Optional[int], typer.Option(
-        "--nproc", min=1, help="Start this many processes on this machine through torchrun (DDP: one per GPU). "
-        "For several machines, run `torchrun` or `accelerate launch -m lorakit train` yourself.")] = None,
+        "--nproc", min=1, help="Start this many processes on this machine, one per GPU: through torchrun (DDP), or "
+        "`accelerate launch` when the recipe names distributed.accelerate_config. Overrides distributed.nproc. "
+        "For several machines, run the launcher yourself (docs/distributed.md).")] = None,
 ) -> None:
     """Train a LoRA/QLoRA adapter from RECIPE and write a run directory."""
     from lorakit.recipe_file import load_recipe
@@ -72,16 +73,11 @@ def train(
 
         from lorakit import distributed
 
-        if nproc and nproc > 1 and distributed.world_size() == 1:
-            check_output = load_recipe(recipe, set_)  # refuse a bad recipe before starting N processes
-            if not (resume or force_resume):
-                from lorakit.run_dir import check_free
-
-                check_free(check_output.train.output_dir, overwrite)
-            distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc"))
         if (resume or force_resume) and overwrite:
             raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
                                "deletes it")
+        if not distributed.launched():
+            _launch_if_asked(resolved, nproc, resume or force_resume, overwrite)
         if resume or force_resume:
             from lorakit.resume import run_to_resume
 
@@ -100,6 +96,27 @@ def train(
             force_resume=force_resume, resume_command=again)
 
     _guarded(work)
+
+
+def _launch_if_asked(recipe, nproc: int | None, resuming: bool, overwrite: bool) -> None:
+    """Start the launcher when the command line or the recipe asks for several processes (or an engine),
+    once everything that can be refused here has been checked."""
+    config = recipe.distributed.accelerate_config
+    if not config and (nproc or recipe.distributed.nproc or 1) == 1:
+        return
+    import torch
+
+    from lorakit import distributed, engines
+    from lorakit.model import resolve_precision
+
+    engine, config_processes = engines.from_accelerate_config(config) if config else (engines.Engine("ddp"), None)
+    processes = nproc or recipe.distributed.nproc or config_processes or 1
+    engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=resolve_precision(recipe.model).dtype)
+    if not resuming:
+        from lorakit.run_dir import check_free
+
+        check_free(recipe.train.output_dir, overwrite)
+    distributed.launch(processes, _without_option(sys.argv[1:], "--nproc"), config)
 
 
 @app.command()

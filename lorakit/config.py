@@ -36,9 +36,10 @@ class QuantizationConfig(Section):
     bnb_4bit_compute_dtype: DType = Field(
         "auto", description="dtype the 4-bit weights are dequantized to for matmuls; `auto` follows the "
         "training precision chosen from the hardware (bfloat16, float16 or float32).")
-    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "uint8", description="dtype the packed 4-bit weights are stored in. FSDP needs it equal to the "
-        "dtype of the other parameters.")
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the packed 4-bit weights are stored in. `auto`: uint8, except under FSDP "
+        "or DeepSpeed ZeRO-3, which shard every parameter and need floats of one dtype: there the training "
+        "dtype (the base is then loaded in it too). uint8 under those engines is refused.")
 
 
 class ModelConfig(Section):
@@ -311,6 +312,18 @@ class EvalConfig(Section):
                                      "(the loss always uses all).")
 
 
+class DistributedConfig(Section):
+    """Starting several processes on this machine (lorakit's own section). Several machines: run the
+    launcher yourself, see docs/distributed.md."""
+
+    nproc: int | None = Field(None, gt=0, description="Processes to start on this machine, one per GPU. Default: "
+                              "the accelerate config's `num_processes`, else one. `--nproc` overrides it.")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (e.g. `configs/accelerate/fsdp_qlora.yaml`) that picks the "
+        "engine: DDP, FSDP or DeepSpeed. lorakit then starts `accelerate launch --config_file` with it; without "
+        "one, `torchrun` (DDP). Relative paths are read from the current directory.")
+
+
 class Recipe(Section):
     """A whole lorakit recipe."""
 
@@ -319,6 +332,8 @@ class Recipe(Section):
     data: DataConfig = Field(description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="Several processes on this machine.")
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:

@@ -14,6 +14,14 @@ import sys
 from contextlib import contextmanager
 
 
+_LAUNCHED = "LORAKIT_LAUNCHED"
+
+
+def launched() -> bool:
+    """True in a process a launcher started (lorakit's own `--nproc`, torchrun, accelerate launch)."""
+    return any(key in os.environ for key in (_LAUNCHED, "LOCAL_RANK", "WORLD_SIZE"))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -41,8 +49,14 @@ def main_first():
         yield
 
 
-def launch(nproc: int, argv: list[str]) -> None:
-    """Replace this process with torchrun starting `nproc` copies of the same command on this machine."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lorakit", *argv]
+def launch(nproc: int, argv: list[str], accelerate_config: str | None = None) -> None:
+    """Replace this process with the launcher starting `nproc` copies of the same command on this machine:
+    `accelerate launch --config_file` when an accelerate config picks the engine, else torchrun (DDP)."""
+    if accelerate_config:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                   "--num_processes", str(nproc), "--num_machines", "1", "-m", "lorakit", *argv]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "lorakit", *argv]
+    os.environ[_LAUNCHED] = "1"  # the started processes must not launch again
     os.execv(sys.executable, command)

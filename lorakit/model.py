@@ -14,8 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit import engines
 from lorakit.config import LoraSection, ModelConfig
+from lorakit.engines import Engine
 from lorakit.errors import ModelError
+
+SINGLE = Engine()
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,7 +71,7 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def quantization_config(cfg: ModelConfig, precision: Precision):
+def quantization_config(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
     """The bitsandbytes 4-bit config of a QLoRA run (None without `load_in_4bit`)."""
     if not cfg.load_in_4bit:
         return None
@@ -78,20 +82,29 @@ def quantization_config(cfg: ModelConfig, precision: Precision):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=_DTYPES[compute],
-        bnb_4bit_quant_storage=getattr(torch, q.bnb_4bit_quant_storage))
+        bnb_4bit_quant_storage=getattr(torch, engines.quant_storage(cfg, engine, compute)))
 
 
-def device_map(precision: Precision) -> dict:
-    """Each process loads the whole model on its own device; never `auto` (it silently uses one GPU under DDP)."""
+def device_map(precision: Precision, engine: Engine = SINGLE) -> dict | None:
+    """Each process loads the whole model on its own device; never `auto` (it silently uses one GPU under DDP).
+    Under FSDP and ZeRO-3 none: the engine places (and shards) the weights itself."""
+    if engine.shards_parameters:
+        return None
     if precision.device == "cuda":
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
 
 
-def load_base(cfg: ModelConfig, precision: Precision):
-    """The base model through `from_pretrained`, in 4-bit when the recipe asks for QLoRA."""
+def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
+    """The base model through `from_pretrained`, in 4-bit when the recipe asks for QLoRA. Under FSDP and
+    ZeRO-3 a 4-bit base is loaded in the dtype its packed weights are stored in, so every parameter has one
+    dtype and the engine can flatten them."""
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(cfg, precision, engine)
+    dtype = precision.torch_dtype
+    if quantization is not None and engine.shards_parameters and quantization.bnb_4bit_quant_storage.is_floating_point:
+        dtype = quantization.bnb_4bit_quant_storage
     kwargs = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -100,8 +113,7 @@ def load_base(cfg: ModelConfig, precision: Precision):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            dtype=precision.torch_dtype, quantization_config=quantization_config(cfg, precision),
-            device_map=device_map(precision), **kwargs)
+            dtype=dtype, quantization_config=quantization, device_map=device_map(precision, engine), **kwargs)
     except OSError as exc:
         if cfg.allow_pickle_weights or "safetensors" not in str(exc):
             raise
@@ -115,9 +127,11 @@ def load_base(cfg: ModelConfig, precision: Precision):
     return model
 
 
-def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool):
-    """QLoRA preparation (norms in fp32, input grads for checkpointing); a no-op for full-precision bases."""
-    if not cfg.load_in_4bit:
+def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool, engine: Engine = SINGLE):
+    """QLoRA preparation (norms in fp32, input grads for checkpointing); a no-op for full-precision bases.
+    Skipped under FSDP and ZeRO-3: upcasting the norms would give the engine two dtypes to flatten; the
+    trainer turns on checkpointing and input gradients itself."""
+    if not cfg.load_in_4bit or engine.shards_parameters:
         return model
     from peft import prepare_model_for_kbit_training
 

@@ -118,14 +118,16 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
             if problem:
                 where = _where(("data", key, index, "path"), str(path), node, set_by)
                 problems.append(f"{where}: data.{key}{f'[{index}]' if len(sources) > 1 else ''}: {problem}")
-    template = recipe.data.chat_template
-    if template and template.endswith(".jinja"):
-        file = Path(template).expanduser()
+    local_files = [(recipe.data, "chat_template")] if (recipe.data.chat_template or "").endswith(".jinja") else []
+    local_files += [(recipe.distributed, "accelerate_config")] if recipe.distributed.accelerate_config else []
+    for section, key in local_files:  # files the recipe names: absolute, or an error at their line
+        dotted = ("data" if section is recipe.data else "distributed", key)
+        file = Path(getattr(section, key)).expanduser()
         if not file.is_file():
-            where = _where(("data", "chat_template"), str(path), node, set_by)
-            problems.append(f"{where}: data.chat_template: file not found: {template}")
+            where = _where(dotted, str(path), node, set_by)
+            problems.append(f"{where}: {'.'.join(dotted)}: file not found: {getattr(section, key)}")
         else:
-            recipe.data.chat_template = str(file.resolve())
+            setattr(section, key, str(file.resolve()))
     if problems:
         raise RecipeError("\n".join(problems))
     for key in ("name_or_path", "tokenizer_name_or_path"):

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
+from lorakit import distributed
 from lorakit.errors import LorakitError
 
 MARKER = "lorakit-checkpoint.json"
@@ -165,6 +166,7 @@ class CheckpointGuard(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # under FSDP every process writes its own shards; all must be done before the marker
         if state.is_world_process_zero:
             incoming = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             directory = incoming.parent.parent

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from lorakit import data as data_mod
-from lorakit import distributed
+from lorakit import distributed, engines
 from lorakit import model as model_mod
 from lorakit import resume as resume_mod
 from lorakit import run_dir as run_files
@@ -31,10 +31,6 @@ from lorakit.progress import RunProgress, summary_table
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
             "packing", "save_total_limit", *TrainConfig.LORAKIT_ONLY}
-
-
-def default_optim(recipe: Recipe) -> str:
-    return recipe.train.optim or ("paged_adamw_8bit" if recipe.model.load_in_4bit else "adamw_torch")
 
 
 def check_optim(name: str) -> None:
@@ -49,7 +45,8 @@ def check_optim(name: str) -> None:
         raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
 
 
-def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool):
+def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool,
+               engine: engines.Engine = model_mod.SINGLE):
     """trl SFTConfig from the recipe's `train:` section, with precision picked from the hardware."""
     from trl import SFTConfig
 
@@ -66,7 +63,7 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
         **values,
         output_dir=str(run_dir / "checkpoints" / resume_mod.INCOMING),  # moved up a level once complete
         run_name=train.run_name or run_dir.name,
-        optim=default_optim(recipe),
+        optim=engines.default_optim(recipe, engine),
         eval_strategy=eval_strategy,
         eval_steps=train.eval_steps or train.logging_steps * 5,
         max_length=recipe.data.max_length,
@@ -102,7 +99,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     started = time.perf_counter()
     quiet_libraries()
     precision = model_mod.resolve_precision(recipe.model)
-    check_optim(default_optim(recipe))
+    engine = engines.from_environment()
+    engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=precision.dtype)
+    optim = engines.default_optim(recipe, engine)
+    check_optim(optim)
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
         os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
     if resume:
@@ -129,16 +129,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
 
     console.print(f"loading {recipe.model.name_or_path} ({'4-bit NF4' if recipe.model.load_in_4bit else precision.dtype},"
                   f" {precision.device}, compute {precision.dtype})", highlight=False)
-    if precision.device == "cpu" and "paged" in default_optim(recipe):
-        console.print(f"note: {default_optim(recipe)} pages optimizer state between GPU and CPU memory; on a CPU "
+    if precision.device == "cpu" and "paged" in optim:
+        console.print(f"note: {optim} pages optimizer state between GPU and CPU memory; on a CPU "
                       "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
-    base = model_mod.load_base(recipe.model, precision)
+    base = model_mod.load_base(recipe.model, precision, engine)
     model_mod.check_target_modules(base, recipe.lora)
     packing = model_mod.use_packing(recipe.train.packing, type(base), base.config.model_type)
     quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
-    base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing)
+    base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing, engine)
 
-    trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console)
+    trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console,
+                                       engine)
+    parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
     for callback in callbacks:
         trainer.add_callback(callback)
     nonfinite = resume_mod.NonFiniteGuard(recipe.train.max_nonfinite_steps, console)
@@ -173,13 +175,17 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         # the trainer's own log (kept on every process) decides, so all processes make the same collective calls
         last = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
         eval_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"]
+    if engine.kind == "fsdp":  # gather the adapter whole, as a standard PEFT adapter (not per-process shards)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    # every process takes part (FSDP and ZeRO-3 gather the shards); only the main one writes:
+    # adapter + tokenizer with the chat template used (chat_template.jinja)
+    trainer.save_model(str(run_dir))
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, trainer.model)
-    trainer.save_model(str(run_dir))  # adapter + tokenizer with the chat template used (chat_template.jinja)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
 
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
-                       recipe.model.trust_remote_code)
+                       parameters, recipe.model.trust_remote_code)
     details["quantization"] = quantized
     run_files.write_model_card(run_dir, recipe, details)
     run_files.write_manifest(run_dir, recipe, details)
@@ -200,14 +206,14 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
 
 
 def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base, tokenizer, prepared,
-                   console: Console):
+                   console: Console, engine: engines.Engine):
     """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
     trainer = SFTTrainer(
-        model=base, args=sft_config(recipe, run_dir, precision, packing), processing_class=tokenizer,
+        model=base, args=sft_config(recipe, run_dir, precision, packing, engine), processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
@@ -225,12 +231,12 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
 
 
 def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
-             trust_remote_code: bool = False) -> dict:
+             parameters: tuple[int, int], trust_remote_code: bool = False) -> dict:
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
     runtime = output.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    trainable, total = model_mod.trainable_parameters(trainer.model)
+    trainable, total = parameters
     return {
         "precision": precision.dtype, "device": _device_name(precision),
         "trust_remote_code": trust_remote_code,

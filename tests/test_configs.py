@@ -16,6 +16,8 @@ REAL = {
     "qwen2.5-7b-qlora.yaml": ("Qwen/Qwen2.5-7B-Instruct", True),
     "mistral-7b-lora.yaml": ("mistralai/Mistral-7B-Instruct-v0.3", False),
     "llama-3.1-70b-qlora.yaml": ("meta-llama/Llama-3.1-70B-Instruct", True),
+    "llama-3.1-70b-qlora-fsdp.yaml": ("meta-llama/Llama-3.1-70B-Instruct", True),
+    "llama-3.1-8b-lora-ddp8.yaml": ("meta-llama/Llama-3.1-8B-Instruct", False),
 }
 # The real-model recipes point at the user's data/; validate them against the bundled data instead.
 DATA = [f"data.train={EXAMPLES / 'train.jsonl'}"]
