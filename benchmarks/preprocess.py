@@ -32,15 +32,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from benchmarks.synthetic import chat_rows, word_list, write_jsonl  # noqa: E402
-
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
+from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # noqa: E402
 
 def lorakit_prepare(path: Path, template: Path, tokenizer, num_proc: int, max_length: int):
     from lorakit.config import DataConfig

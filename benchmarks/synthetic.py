@@ -14,6 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+# ChatML with `{% generation %}` markers around assistant turns, which trl's `assistant_only_loss` needs;
+# lorakit reads the same template from a file (data.chat_template), so both train on the same tokens.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def word_list(tokenizer) -> list[str]:
     """Words that are single tokens of this tokenizer (with a leading space)."""
@@ -28,9 +37,10 @@ def word_list(tokenizer) -> list[str]:
 
 
 def chat_rows(n: int, words: list[str], *, seed: int = 0, median_tokens: int = 100,
-              max_tokens: int = 1024) -> list[dict]:
+              max_tokens: int = 1024, spread: float = 0.9) -> list[dict]:
+    """`spread` is the lognormal sigma; 0 gives every example about `median_tokens` tokens."""
     rng, pick = np.random.default_rng(seed), random.Random(seed)
-    lengths = np.clip(rng.lognormal(np.log(median_tokens), 0.9, n), 16, max_tokens).astype(int)
+    lengths = np.clip(rng.lognormal(np.log(median_tokens), spread, n), 16, max_tokens).astype(int)
     rows = []
     for total in lengths:
         exchanges = pick.randint(2, 4) if pick.random() < 0.3 else 1

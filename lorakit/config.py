@@ -58,7 +58,8 @@ class ModelConfig(Section):
     quantization: QuantizationConfig = Field(
         default_factory=QuantizationConfig, description="4-bit settings; only valid with `load_in_4bit: true`.")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
-        None, description="Attention kernel; unset lets transformers choose (sdpa where available).")
+        None, description="Attention kernel. Unset: flash_attention_2 on a CUDA GPU in bf16/fp16 when the "
+        "`flash-attn` package is installed, else transformers' choice (sdpa). The manifest records the one used.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the model repository. Only for repositories you trust; "
         "the run summary and manifest say when it was on.")
@@ -269,7 +270,16 @@ class TrainConfig(Section):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="A step whose gradients hold NaN or inf is skipped (no update, logged with its step); "
         "this many in a row stop the run with an error, keeping the last good checkpoint.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save "
+                                         "memory (non-reentrant, transformers' default form).")
+    activation_offloading: bool = Field(False, description="Move the activations kept for the backward pass to CPU "
+                                        "memory (trl's offloading), for sequences whose activations do not fit the GPU.")
+    use_liger_kernel: bool | Literal["auto"] = Field(
+        "auto", description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused linear cross-entropy that "
+        "never materialises the full-vocabulary logits). `auto`: on with a CUDA GPU when `liger-kernel` is installed "
+        "(`pip install 'lorakit[gpu]'`) and supports the architecture; `true` is refused otherwise.")
+    torch_compile: bool = Field(False, description="Compile the model with `torch.compile` (slower start, often "
+                                "faster steps; off by default: the first steps pay the compile time).")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Padding-free packing: several examples share each row of up to `data.max_length` "
         "tokens (best-fit decreasing), with positions restarting per example and no attention across examples: "

@@ -7,6 +7,7 @@ trainer (lorakit.train) or the data (lorakit.data).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -108,6 +109,8 @@ def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
     kwargs = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    elif precision.device == "cuda" and precision.dtype != "float32" and importlib.util.find_spec("flash_attn"):
+        kwargs["attn_implementation"] = "flash_attention_2"  # varlen kernels: packed rows cost no padding
     if not cfg.allow_pickle_weights:
         kwargs["use_safetensors"] = True
     try:
@@ -260,6 +263,25 @@ def use_packing(setting: bool | str, model_class: type, model_type: str | None =
                          "(its attention mask is not built from position ids, or it has layers that carry state "
                          "along the sequence); set `train.packing: auto` or false")
     return supported is True if setting == "auto" else bool(setting)
+
+
+def use_liger(setting: bool | str, precision: Precision, model_type: str) -> bool:
+    """`train.use_liger_kernel`: Liger's kernels need a CUDA GPU, the package, and an architecture it patches."""
+    if setting is False:
+        return False
+    problem = None
+    if precision.device != "cuda":
+        problem = "Liger's kernels are Triton kernels for CUDA GPUs, and none was found"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "the liger-kernel package is not installed (pip install 'lorakit[gpu]')"
+    else:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            problem = f"liger-kernel has no kernels for {model_type} models"
+    if problem and setting is True:
+        raise ModelError(f"train.use_liger_kernel: {problem}; set it to auto or false")
+    return problem is None
 
 
 def model_class_for(cfg: ModelConfig) -> tuple[type, str]:

@@ -30,7 +30,7 @@ from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing", "save_total_limit", *TrainConfig.LORAKIT_ONLY}
+            "packing", "save_total_limit", "use_liger_kernel", *TrainConfig.LORAKIT_ONLY}
 
 
 def check_optim(name: str) -> None:
@@ -46,7 +46,7 @@ def check_optim(name: str) -> None:
 
 
 def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool,
-               engine: engines.Engine = model_mod.SINGLE):
+               engine: engines.Engine = model_mod.SINGLE, liger: bool = False):
     """trl SFTConfig from the recipe's `train:` section, with precision picked from the hardware."""
     from trl import SFTConfig
 
@@ -68,6 +68,7 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
         eval_steps=train.eval_steps or train.logging_steps * 5,
         max_length=recipe.data.max_length,
         packing=packing,
+        use_liger_kernel=liger,
         packing_strategy="bfd",  # whole examples only (they already fit max_length): padding-free, exact
         bf16=precision.bf16,
         fp16=precision.fp16,
@@ -103,6 +104,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=precision.dtype)
     optim = engines.default_optim(recipe, engine)
     check_optim(optim)
+    liger = recipe.train.use_liger_kernel is not False and model_mod.use_liger(
+        recipe.train.use_liger_kernel, precision, model_mod.model_class_for(recipe.model)[1])
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
         os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
     if resume:
@@ -138,8 +141,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing, engine)
 
+    attention = base.config._attn_implementation
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console,
-                                       engine)
+                                       engine, liger)
     parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
     for callback in callbacks:
         trainer.add_callback(callback)
@@ -187,6 +191,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
                        parameters, recipe.model.trust_remote_code)
     details["quantization"] = quantized
+    details["kernels"] = {"attention": attention, "liger": liger, "packing": packing,
+                          "gradient_checkpointing": recipe.train.gradient_checkpointing,
+                          "torch_compile": recipe.train.torch_compile}
     run_files.write_model_card(run_dir, recipe, details)
     run_files.write_manifest(run_dir, recipe, details)
     results, params = details["results"], details["trainable_parameters"]
@@ -206,14 +213,14 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
 
 
 def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base, tokenizer, prepared,
-                   console: Console, engine: engines.Engine):
+                   console: Console, engine: engines.Engine, liger: bool):
     """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
     trainer = SFTTrainer(
-        model=base, args=sft_config(recipe, run_dir, precision, packing, engine), processing_class=tokenizer,
+        model=base, args=sft_config(recipe, run_dir, precision, packing, engine, liger), processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])

@@ -57,6 +57,10 @@ def test_run_directory_complete(trained, tiny_model):
     assert manifest["precision"] == "float32"  # CPU
     assert set(manifest["data"]["fingerprints"]) == {recipe.data.train[0].path, recipe.data.eval[0].path}
     assert manifest["data"]["packing"] is True  # auto: Llama builds its masks from position ids
+    # the speed settings the run took: on CPU no Liger (CUDA only) and transformers' sdpa
+    assert manifest["kernels"] == {"attention": "sdpa", "liger": False, "packing": True,
+                                   "gradient_checkpointing": recipe.train.gradient_checkpointing,
+                                   "torch_compile": False}
     assert manifest["libraries"]["transformers"] and manifest["libraries"]["peft"]
     saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert Recipe.model_validate(saved) == Recipe.model_validate(recipe.to_saved_dict())
@@ -202,3 +206,30 @@ def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
         new = out[0, batch["input_ids"].shape[1]:].tolist()
         stopped += new[-1] in generation.eos_token_id and len(new) < 16
     assert stopped >= 14, f"only {stopped} of {len(rows)} generations stopped"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+def test_liger_kernels_asked_for_without_a_gpu_are_refused_before_loading(tiny_model, tmp_path, write_recipe):
+    run_dir = tmp_path / "run"
+    path = write_recipe(tiny_recipe(tiny_model, run_dir, use_liger_kernel=True))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train.use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs" in out.stderr
+    assert "loading" not in out.stderr and not run_dir.exists()  # refused before the run or the weights
+
+
+@pytest.mark.gpu
+def test_liger_fused_loss_matches_the_plain_loss(tiny_model, tmp_path):
+    """Liger's fused linear cross-entropy never builds the logits; the losses it trains on must match."""
+    pytest.importorskip("liger_kernel")
+    losses = {}
+    for liger in (False, True):
+        recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / f"liger-{liger}", four_bit=False, steps=6,
+                                                   use_liger_kernel=liger))
+        result = run(recipe, console=Console(stderr=True, force_terminal=False))
+        assert result.details["kernels"]["liger"] is liger
+        losses[liger] = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+                         if "loss" in r]
+    assert len(losses[True]) == len(losses[False]) > 1
+    for plain, fused in zip(losses[False], losses[True]):
+        assert abs(plain - fused) <= 2e-2 * plain, losses  # bf16 kernels: a few parts per thousand
