@@ -22,9 +22,10 @@ quickstart: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Regenerate docs/recipe.md from the schema (a test fails when it is stale).
+# Regenerate docs/recipe.md from the schema and docs/plan.md from the planner (tests fail when stale).
 docs: setup
 	$(BIN)/python scripts/gen_recipe_docs.py
+	$(BIN)/python scripts/gen_plan_docs.py
 
 clean:
 	rm -rf runs .cache

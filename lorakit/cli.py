@@ -388,6 +388,57 @@ def preview(
     _guarded(work)
 
 
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
+    set_: Annotated[list[str], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        "--gpu-memory", help="Memory per GPU, e.g. 24GiB or 80GB (default: this machine's GPU, if any).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", min=1, help="GPUs (processes) the run uses (default: distributed.nproc, else 1).")] = None,
+    largest_batch: Annotated[bool, typer.Option(
+        "--suggest", help="Also find the largest micro-batch that fits.")] = False,
+    gpu_kind: Annotated[Optional[str], typer.Option(
+        "--gpu-kind", help="GPU name for the time estimate, e.g. H100 or A100 (default: this machine's).")] = None,
+    tokens_per_s: Annotated[Optional[float], typer.Option(
+        "--tokens-per-s", help="Measured tokens/s per GPU for the time estimate (e.g. from benchmarks/gpu_train.py).")] = None,
+    no_time: Annotated[bool, typer.Option("--no-time", help="Skip the time estimate (it tokenizes the data).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")] = False,
+) -> None:
+    """Memory per GPU and training time for RECIPE, from the model's config alone (no weights): exact weight,
+    LoRA, gradient and optimizer terms, estimated activations; whether it fits, and what would make it fit."""
+    from lorakit.recipe_file import load_recipe
+
+    def work() -> None:
+        from lorakit.errors import LorakitError
+
+        resolved = load_recipe(recipe, set_)
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        from lorakit import plan as plan_mod
+
+        try:
+            memory = plan_mod.parse_size(gpu_memory) if gpu_memory else None
+        except ValueError as exc:
+            raise LorakitError(f"--gpu-memory: {exc}") from None
+        result = plan_mod.run(resolved, gpu_memory=memory, gpus=gpus, largest_batch=largest_batch,
+                              tokens_per_s=tokens_per_s, gpu_kind=gpu_kind, with_time=not no_time)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(result.to_dict(), indent=1))
+        else:
+            from rich.console import Console
+
+            plan_mod.show(result, Console())
+        if result.fits is False:
+            raise typer.Exit(3)  # like a missed eval gate: scripts can stop before renting the GPUs
+
+    _guarded(work)
+
+
 def _guarded(work) -> None:
     """Run a command body; user mistakes become one message and their exit code, never a traceback."""
     from lorakit.errors import Interrupted, LorakitError, RunFailed

@@ -22,3 +22,10 @@ def test_every_field_documented():
 
 def test_readme_links_reference():
     assert "docs/recipe.md" in (ROOT / "README.md").read_text()
+
+
+def test_plan_page_is_current():
+    from scripts.gen_plan_docs import DOC as PLAN_DOC
+    from scripts.gen_plan_docs import render as render_plan
+
+    assert PLAN_DOC.read_text() == render_plan(), "docs/plan.md is stale: run `make docs`"
