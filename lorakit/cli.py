@@ -54,6 +54,8 @@ def train(
         "--resume", help="Continue the run in train.output_dir from its newest complete checkpoint.")] = False,
     force_resume: Annotated[bool, typer.Option(
         "--force-resume", help="Resume even though the recipe or data changed (the changes are listed).")] = False,
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Skip the preflight (`lorakit check`) that runs before anything is loaded.")] = False,
     nproc: Annotated[Optional[int], typer.Option(
         "--nproc", min=1, help="Start this many processes on this machine, one per GPU: through torchrun (DDP), or "
         "`accelerate launch` when the recipe names distributed.accelerate_config. Overrides distributed.nproc. "
@@ -77,6 +79,8 @@ def train(
             raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
                                "deletes it")
         if not distributed.launched():
+            if not no_check:
+                _preflight(resolved, not no_cache)
             _launch_if_asked(resolved, nproc, resume or force_resume, overwrite)
         if resume or force_resume:
             from lorakit.resume import run_to_resume
@@ -96,6 +100,24 @@ def train(
             force_resume=force_resume, resume_command=again)
 
     _guarded(work)
+
+
+def _preflight(recipe, use_cache: bool) -> None:
+    """`lorakit check` before training: errors stop the run (exit 2); warnings other than the data's (which
+    the run reports itself) are shown."""
+    from rich.console import Console
+
+    from lorakit import check as check_mod
+    from lorakit.console import quiet_libraries
+    from lorakit.errors import LorakitError
+
+    quiet_libraries()
+    findings = check_mod.run(recipe, use_cache=use_cache)
+    problems = check_mod.errors(findings)
+    if problems:
+        raise LorakitError("the preflight found problems (skip it with --no-check):\n  "
+                           + "\n  ".join(f"{f.check}: {f.message}" for f in problems))
+    check_mod.show([f for f in findings if f.level == "warning" and f.check != "data"], Console(stderr=True))
 
 
 def _launch_if_asked(recipe, nproc: int | None, resuming: bool, overwrite: bool) -> None:
@@ -384,6 +406,51 @@ def preview(
             typer.echo(json.dumps(report, indent=1, ensure_ascii=False))
         else:
             preview_mod.show(report, Console())
+
+    _guarded(work)
+
+
+@app.command()
+def check(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
+    set_: Annotated[list[str], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        "--gpu-memory", help="Check the memory plan against this much per GPU (default: this machine's GPU).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help=NO_CACHE_HELP)] = False,
+) -> None:
+    """Preflight RECIPE without loading weights: precision, engine, optimizer, target modules (how many
+    layers each), packing, data (bad rows, truncation, trained share, end-of-turn token trained), padding,
+    and the memory plan on the GPUs present. Exit 2 on any error; warnings are listed. `lorakit train`
+    runs the same checks first."""
+    from lorakit.recipe_file import load_recipe
+
+    def work() -> None:
+        from lorakit.errors import LorakitError
+
+        resolved = load_recipe(recipe, set_)
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        from lorakit import check as check_mod
+        from lorakit import plan as plan_mod
+
+        try:
+            memory = plan_mod.parse_size(gpu_memory) if gpu_memory else None
+        except ValueError as exc:
+            raise LorakitError(f"--gpu-memory: {exc}") from None
+        findings = check_mod.run(resolved, gpu_memory=memory, use_cache=not no_cache)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(check_mod.as_dicts(findings), indent=1))
+        else:
+            from rich.console import Console
+
+            check_mod.show(findings, Console())
+        if check_mod.errors(findings):
+            raise typer.Exit(2)
 
     _guarded(work)
 

@@ -158,6 +158,18 @@ def default_optim(recipe: Recipe, engine: Engine) -> str:
     return "adamw_torch"
 
 
+def check_optim(name: str) -> None:
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
+        raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
+
+
 def quant_storage(model: ModelConfig, engine: Engine, compute_dtype: str) -> str:
     """The dtype 4-bit weights are packed into: `auto` is uint8, except under FSDP or ZeRO-3 where it is
     the training dtype, so that the packed weights shard and flatten with every other parameter."""

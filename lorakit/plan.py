@@ -93,6 +93,7 @@ class Counts:
     kv_hidden: int
     heads: int
     vocab: int
+    targets: dict = field(default_factory=dict)  # module name -> how many layers got an adapter
 
 
 def count(recipe: Recipe) -> Counts:
@@ -119,12 +120,16 @@ def count(recipe: Recipe) -> Counts:
     with torch.device("meta"):
         tuned = get_peft_model(base, model_mod.lora_config(recipe.lora))
     lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    targets: dict[str, int] = {}
+    for name, module in tuned.named_modules():
+        if hasattr(module, "lora_A"):
+            targets[name.rsplit(".", 1)[-1]] = targets.get(name.rsplit(".", 1)[-1], 0) + 1
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)
     hidden = text.hidden_size
     kv = getattr(text, "num_key_value_heads", None) or heads
     return Counts(quantized, other, lora, total, text.num_hidden_layers, hidden,
-                  getattr(text, "intermediate_size", 4 * hidden), hidden * kv // heads, heads, text.vocab_size)
+                  getattr(text, "intermediate_size", 4 * hidden), hidden * kv // heads, heads, text.vocab_size, targets)
 
 
 def estimate(recipe: Recipe, counts: Counts, *, engine: Engine, processes: int, dtype: str, fused_loss: bool,

@@ -49,6 +49,12 @@ def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool
     }
 
 
+def example_text(tokenizer, ids: list[int], labels: list[int], end_of_turn_id: int) -> str:
+    """One example as plain text: trained runs in «», special tokens in ⟨⟩."""
+    specials = set(tokenizer.all_special_ids) | {end_of_turn_id}
+    return _rendered(_segments(tokenizer, ids, labels, specials), plain=True).plain
+
+
 def _packing(recipe: Recipe) -> bool | None:
     """Whether training will pack, from the model's config alone; None when the config is unreachable."""
     try:

@@ -33,18 +33,6 @@ _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "
             "packing", "save_total_limit", "use_liger_kernel", *TrainConfig.LORAKIT_ONLY}
 
 
-def check_optim(name: str) -> None:
-    from transformers.training_args import OptimizerNames
-
-    known = [o.value for o in OptimizerNames]
-    if name not in known:
-        import difflib
-
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-        raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
-
-
 def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool,
                engine: engines.Engine = model_mod.SINGLE, liger: bool = False):
     """trl SFTConfig from the recipe's `train:` section, with precision picked from the hardware."""
@@ -103,7 +91,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     engine = engines.from_environment()
     engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=precision.dtype)
     optim = engines.default_optim(recipe, engine)
-    check_optim(optim)
+    engines.check_optim(optim)
     liger = recipe.train.use_liger_kernel is not False and model_mod.use_liger(
         recipe.train.use_liger_kernel, precision, model_mod.model_class_for(recipe.model)[1])
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs

@@ -8,7 +8,7 @@ import torch
 from lorakit import model as model_mod
 from lorakit.config import LoraSection, ModelConfig
 from lorakit.errors import LorakitError, ModelError
-from lorakit.train import check_optim
+from lorakit.engines import check_optim
 
 
 @pytest.fixture(scope="module")
