@@ -427,19 +427,10 @@ def check(
     from lorakit.recipe_file import load_recipe
 
     def work() -> None:
-        from lorakit.errors import LorakitError
-
         resolved = load_recipe(recipe, set_)
-        from lorakit.console import quiet_libraries
-
-        quiet_libraries()
+        memory = _gpu_memory(gpu_memory)
         from lorakit import check as check_mod
-        from lorakit import plan as plan_mod
 
-        try:
-            memory = plan_mod.parse_size(gpu_memory) if gpu_memory else None
-        except ValueError as exc:
-            raise LorakitError(f"--gpu-memory: {exc}") from None
         findings = check_mod.run(resolved, gpu_memory=memory, use_cache=not no_cache)
         if as_json:
             import json
@@ -478,18 +469,10 @@ def plan(
     from lorakit.recipe_file import load_recipe
 
     def work() -> None:
-        from lorakit.errors import LorakitError
-
         resolved = load_recipe(recipe, set_)
-        from lorakit.console import quiet_libraries
-
-        quiet_libraries()
+        memory = _gpu_memory(gpu_memory)
         from lorakit import plan as plan_mod
 
-        try:
-            memory = plan_mod.parse_size(gpu_memory) if gpu_memory else None
-        except ValueError as exc:
-            raise LorakitError(f"--gpu-memory: {exc}") from None
         result = plan_mod.run(resolved, gpu_memory=memory, gpus=gpus, largest_batch=largest_batch,
                               tokens_per_s=tokens_per_s, gpu_kind=gpu_kind, with_time=not no_time)
         if as_json:
@@ -504,6 +487,19 @@ def plan(
             raise typer.Exit(3)  # like a missed eval gate: scripts can stop before renting the GPUs
 
     _guarded(work)
+
+
+def _gpu_memory(text: str | None) -> int | None:
+    """`--gpu-memory` in bytes (quieting the libraries the planner imports next)."""
+    from lorakit.console import quiet_libraries
+    from lorakit.errors import LorakitError
+    from lorakit.plan import parse_size
+
+    quiet_libraries()
+    try:
+        return parse_size(text) if text else None
+    except ValueError as exc:
+        raise LorakitError(f"--gpu-memory: {exc}") from None
 
 
 def _guarded(work) -> None:

@@ -316,9 +316,13 @@ def parse_size(text: str) -> int:
     raw = text.strip().lower().replace(" ", "")
     number = raw.rstrip("gibmb")
     unit = raw[len(number):]
-    if unit not in units:
-        raise ValueError(f"unknown unit in {text!r}; use GiB, GB, MiB or MB")
-    return int(float(number) * units[unit])
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if unit not in units or value is None or value <= 0:
+        raise ValueError(f"expected a size such as 24GiB, 80GB or 512MiB, got {text!r}")
+    return int(value * units[unit])
 
 
 def run(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int | None = None, largest_batch: bool = False,
