@@ -331,6 +331,39 @@ def generate(
     _guarded(work)
 
 
+@app.command()
+def chat(
+    target: Annotated[Path, typer.Argument(help="A run directory or a merged model directory.", show_default=False)],
+    base: Annotated[bool, typer.Option("--base", help="Start with the base model answering (/tuned switches).")] = False,
+    system: Annotated[Optional[str], typer.Option(help="A system message at the start of the conversation.")] = None,
+    max_new_tokens: Annotated[Optional[int], _MAX_NEW] = None,
+    do_sample: Annotated[Optional[bool], _SAMPLE] = None,
+    temperature: Annotated[Optional[float], _TEMP] = None,
+    top_p: Annotated[Optional[float], _TOP_P] = None,
+) -> None:
+    """Chat with a tuned model in the terminal, with the run's template and stop tokens, replies streamed.
+    /tuned, /base and /compare choose who answers; /reset, /save FILE (a `messages` JSONL line), /quit."""
+
+    def work() -> None:
+        from lorakit import evaluate
+
+        resolved = evaluate.resolve(target)
+        settings = _eval_settings(resolved.recipe.eval, max_new_tokens, None, None, do_sample, temperature, top_p)
+        from lorakit.console import quiet_libraries
+
+        quiet_libraries()
+        from lorakit import chat as chat_mod
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        chat_mod.run(resolved, settings, read=input, write=write, system=system,
+                     start_with="base" if base else "tuned")
+
+    _guarded(work)
+
+
 def _without_option(argv: list[str], name: str) -> list[str]:
     """argv minus `name VALUE` / `name=VALUE`."""
     out, skip = [], False

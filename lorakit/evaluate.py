@@ -73,7 +73,7 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     output = output or target.path / "eval"
     check_output(output)
     started = time.perf_counter()
-    tokenizer = _tokenizer(target)
+    tokenizer = tokenizer_for(target)
     cfg = target.recipe.data.model_copy(update={"chat_template": None})  # the template saved with the target
     seed = target.recipe.train.seed
     prepared = data_mod.prepare(cfg, tokenizer, seed)
@@ -92,7 +92,7 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
     results, samples = {}, {}
-    for name, model in _models(target, precision, ("tuned", "base") if compare_base else ("tuned",)):
+    for name, model in load_models(target, precision, ("tuned", "base") if compare_base else ("tuned",)):
         if console:
             console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
                           f"{len(prompts)} prompts", highlight=False)
@@ -127,7 +127,7 @@ def check_output(out: Path) -> None:
         raise LorakitError(f"--output {out} exists and is not a lorakit eval report; refusing to replace it")
 
 
-def _tokenizer(target: Target):
+def tokenizer_for(target: Target):
     """The target's own tokenizer (it carries the chat template used in training), else the base's."""
     from transformers import AutoTokenizer
 
@@ -135,7 +135,7 @@ def _tokenizer(target: Target):
     return AutoTokenizer.from_pretrained(target.path if own else target.recipe.model.name_or_path)
 
 
-def _models(target: Target, precision, names: tuple[str, ...]):
+def load_models(target: Target, precision, names: tuple[str, ...]):
     """(name, model) for each of `names` ("tuned", "base"), loading nothing that is not asked for:
     base + adapter shares one loaded base (the adapter is switched off for the base); a merged model's
     base is loaded on its own."""
@@ -291,11 +291,11 @@ def _harness_rows(report: dict, names: list[str]):
 
 def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
     """Generations for chat conversations with the target's template and stop tokens (`lorakit generate`)."""
-    tokenizer = _tokenizer(target)
+    tokenizer = tokenizer_for(target)
     prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for c in conversations]
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
-    (_, model), = _models(target, precision, ("base",) if base else ("tuned",))
+    (_, model), = load_models(target, precision, ("base",) if base else ("tuned",))
     return generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)

@@ -54,6 +54,29 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
     return results
 
 
+@torch.no_grad()
+def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: EvalConfig, write, seed: int = 0) -> Generation:
+    """One reply, its text handed to `write` piece by piece as tokens come (the same decoding as `generate`)."""
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                write(text)
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    torch.manual_seed(seed)
+    model.eval()
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=_config(settings, stops, pad),
+                         streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    row = out[0, len(prompt):].tolist()
+    end = next((j for j, t in enumerate(row) if t in stops), None)
+    kept = row if end is None else row[:end]
+    return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+
+
 def _config(settings: EvalConfig, stops: list[int], pad: int):
     """Exactly the recipe's decoding: a fresh GenerationConfig, so the model's own defaults (top_k,
     repetition_penalty, min_p, ...) do not creep in."""
