@@ -78,6 +78,8 @@ class ModelConfig(Section):
 class LoraSection(Section):
     """LoRA adapter settings (peft `LoraConfig` names)."""
 
+    LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"loraplus_lr_ratio"})  # named after peft's optimizer helper
+
     r: int = Field(16, gt=0, description="Rank of the LoRA update matrices.")
     lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r "
                               "(alpha / sqrt(r) with `use_rslora`).")
@@ -93,7 +95,17 @@ class LoraSection(Section):
         None, description="Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`).")
     init_lora_weights: bool | str = Field(
         True, description="Adapter initialisation: `true` (B = 0, the standard), `false`, or one of "
-        f"{', '.join(_INIT_LORA)}, `pissa_niter_N`.")
+        f"{', '.join(_INIT_LORA)}, `pissa_niter_N`. PiSSA and OLoRA move part of each base weight into the "
+        "adapter; lorakit saves the trained adapter converted so that it applies to the original base.")
+    rank_pattern: dict[str, int] | None = Field(
+        None, description="Ranks per module, overriding `r`: `{pattern: rank}`, the pattern matched (as peft does) "
+        "against the end of full module names, e.g. `{down_proj: 8}` or `{'mlp\\..*': 8}`. A pattern that matches "
+        "no module is refused.")
+    alpha_pattern: dict[str, float] | None = Field(
+        None, description="Alphas per module, overriding `lora_alpha`, keyed like `rank_pattern`.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than the A matrices (peft's "
+        "`create_loraplus_optimizer`; the paper suggests 16). Unset: one learning rate.")
 
     @field_validator("target_modules")
     @classmethod
@@ -112,6 +124,10 @@ class LoraSection(Section):
     def _known_init(cls, value: bool | str) -> bool | str:
         if isinstance(value, str) and value not in _INIT_LORA and not re.fullmatch(r"pissa_niter_\d+", value):
             raise ValueError(f"must be true, false, one of {', '.join(_INIT_LORA)} or pissa_niter_N (got {value!r})")
+        if value in ("eva", "corda"):
+            raise ValueError(f"`{value}` initialises the adapter from activations on the training data, a pass "
+                             "lorakit does not run yet; without it peft would train a differently initialised "
+                             "adapter. Use pissa, olora, gaussian or true")
         return value
 
 
@@ -350,6 +366,11 @@ class Recipe(Section):
         if self.lora.init_lora_weights == "loftq" and self.model.load_in_4bit:
             raise ValueError("lora.init_lora_weights: `loftq` quantizes the base itself and needs a full-precision "
                              "base; set `model.load_in_4bit: false` or choose another initialisation")
+        init = self.lora.init_lora_weights
+        if self.model.load_in_4bit and isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa")):
+            raise ValueError(f"lora.init_lora_weights: `{init}` decomposes the full-precision base weights, which a "
+                             "4-bit base no longer has (peft refuses it); set `model.load_in_4bit: false`, or use "
+                             "true or gaussian")
         if self.train.eval_strategy in ("steps", "epoch") and self.data.eval is None and self.data.eval_fraction is None:
             raise ValueError(f"train.eval_strategy is `{self.train.eval_strategy}` but there is no eval data; "
                              "set `data.eval` or `data.eval_fraction`")

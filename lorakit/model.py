@@ -173,7 +173,15 @@ def lora_config(cfg: LoraSection):
     return LoraConfig(
         task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-        modules_to_save=cfg.modules_to_save, init_lora_weights=cfg.init_lora_weights)
+        modules_to_save=cfg.modules_to_save, init_lora_weights=cfg.init_lora_weights,
+        rank_pattern=cfg.rank_pattern or {}, alpha_pattern=cfg.alpha_pattern or {})
+
+
+def moves_base_weights(cfg: LoraSection) -> bool:
+    """PiSSA and OLoRA start from the base's principal directions and subtract them from the base weights:
+    the trained adapter only fits that changed base, unless converted when saved."""
+    init = cfg.init_lora_weights
+    return isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
 
 
 def linear_module_names(model) -> list[str]:
@@ -195,6 +203,12 @@ def check_target_modules(model, cfg: LoraSection) -> None:
     for extra in cfg.modules_to_save or []:
         if not matches(extra):
             raise ModelError(f"lora.modules_to_save: {extra!r} matches no module of the model")
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for key, pattern in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        for item in pattern or {}:  # peft's rule: the pattern matches the end of an adapted layer's full name
+            if not any(re.match(rf"(.*\.)?{item}$", name) for name in linear_names):
+                raise ModelError(f"lora.{key}: {item!r} matches no module of the model (patterns match the end "
+                                 f"of full module names, e.g. 'down_proj' or 'mlp\\..*')")
     targets = cfg.target_modules
     linear = ", ".join(linear_module_names(model))
     if targets == "all-linear":

@@ -133,6 +133,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console,
                                        engine, liger)
     parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
+    initial = run_dir / INITIAL_ADAPTER
+    if model_mod.moves_base_weights(recipe.lora) and distributed.is_main() and not initial.exists():
+        _save_initial_adapter(trainer.model, initial)
     for callback in callbacks:
         trainer.add_callback(callback)
     nonfinite = resume_mod.NonFiniteGuard(recipe.train.max_nonfinite_steps, console)
@@ -174,6 +177,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     trainer.save_model(str(run_dir))
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, trainer.model)
+    if model_mod.moves_base_weights(recipe.lora):  # PiSSA/OLoRA: an adapter for the original base, not the moved one
+        trainer.model.save_pretrained(str(run_dir), path_initial_model_for_weight_conversion=str(initial))
+        shutil.rmtree(initial)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
 
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
@@ -200,6 +206,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     return TrainResult(run_dir, trainer.model, details)
 
 
+INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA: the adapter as initialised, for converting the trained one
+
+
+def _save_initial_adapter(model, path: Path) -> None:
+    """The adapter before training, saved as a plain LoRA (peft's recipe for converting PiSSA/OLoRA)."""
+    config = model.peft_config["default"]
+    chosen = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        config.init_lora_weights = chosen
+
+
 def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base, tokenizer, prepared,
                    console: Console, engine: engines.Engine, liger: bool):
     """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
@@ -214,6 +234,13 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
         peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)
     model_mod.match_adapter_precision(trainer.model, precision)
+    if recipe.lora.loraplus_lr_ratio:  # LoRA+: B matrices at ratio x the learning rate, through peft's helper
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+        kwargs.pop("lr", None)
+        trainer.optimizer = create_loraplus_optimizer(trainer.model, optimizer_cls, lr=trainer.args.learning_rate,
+                                                      loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio, **kwargs)
     trainable, total = model_mod.trainable_parameters(trainer.model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
                   highlight=False)
