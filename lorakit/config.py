@@ -107,6 +107,12 @@ class LoraSection(Section):
         None, gt=0, description="LoRA+: the B matrices learn this many times faster than the A matrices (peft's "
         "`create_loraplus_optimizer`; the paper suggests 16). Unset: one learning rate.")
 
+    def moves_base_weights(self) -> bool:
+        """PiSSA and OLoRA start from the base's principal directions and subtract them from the base weights:
+        the trained adapter fits only that rewritten base unless converted when saved."""
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
+
     @field_validator("target_modules")
     @classmethod
     def _targets_not_empty(cls, value: list[str] | str) -> list[str] | str:
@@ -367,7 +373,7 @@ class Recipe(Section):
             raise ValueError("lora.init_lora_weights: `loftq` quantizes the base itself and needs a full-precision "
                              "base; set `model.load_in_4bit: false` or choose another initialisation")
         init = self.lora.init_lora_weights
-        if self.model.load_in_4bit and isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa")):
+        if self.model.load_in_4bit and self.lora.moves_base_weights():
             raise ValueError(f"lora.init_lora_weights: `{init}` decomposes the full-precision base weights, which a "
                              "4-bit base no longer has (peft refuses it); set `model.load_in_4bit: false`, or use "
                              "true or gaussian")

@@ -210,9 +210,8 @@ def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = Non
             what = "ZeRO-3 partitions every parameter as a float tensor and cannot hold integer-packed weights"
         problems.append(f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{where}: {what}. "
                         "Set it to `auto` (the training dtype) or bfloat16")
-    init = recipe.lora.init_lora_weights
-    if engine.shards_parameters and isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa")):
-        problems.append(f"lora.init_lora_weights: {init} rewrites the base weights at the start, which lorakit "
+    if engine.shards_parameters and recipe.lora.moves_base_weights():
+        problems.append(f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
                         f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian")
     optim = default_optim(recipe, engine)
     if engine.kind == "fsdp" and is_bnb_optimizer(optim):

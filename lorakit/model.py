@@ -177,13 +177,6 @@ def lora_config(cfg: LoraSection):
         rank_pattern=cfg.rank_pattern or {}, alpha_pattern=cfg.alpha_pattern or {})
 
 
-def moves_base_weights(cfg: LoraSection) -> bool:
-    """PiSSA and OLoRA start from the base's principal directions and subtract them from the base weights:
-    the trained adapter only fits that changed base, unless converted when saved."""
-    init = cfg.init_lora_weights
-    return isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
-
-
 def linear_module_names(model) -> list[str]:
     """Distinct last-name parts of the model's linear layers (4-bit ones included), lm_head excluded."""
     names = set()

@@ -134,7 +134,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
                                        engine, liger)
     parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
     initial = run_dir / INITIAL_ADAPTER
-    if model_mod.moves_base_weights(recipe.lora) and distributed.is_main() and not initial.exists():
+    if recipe.lora.moves_base_weights() and distributed.is_main() and not initial.exists():
         _save_initial_adapter(trainer.model, initial)
     for callback in callbacks:
         trainer.add_callback(callback)
@@ -177,7 +177,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     trainer.save_model(str(run_dir))
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, trainer.model)
-    if model_mod.moves_base_weights(recipe.lora):  # PiSSA/OLoRA: an adapter for the original base, not the moved one
+    if recipe.lora.moves_base_weights():  # PiSSA/OLoRA: an adapter for the original base, not the moved one
         trainer.model.save_pretrained(str(run_dir), path_initial_model_for_weight_conversion=str(initial))
         shutil.rmtree(initial)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
