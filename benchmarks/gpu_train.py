@@ -144,7 +144,7 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
     return {"times": timer.times, "losses": timer.losses, "peak_gib": peak, "kernels": kernels}
 
 
-def launch(side: str, settings: dict, model: Path, data: Path, template: Path, work: Path, seq: int, batch: int,
+def launch(side: str, model: Path, data: Path, template: Path, work: Path, seq: int, batch: int,
            steps: int, tag: str) -> dict | None:
     """Run `worker` in a fresh process (fresh GPU memory statistics); None when it ran out of memory."""
     out = work / f"{side}-{tag}"
@@ -199,14 +199,14 @@ def longest(side: str, settings: dict, model: Path, work: Path, words: list[str]
     fits, seq, limit = 0, settings["seq"], settings["longest_limit"]
     failed = None
     while seq <= limit:
-        ok = launch(side, settings, model, data_for(seq, 8, work, words), template, work, seq, 1, 2, f"longest-{seq}")
+        ok = launch(side, model, data_for(seq, 8, work, words), template, work, seq, 1, 2, f"longest-{seq}")
         if ok is None:
             failed = seq
             break
         fits, seq = seq, seq * 2
     while failed and failed - fits > max(256, fits // 8):
         middle = (fits + failed) // 2
-        ok = launch(side, settings, model, data_for(middle, 8, work, words), template, work, middle, 1, 2,
+        ok = launch(side, model, data_for(middle, 8, work, words), template, work, middle, 1, 2,
                     f"longest-{middle}")
         fits, failed = (middle, failed) if ok is not None else (fits, middle)
     return fits
@@ -258,7 +258,7 @@ def main() -> None:
     rows = {side: [] for side in SIDES}
     for repeat in range(args.repeats):
         for side in SIDES:
-            run = launch(side, settings, model, data, template, work, seq, batch, total_steps, f"run-{repeat}")
+            run = launch(side, model, data, template, work, seq, batch, total_steps, f"run-{repeat}")
             if run is None:
                 raise SystemExit(f"{side} ran out of memory at sequence {seq}, batch {batch}")
             timed = run["times"][settings["warmup"]:]

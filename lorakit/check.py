@@ -101,7 +101,7 @@ def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
     tokenizer = model_mod.load_tokenizer(recipe.model)
     prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     split = prepared.train
-    trained = sum(sum(1 for t in labels if t != -100) for labels in split.labels)
+    trained = split.trained_tokens
     findings.append(Finding("data", "ok", f"{prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
                             f"({prepared.format}, template {prepared.template}); {trained:,} of {split.tokens:,} "
                             f"tokens trained ({trained / max(split.tokens, 1):.0%})"))

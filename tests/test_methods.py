@@ -68,9 +68,9 @@ def test_variant_reloads_on_the_original_base_evaluates_and_merges(runs, tiny_mo
     assert json.loads(merged.stdout)["verification"]["passed"]
 
 
-def test_pissa_without_conversion_would_not_fit_the_original_base(runs, tiny_model):
-    """Why lorakit converts: the adapter as trained belongs to the moved base. Its converted form has twice
-    the rank (peft's conversion) and applies to the original weights."""
+def test_pissa_is_saved_in_its_converted_form(runs, tiny_model):
+    """The saved PiSSA adapter is peft's conversion (twice the rank, a plain LoRA config); that it applies to
+    the original base is shown by the reload test above."""
     config = json.loads((runs["pissa"].run_dir / "adapter_config.json").read_text())
     assert config["r"] == 2 * 16 and config["init_lora_weights"] is True
 
