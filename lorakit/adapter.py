@@ -28,7 +28,6 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
     """The run's adapter loaded by peft onto a weightless copy of the base. Refuses adapters that do not
     fit this base, and non-finite adapter weights."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -44,12 +43,20 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
     resized = vocab if vocab and vocab != config.vocab_size else None
     if resized:
         skeleton.resize_token_embeddings(resized, mean_resizing=False)  # the rows come from the adapter
+    peft_config = PeftConfig.from_pretrained(run_dir)
+    # AdaLoRA shrinks each layer to its final rank while loading, which needs real adapter tensors: those
+    # layers get empty CPU base weights first, and peft creates their (small) adapter tensors for real
+    adaptive = peft_config.peft_type == "ADALORA"
+    if adaptive:
+        for module in skeleton.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     try:
-        peft_model = get_peft_model(skeleton, PeftConfig.from_pretrained(run_dir), low_cpu_mem_usage=True)
+        peft_model = get_peft_model(skeleton, peft_config, low_cpu_mem_usage=not adaptive)
     except ValueError as exc:
         raise ModelError(f"the adapter does not fit {base}: {str(exc).splitlines()[0]} (an adapter trained on "
                          "another base?)") from None
-    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    layers = mergeable_layers(peft_model)
     _refuse_unsupported(peft_model, layers, config, base)
     for name, layer in layers.items():
         if f"{name}.weight" not in checkpoint.weight_map:
@@ -59,6 +66,12 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
         # an empty CPU placeholder: peft moves loaded adapter weights to the base weight's device, and on meta
         # they would be dropped; the real weight arrives shard by shard (merge_layer)
         layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        originals = getattr(layer, "trainable_tokens_original", {})  # token rows before training: only unmerge
+        for key in list(originals.keys()):  # reads them, and peft cannot move them off meta
+            originals[key] = torch.zeros(originals[key].shape)
+    # a resized embedding that peft saved under trainable tokens replaces the base's; its token rows merge on top
+    resized_embeddings = {k.removeprefix("base_model.model.").replace(".token_adapter.base_layer.", "."): state.pop(k)
+                          for k in [k for k in state if ".token_adapter.base_layer." in k]}
     try:
         loaded = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
     except RuntimeError as exc:  # shape mismatches
@@ -68,7 +81,7 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
              if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)]
     if stray:
         raise ModelError(f"adapter weight {stray[0]} matches nothing in {base}")
-    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    missing = [k for k in loaded.missing_keys if any(part in k for part in ADAPTER_TENSORS)]
     if missing:
         raise ModelError(f"the adapter file has no {missing[0]}; it is incomplete")
     for name, layer in layers.items():
@@ -76,12 +89,29 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
         for param_name, param in layer.named_parameters():
             if not param_name.startswith("base_layer"):
                 param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
-    saved = _trained_tensors(peft_model, checkpoint)
+    saved = {**_trained_tensors(peft_model, checkpoint), **{k: v.float() for k, v in resized_embeddings.items()}}
     if getattr(config, "tie_word_embeddings", False) and any(k.startswith(("lm_head.", "model.embed_tokens."))
                                                               for k in saved):
         raise ModelError(f"{base} ties its input and output embeddings and the adapter trained one of them; "
                          "merging would have to untie them, which lorakit's merge does not do yet")
     return Skeleton(layers, saved, resized, config.vocab_size)
+
+
+ADAPTER_TENSORS = ("lora_", "ia3_", "trainable_tokens_")  # names of the adapter's own tensors, by method
+
+
+def mergeable_layers(peft_model) -> dict:
+    """Module name -> peft layer whose `merge()` folds the adapter into that module's weight: LoRA (and its
+    variants, AdaLoRA included), IA3, and trainable token rows (keyed by the embedding they live in)."""
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, (LoraLayer, IA3Layer, TrainableTokensLayer)):
+            layers[name.removeprefix("base_model.model.").removesuffix(".token_adapter")] = module
+    return layers
 
 
 def _refuse_unsupported(peft_model, layers: dict, config, base: str) -> None:
@@ -101,7 +131,8 @@ def _trained_tensors(peft_model, checkpoint: Checkpoint) -> dict:
     """Base tensors the adapter replaces: `modules_to_save` copies and trained biases, by checkpoint name."""
     saved = {}
     for name, param in peft_model.named_parameters():
-        if param.device.type == "meta" or param.numel() == 0 or "lora_" in name or ".original_module." in name:
+        if (param.device.type == "meta" or param.numel() == 0 or ".original_module." in name
+                or any(part in name for part in (*ADAPTER_TENSORS, "ranknum"))):
             continue
         key = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
                .replace(".modules_to_save.default.", "."))
@@ -110,8 +141,10 @@ def _trained_tensors(peft_model, checkpoint: Checkpoint) -> dict:
 
 
 def _check_shapes(layer, base_shape: tuple, base: str) -> None:
-    a = layer.lora_A["default"].weight
-    b = layer.lora_B["default"].weight
+    if not hasattr(layer, "lora_A"):  # IA3 vectors and token rows are checked by peft when loaded
+        return
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    a, b = getattr(a, "weight", a), getattr(b, "weight", b)  # AdaLoRA keeps bare parameters
     update = (b.shape[0], a.shape[1])
     if getattr(layer, "fan_in_fan_out", False):  # Conv1D layers (GPT-2) store the weight transposed
         update = update[::-1]

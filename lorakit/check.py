@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lorakit import data as data_mod
-from lorakit import engines
+from lorakit import engines, methods
 from lorakit import model as model_mod
 from lorakit import plan as plan_mod
 from lorakit import preview
@@ -63,8 +63,10 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
     counts = attempt("target modules", lambda: plan_mod.count(recipe))
     if counts is not None:
         listed = ", ".join(f"{name} x{n}" for name, n in sorted(counts.targets.items()))
-        findings.append(Finding("target modules", "ok", f"LoRA on {sum(counts.targets.values())} layers ({listed}); "
-                                f"{counts.lora:,} trainable parameters"))
+        method = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3"}.get(recipe.method)
+        where = (f"{method} on {sum(counts.targets.values())} layers ({listed})" if method else
+                 f"{getattr(recipe, recipe.method).num_virtual_tokens} virtual tokens ({recipe.method})")
+        findings.append(Finding("target modules", "ok", f"{where}; {counts.lora:,} trainable parameters"))
     attempt("packing", lambda: _packing(recipe, findings))
     attempt("data", lambda: _data(recipe, findings, use_cache))
     if memory:
@@ -92,6 +94,10 @@ def _liger(recipe: Recipe, precision, findings: list[Finding]) -> None:
 
 
 def _packing(recipe: Recipe, findings: list[Finding]) -> None:
+    if not methods.uses_packing(recipe):
+        findings.append(Finding("packing", "ok", f"padding (no packing): {recipe.method} puts its virtual tokens in "
+                                "front of every row"))
+        return
     model_class, model_type = model_mod.model_class_for(recipe.model)
     packing = model_mod.use_packing(recipe.train.packing, model_class, model_type)
     findings.append(Finding("packing", "ok", "padding-free packing" if packing else "padding (no packing)"))

@@ -14,16 +14,16 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from lorakit.config_base import Section
+from lorakit.method_sections import (PROMPT_LEARNING, AdaLoraSection, IA3Section, Method, PrefixTuningSection,
+                                     PromptTuningSection)
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _INIT_LORA = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive",
              "neptune", "swanlab", "trackio", "azure_ml", "codecarbon", "dagshub", "flyte")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class QuantizationConfig(Section):
@@ -63,6 +63,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the model repository. Only for repositories you trust; "
         "the run summary and manifest say when it was on.")
+    new_special_tokens: list[str] | None = Field(
+        None, description="Tokens to add to the tokenizer as special tokens (e.g. `<tool_call>`), for `method: lora`. "
+        "The embeddings are resized, and only the new rows (input embeddings and, when untied, output embeddings) "
+        "are trained, through peft's trainable tokens, and saved with the adapter; eval, chat and merge resize "
+        "the base the same way.")
     allow_pickle_weights: bool = Field(
         False, description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
         "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.")
@@ -356,11 +361,29 @@ class DistributedConfig(Section):
         "one, `torchrun` (DDP). Relative paths are read from the current directory.")
 
 
+# What each PEFT method reads from the `lora:` section (AdaLoRA is LoRA with a rank budget on top).
+LORA_KEYS_FOR = {"lora": None, "adalora": {"target_modules", "lora_alpha", "lora_dropout", "bias", "modules_to_save"},
+                 "ia3": set(), "prompt_tuning": set(), "prefix_tuning": set()}
+METHOD_SECTIONS = ("adalora", "ia3", "prompt_tuning", "prefix_tuning")
+
+
 class Recipe(Section):
     """A whole lorakit recipe."""
 
     model: ModelConfig = Field(description="The base model.")
+    method: Method = Field(
+        "lora", description="PEFT method: `lora` (LoRA and its variants: DoRA, rsLoRA, PiSSA, OLoRA, LoftQ, LoRA+, "
+        "set in `lora:`), `adalora` (LoRA with ranks reallocated during training; `adalora:` plus the `lora:` "
+        "targets), `ia3` (`ia3:`), `prompt_tuning` (`prompt_tuning:`) or `prefix_tuning` (`prefix_tuning:`). "
+        "See docs/methods.md.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection, description="AdaLoRA settings "
+                                    "(`method: adalora`).")
+    ia3: IA3Section = Field(default_factory=IA3Section, description="IA3 settings (`method: ia3`).")
+    prompt_tuning: PromptTuningSection = Field(default_factory=PromptTuningSection,
+                                               description="Prompt tuning settings (`method: prompt_tuning`).")
+    prefix_tuning: PrefixTuningSection = Field(default_factory=PrefixTuningSection,
+                                               description="Prefix tuning settings (`method: prefix_tuning`).")
     data: DataConfig = Field(description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings.")
@@ -368,10 +391,33 @@ class Recipe(Section):
                                            description="Several processes on this machine.")
 
     @model_validator(mode="after")
+    def _method_sections(self) -> Recipe:
+        for name in METHOD_SECTIONS:
+            if name in self.model_fields_set and getattr(self, name).model_fields_set and self.method != name:
+                raise ValueError(f"`{name}:` settings are given but `method` is {self.method}; set `method: {name}` "
+                                 "or remove them")
+        allowed = LORA_KEYS_FOR[self.method]
+        if allowed is not None:
+            stray = sorted(self.lora.model_fields_set - allowed)
+            if stray:
+                uses = f"only {', '.join(sorted(allowed))} from `lora:`" if allowed else "no `lora:` settings"
+                raise ValueError(f"`method: {self.method}` uses {uses}; lora.{stray[0]} would be ignored"
+                                 + (" (set the rank in adalora.init_r / adalora.target_r)"
+                                    if self.method == "adalora" and "r" in stray else ""))
+        if self.method in PROMPT_LEARNING and self.train.packing is True:
+            raise ValueError(f"train.packing: `{self.method}` puts virtual tokens in front of each row, so packed "
+                             "examples would share one prompt and attend to each other; set packing to auto or false")
+        if self.model.new_special_tokens and self.method != "lora":
+            raise ValueError("model.new_special_tokens are trained through LoRA's trainable tokens; they need "
+                             f"`method: lora` (got {self.method})")
+        return self
+
+    @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:
-        if self.lora.init_lora_weights == "loftq" and self.model.load_in_4bit:
-            raise ValueError("lora.init_lora_weights: `loftq` quantizes the base itself and needs a full-precision "
-                             "base; set `model.load_in_4bit: false` or choose another initialisation")
+        if self.lora.init_lora_weights == "loftq" and not self.model.load_in_4bit:
+            raise ValueError("lora.init_lora_weights: `loftq` starts the adapter from the quantization error of the "
+                             "4-bit base (QLoRA); set `model.load_in_4bit: true`, or use pissa/olora on a "
+                             "full-precision base")
         init = self.lora.init_lora_weights
         if self.model.load_in_4bit and self.lora.moves_base_weights():
             raise ValueError(f"lora.init_lora_weights: `{init}` decomposes the full-precision base weights, which a "
@@ -392,4 +438,12 @@ class Recipe(Section):
         data["train"].pop("hub_token", None)
         if not self.model.load_in_4bit:  # defaults only; saving them would make the recipe invalid
             data["model"].pop("quantization")
+        for name in METHOD_SECTIONS:  # only the chosen method's settings, which are all it reads
+            if name != self.method:
+                data.pop(name)
+        allowed = LORA_KEYS_FOR[self.method]
+        if allowed is not None:
+            data["lora"] = {k: v for k, v in data["lora"].items() if k in allowed}
+            if not data["lora"]:
+                data.pop("lora")
         return data

@@ -17,3 +17,5 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
+    # AdaLoRA prunes layers to rank 0 by design; peft's save check takes those for unsharded FSDP/ZeRO-3 tensors
+    warnings.filterwarnings("ignore", message=r"Adapter '.*': \d+ LoRA tensor\(s\) have invalid shape: .*:\(0, \d+\)")

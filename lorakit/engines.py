@@ -191,6 +191,9 @@ def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = Non
                         f"{where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
                         "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
                         "or model.dtype to match")
+    if recipe.lora.init_lora_weights == "loftq" and not cuda:
+        problems.append("lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
+                        "quantization error there only (and none was found); use true or gaussian here")
     if engine.kind in ("fsdp", "deepspeed") and not cuda:
         problems.append(f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
                         "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "

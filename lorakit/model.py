@@ -69,7 +69,31 @@ def load_tokenizer(cfg: ModelConfig):
         trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # labels are built by lorakit, so pad == eos cannot hide the eos from the loss
         tokenizer.pad_token = tokenizer.eos_token
+    new_token_ids(tokenizer, cfg.new_special_tokens)
     return tokenizer
+
+
+def new_token_ids(tokenizer, tokens: list[str] | None) -> list[int]:
+    """Add the recipe's new special tokens to a base tokenizer (a run's saved tokenizer has them already);
+    their ids. A token the base already knows is refused: its row has a meaning training would overwrite."""
+    if not tokens:
+        return []
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in tokens) and tokens[0] in tokenizer.added_tokens_encoder:
+        return tokenizer.convert_tokens_to_ids(list(tokens))  # added already (idempotent)
+    known = [t for t in tokens if t in vocab]
+    if known:
+        raise ModelError(f"model.new_special_tokens: {', '.join(known)} already in the tokenizer (id "
+                         f"{vocab[known[0]]}); list only new tokens")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def grow_embeddings(model, vocab_size: int, mean_resizing: bool = False) -> None:
+    """Room for added tokens: the embeddings only ever grow (a vocabulary padded beyond the tokenizer, as
+    Qwen's, already has rows for them)."""
+    if vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
 
 
 def quantization_config(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
@@ -127,6 +151,8 @@ def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
     # for packed examples in the position ids and lets them attend to each other. Generation turns it on.
     model.config.use_cache = False
     keep_cpu_4bit_weights_exact(model)
+    if cfg.new_special_tokens:  # rows for the added tokens; their trained values come with the adapter
+        grow_embeddings(model, len(load_tokenizer(cfg)))
     return model
 
 
@@ -165,16 +191,6 @@ def match_adapter_precision(model, precision: Precision) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-
-
-def lora_config(cfg: LoraSection):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-        modules_to_save=cfg.modules_to_save, init_lora_weights=cfg.init_lora_weights,
-        rank_pattern=cfg.rank_pattern or {}, alpha_pattern=cfg.alpha_pattern or {})
 
 
 def linear_module_names(model) -> list[str]:

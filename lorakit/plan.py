@@ -102,6 +102,7 @@ def count(recipe: Recipe) -> Counts:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lorakit import methods
     from lorakit import model as model_mod
 
     cfg = recipe.model
@@ -116,13 +117,14 @@ def count(recipe: Recipe) -> Counts:
                 quantized.append(param.numel())
     total = sum(p.numel() for p in base.parameters())
     other = total - sum(quantized)
-    model_mod.check_target_modules(base, recipe.lora)
+    if recipe.method in ("lora", "adalora"):
+        model_mod.check_target_modules(base, recipe.lora)
     with torch.device("meta"):
-        tuned = get_peft_model(base, model_mod.lora_config(recipe.lora))
+        tuned = get_peft_model(base, methods.peft_config(recipe, base))
     lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     targets: dict[str, int] = {}
     for name, module in tuned.named_modules():
-        if hasattr(module, "lora_A"):
+        if hasattr(module, "lora_A") or hasattr(module, "ia3_l"):
             targets[name.rsplit(".", 1)[-1]] = targets.get(name.rsplit(".", 1)[-1], 0) + 1
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)

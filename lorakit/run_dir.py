@@ -97,7 +97,8 @@ def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:
         "status": "complete",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": recipe.model.name_or_path,
-        "method": "qlora" if recipe.model.load_in_4bit else "lora",
+        "method": ("qlora" if recipe.model.load_in_4bit else "lora") if recipe.method == "lora" else recipe.method,
+        "load_in_4bit": recipe.model.load_in_4bit,
         "libraries": {name: _version(name) for name in LIBRARIES},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -109,25 +110,45 @@ def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:
     os.replace(tmp, run_dir / MANIFEST)
 
 
-def write_model_card(run_dir: Path, recipe: Recipe, details: dict) -> None:
+METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning",
+                "prefix_tuning": "prefix-tuning"}
+
+
+def _method_rows(recipe: Recipe, details: dict) -> list[str]:
+    """The adapter's own settings, for the model card."""
     lora = recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    if recipe.method == "lora":
+        return [f"| rank / alpha / dropout | {lora.r} / {lora.lora_alpha} / {lora.lora_dropout} |",
+                f"| target modules | {targets} |"]
+    if recipe.method == "adalora":
+        ranks = details.get("adalora_final_ranks") or {}
+        return [f"| initial rank / target average rank | {recipe.adalora.init_r} / {recipe.adalora.target_r} |",
+                f"| final ranks | {', '.join(f'{k}: {v}' for k, v in ranks.items())} |",
+                f"| target modules | {targets} |"]
+    if recipe.method == "ia3":
+        return [f"| target modules | {recipe.ia3.target_modules or 'peft default'} |"]
+    section = getattr(recipe, recipe.method)
+    return [f"| virtual tokens | {section.num_virtual_tokens} |"]
+
+
+def write_model_card(run_dir: Path, recipe: Recipe, details: dict) -> None:
     loss = details.get("results", {})
+    name = METHOD_NAMES[recipe.method]
     lines = [
         "---",
         f"base_model: {recipe.model.name_or_path}",
         "library_name: peft",
-        "tags: [lorakit, lora" + (", qlora" if recipe.model.load_in_4bit else "") + "]",
+        f"tags: [lorakit, {recipe.method.replace('_', '-')}" + (", qlora" if recipe.model.load_in_4bit else "") + "]",
         "---",
         f"# {run_dir.name}",
         "",
-        f"A {'QLoRA (4-bit NF4 base)' if recipe.model.load_in_4bit else 'LoRA'} adapter for "
+        f"A {name} adapter{' (4-bit NF4 base, QLoRA)' if recipe.model.load_in_4bit else ''} for "
         f"`{recipe.model.name_or_path}`, trained with lorakit {__version__}.",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| rank / alpha / dropout | {lora.r} / {lora.lora_alpha} / {lora.lora_dropout} |",
-        f"| target modules | {targets} |",
+        *_method_rows(recipe, details),
         f"| precision | {details.get('precision')} |",
         f"| learning rate | {recipe.train.learning_rate} |",
         f"| steps | {loss.get('steps')} |",

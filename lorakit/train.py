@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from lorakit import checkpoint as checkpoint_mod
 from lorakit import data as data_mod
-from lorakit import distributed, engines
+from lorakit import distributed, engines, methods
 from lorakit import model as model_mod
 from lorakit import resume as resume_mod
 from lorakit import run_dir as run_files
@@ -106,7 +107,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     distributed.barrier()  # the others go on once the main process has claimed the directory
     torch.manual_seed(recipe.train.seed)
 
-    tokenizer = model_mod.load_tokenizer(recipe.model)
+    tokenizer = model_mod.load_tokenizer(recipe.model)  # with the recipe's new special tokens, if any
+    new_token_ids = model_mod.new_token_ids(tokenizer, recipe.model.new_special_tokens)
     with distributed.main_first():  # the main process tokenizes and fills the cache; the others read it
         prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     _report_data(console, prepared, recipe)
@@ -123,15 +125,20 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     if precision.device == "cpu" and "paged" in optim:
         console.print(f"note: {optim} pages optimizer state between GPU and CPU memory; on a CPU "
                       "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
-    base = model_mod.load_base(recipe.model, precision, engine)
-    model_mod.check_target_modules(base, recipe.lora)
-    packing = model_mod.use_packing(recipe.train.packing, type(base), base.config.model_type)
+    base = model_mod.load_base(recipe.model, precision, engine)  # grown for new tokens; only their rows train
+    if recipe.method in ("lora", "adalora"):
+        model_mod.check_target_modules(base, recipe.lora)
+    packing = methods.uses_packing(recipe) and model_mod.use_packing(recipe.train.packing, type(base),
+                                                                     base.config.model_type)
     quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing, engine)
 
     attention = base.config._attn_implementation
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console,
-                                       engine, liger)
+                                       engine, liger, new_token_ids)
+    if recipe.lora.init_lora_weights == "loftq":
+        methods.init_loftq(trainer.model, recipe, checkpoint_mod.locate(recipe.model.name_or_path,
+                                                                          recipe.model.revision))
     parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
     initial = run_dir / INITIAL_ADAPTER
     if recipe.lora.moves_base_weights() and distributed.is_main() and not initial.exists():
@@ -181,10 +188,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         trainer.model.save_pretrained(str(run_dir), path_initial_model_for_weight_conversion=str(initial))
         shutil.rmtree(initial)
     eos_ids = run_files.write_generation_config(run_dir, trainer.model, tokenizer, prepared.end_of_turn_id)
+    ranks = methods.final_ranks(trainer.model) if recipe.method == "adalora" else None
 
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
                        parameters, recipe.model.trust_remote_code)
     details["quantization"] = quantized
+    if ranks is not None:
+        details["adalora_final_ranks"] = ranks
     details["kernels"] = {"attention": attention, "liger": liger, "packing": packing,
                           "gradient_checkpointing": recipe.train.gradient_checkpointing,
                           "torch_compile": recipe.train.torch_compile}
@@ -200,6 +210,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
                         f"{recipe.train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
                         f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
         "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
+        **({"final ranks": _rank_summary(ranks)} if ranks is not None else {}),
         "peak memory": details["peak_memory"], "adapter": str(run_dir),
         **({"remote code": "ran (model.trust_remote_code)"} if recipe.model.trust_remote_code else {}),
     }))
@@ -221,18 +232,21 @@ def _save_initial_adapter(model, path: Path) -> None:
 
 
 def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base, tokenizer, prepared,
-                   console: Console, engine: engines.Engine, liger: bool):
+                   console: Console, engine: engines.Engine, liger: bool, new_token_ids: list[int]):
     """SFTTrainer over lorakit's pre-tokenized data, with lorakit's progress in place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
-    trainer = SFTTrainer(
+    trainer = (_adalora_trainer_class() if recipe.method == "adalora" else SFTTrainer)(
         model=base, args=sft_config(recipe, run_dir, precision, packing, engine, liger), processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
-        peft_config=model_mod.lora_config(recipe.lora), callbacks=[progress])
+        peft_config=methods.peft_config(recipe, base, new_token_ids), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)
+    if recipe.method == "adalora":
+        trainer.budget = methods.AdaLoraBudget(trainer.model, recipe.adalora)
+        trainer.add_callback(trainer.budget.callback)
     model_mod.match_adapter_precision(trainer.model, precision)
     if recipe.lora.loraplus_lr_ratio:  # LoRA+: B matrices at ratio x the learning rate, through peft's helper
         from peft.optimizers import create_loraplus_optimizer
@@ -250,6 +264,27 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
                       f"{recipe.data.max_length} tokens ({prepared.train.tokens / (rows * recipe.data.max_length):.0%}"
                       " full; padding-free, positions restart per example)", highlight=False)
     return trainer, progress
+
+
+def _adalora_trainer_class():
+    from trl import SFTTrainer
+
+    class AdaLoraSFTTrainer(SFTTrainer):
+        """SFTTrainer plus AdaLoRA's orthogonality penalty: peft adds it to the model's own loss, which trl does
+        not use (it computes the loss from log-probabilities), so it is added to trl's loss here."""
+
+        budget = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if not model.training or self.budget is None:
+                return result
+            # once per optimizer step, whatever the accumulation (trl's loss is already a per-step share)
+            penalty = self.budget.penalty() / self.current_gradient_accumulation_steps
+            return (result[0] + penalty, result[1]) if return_outputs else result + penalty
+
+    return AdaLoraSFTTrainer
 
 
 def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
@@ -329,6 +364,12 @@ def _peak_memory(precision: model_mod.Precision) -> str:
     if precision.device == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
+def _rank_summary(ranks: dict[str, int]) -> str:
+    values = list(ranks.values())
+    return (f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
+            f"max {max(values)}; per layer in manifest.json)") if values else "-"
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lorakit import engines
+from lorakit import methods
 from lorakit import model as model_mod
 from lorakit.config import LoraSection, ModelConfig
 
@@ -31,7 +32,7 @@ def build(model_dir: str, version: int, storage: str, dtype: str, upcast_norms: 
     base = model_mod.prepare_for_training(base, cfg, False, engine)
     if upcast_norms:  # what the single-GPU QLoRA preparation does, and lorakit skips under FSDP
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return get_peft_model(base, model_mod.lora_config(LoraSection(r=8, lora_alpha=16, lora_dropout=0.0)))
+    return get_peft_model(base, methods.lora_config(LoraSection(r=8, lora_alpha=16, lora_dropout=0.0)))
 
 
 def shard(model, version: int):

@@ -78,7 +78,9 @@ def test_weight_and_adapter_terms_equal_a_loaded_4bit_model(tiny_model, tmp_path
     assert lines["base weights (unquantized)"] == other  # fp32 after the QLoRA preparation
     from peft import get_peft_model
 
-    tuned = get_peft_model(base, model_mod.lora_config(recipe.lora))
+    from lorakit import methods
+
+    tuned = get_peft_model(base, methods.lora_config(recipe.lora))
     assert counts.lora == sum(p.numel() for p in tuned.parameters() if p.requires_grad)
 
 

@@ -156,9 +156,9 @@ def test_quantization_without_4bit_refused(write_recipe):
                               "set `load_in_4bit: true` for QLoRA or remove `quantization`")
 
 
-def test_loftq_with_4bit_refused(write_recipe):
-    path = write_recipe(base_text(extra_model="  load_in_4bit: true\n", extra_lora="  init_lora_weights: loftq\n"))
-    assert "`loftq` quantizes the base itself" in error_of(path)
+def test_loftq_without_4bit_refused(write_recipe):
+    path = write_recipe(base_text(extra_lora="  init_lora_weights: loftq\n"))
+    assert "`loftq` starts the adapter from the quantization error of the 4-bit base" in error_of(path)
 
 
 def test_eval_strategy_needs_eval_data(write_recipe):
@@ -209,6 +209,18 @@ def test_lora_keys_exist_in_lora_config():
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
     section = Recipe.model_fields["lora"].annotation
     assert set(section.model_fields) - lora_fields == set(section.LORAKIT_ONLY)
+
+
+@pytest.mark.parametrize("section, config", [("adalora", "AdaLoraConfig"), ("ia3", "IA3Config"),
+                                             ("prompt_tuning", "PromptTuningConfig"),
+                                             ("prefix_tuning", "PrefixTuningConfig")])
+def test_method_keys_exist_in_peft_configs(section, config):
+    import dataclasses
+
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(getattr(peft, config))}
+    assert set(Recipe.model_fields[section].annotation.model_fields) - fields == set()
 
 
 def test_quantization_keys_exist_in_bitsandbytes_config():
