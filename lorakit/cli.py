@@ -143,8 +143,10 @@ def _launch_if_asked(recipe, nproc: int | None, resuming: bool, overwrite: bool)
 
 @app.command()
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="The run directory written by `lorakit train`.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option(help="Where to write the merged model (default: RUN_DIR/merged).")] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="The run directory written by `lorakit train`; several to combine their adapters.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        help="Where to write the merged model (default: RUN_DIR/merged; required with several runs).")] = None,
     dtype: Annotated[Optional[str], typer.Option(
         help="Dtype of the merged weights: bfloat16, float16 or float32 (default: the base checkpoint's).")] = None,
     base: Annotated[Optional[str], typer.Option(
@@ -152,19 +154,37 @@ def merge(
     merge_into: Annotated[Optional[str], typer.Option(
         "--merge-into", help="QLoRA runs: `nf4` (default) adds the update to the NF4-dequantized weights training "
         "saw; `original` to the published full-precision weights. See docs/merge.md.")] = None,
+    combination: Annotated[Optional[str], typer.Option(
+        help="Several runs: how peft's add_weighted_adapter combines them: cat (default; exact weighted sum, ranks "
+        "add up), linear, svd, ties, dare_linear or dare_ties. See docs/merge.md.")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="Several runs: one weight per run, in order, e.g. 0.7,0.3 (default: equal weights summing to 1).")] = None,
+    density: Annotated[Optional[float], typer.Option(
+        help="ties, dare_linear, dare_ties: the share of each update kept, in (0, 1].")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Several runs: seed for DARE's random pruning (default: the first run's train.seed).")] = None,
+    adapter_only: Annotated[bool, typer.Option(
+        "--adapter-only", help="Several runs: write the combined PEFT adapter (loads with PeftModel.from_pretrained) "
+        "instead of a merged model.")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip comparing the merged model with base + adapter (not recommended).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in the output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the merge report as JSON on stdout.")] = False,
 ) -> None:
     """Fold a run's adapter into its base and write a standard Hugging Face checkpoint, shard by shard,
-    verified against base + adapter before it is kept."""
+    verified against base + adapter before it is kept. With several runs, their adapters are first combined
+    (peft's add_weighted_adapter) into one, which is merged the same way or, with --adapter-only, kept."""
 
     def work() -> None:
         from lorakit.errors import LorakitError
 
         if merge_into not in (None, "nf4", "original"):
             raise LorakitError(f"--merge-into: expected nf4 or original, got {merge_into!r}")
+        several = {"--combination": combination, "--weights": weights, "--density": density, "--seed": seed,
+                   "--adapter-only": adapter_only or None}
+        if len(run_dirs) == 1 and any(v is not None for v in several.values()):
+            raise LorakitError(f"{', '.join(k for k, v in several.items() if v is not None)}: for combining several "
+                               "runs; give two or more run directories")
         from lorakit.console import quiet_libraries
 
         quiet_libraries()
@@ -172,13 +192,23 @@ def merge(
 
         from lorakit import merge as merge_mod
 
-        plan = merge_mod.plan(run_dir, output=str(output) if output else None, dtype=dtype, base=base,
-                              merge_into=merge_into, overwrite=overwrite)
-        report = merge_mod.run(plan, check=not no_verify)
-        console = Console(stderr=True)  # the table goes to stderr, so --json keeps stdout clean
-        if "verification" in report:
+        console = Console(stderr=True)  # tables go to stderr, so --json keeps stdout clean
+        if len(run_dirs) > 1:
+            from lorakit import combine
+
+            plan = combine.plan(run_dirs, combination=combination, weights=weights, density=density, seed=seed,
+                                output=str(output) if output else None, adapter_only=adapter_only, dtype=dtype,
+                                base=base, merge_into=merge_into, overwrite=overwrite)
+            report = combine.run(plan, check=not no_verify, dtype=dtype, base=base, merge_into=merge_into,
+                                 overwrite=overwrite, console=console)
+            console.print(combine.report_table(report if adapter_only else report["combination"]))
+        else:
+            plan = merge_mod.plan(run_dirs[0], output=str(output) if output else None, dtype=dtype, base=base,
+                                  merge_into=merge_into, overwrite=overwrite)
+            report = merge_mod.run(plan, check=not no_verify)
+        if "verification" in report and "merged_vs_reference" in report["verification"]:
             console.print(merge_mod.report_table(report))
-        console.print(f"merged model: {plan.output}", highlight=False)
+        console.print(f"{'combined adapter' if adapter_only else 'merged model'}: {plan.output}", highlight=False)
         if as_json:
             import json
 
@@ -205,14 +235,15 @@ _TOP_P = typer.Option("--top-p", help="Nucleus sampling mass.")
 
 @app.command(name="eval")
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run directory, a merged model directory (lorakit merge), or a "
-                                           "recipe with --adapter.", show_default=False)],
+    targets: Annotated[list[Path], typer.Argument(
+        help="A run directory, a merged model directory (lorakit merge), or a recipe with --adapter; or several run "
+        "directories on one base, evaluated side by side.", show_default=False)],
     adapter: Annotated[Optional[Path], typer.Option(help="With a recipe as TARGET: the adapter directory.")] = None,
     compare: Annotated[str, typer.Option(help="`base` evaluates the base model too, side by side; `none` skips it.")] = "base",
     split: Annotated[str, typer.Option(help="Which split to evaluate: eval or train.")] = "eval",
     fail_under: Annotated[list[str], typer.Option(
         "--fail-under", metavar="METRIC=VALUE", help="Gate: exit 3 unless the tuned model's METRIC >= VALUE "
-        "(repeatable; e.g. exact_match=0.8).")] = [],
+        "(every adapter's, with several runs; repeatable; e.g. exact_match=0.8).")] = [],
     fail_over: Annotated[list[str], typer.Option(
         "--fail-over", metavar="METRIC=VALUE", help="Gate: exit 3 unless METRIC <= VALUE (e.g. loss=1.2).")] = [],
     max_loss: Annotated[Optional[float], typer.Option("--max-loss", help="Gate: shorthand for --fail-over loss=X.")] = None,
@@ -229,12 +260,13 @@ def eval_(
     lm_eval_include: Annotated[Optional[Path], typer.Option(
         "--lm-eval-include", help="A directory of your own lm-eval task YAML files.")] = None,
     lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="At most N documents per task.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Report directory (default: TARGET/eval).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="Report directory (default: TARGET/eval; with several runs, FIRST_RUN/eval-compare).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Evaluate a tuned model and its base on the eval data: loss, perplexity, exact match, ROUGE-L, stop
     rate and more, side by side. Writes TARGET/eval/ (report.json, report.md, samples.jsonl, loss.png);
-    exits 3 when a gate is missed."""
+    exits 3 when a gate is missed. Several runs: one column per adapter, the base loaded once."""
 
     def work() -> None:
         from lorakit import metrics as metrics_mod
@@ -257,7 +289,10 @@ def eval_(
                        "include": lm_eval_include, "limit": lm_eval_limit}
         from lorakit import evaluate
 
-        resolved = evaluate.resolve(target, str(adapter) if adapter else None)
+        if len(targets) > 1 and adapter is not None:
+            raise LorakitError("--adapter goes with one recipe; several targets are run directories")
+        resolved = (evaluate.resolve_several(targets) if len(targets) > 1
+                    else evaluate.resolve(targets[0], str(adapter) if adapter else None))
         settings = _eval_settings(resolved.recipe.eval, max_new_tokens, batch_size, max_examples, do_sample,
                                   temperature, top_p)
         from lorakit.console import quiet_libraries
@@ -276,7 +311,7 @@ def eval_(
         missed = [g for g in report["gates"] if not g["passed"]]
         if missed:
             _error("gate missed: " + "; ".join(
-                f"{g['metric']} = {'not computed' if g['value'] is None else format(g['value'], '.4g')}, needs "
+                (f"{g['model']}: " if "model" in g else "") + f"{g['metric']} = {'not computed' if g['value'] is None else format(g['value'], '.4g')}, needs "
                 f"{g['op']} {g['threshold']}" for g in missed))
             raise typer.Exit(3)
 
@@ -285,11 +320,14 @@ def eval_(
 
 @app.command()
 def generate(
-    target: Annotated[Path, typer.Argument(help="A run directory or a merged model directory.", show_default=False)],
+    targets: Annotated[list[Path], typer.Argument(
+        help="A run directory or a merged model directory; or several run directories on one base.",
+        show_default=False)],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message (repeatable).")] = [],
     file: Annotated[Optional[Path], typer.Option(
         "--file", help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line.")] = None,
-    base: Annotated[bool, typer.Option("--base", help="Run the base model instead of the tuned one.")] = False,
+    base: Annotated[bool, typer.Option(
+        "--base", help="Run the base model instead of the tuned one (with several runs: as well as each adapter).")] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message put before each prompt.")] = None,
     max_new_tokens: Annotated[Optional[int], _MAX_NEW] = None,
     batch_size: Annotated[Optional[int], _BATCH] = None,
@@ -298,7 +336,8 @@ def generate(
     top_p: Annotated[Optional[float], _TOP_P] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
 ) -> None:
-    """Generate replies with a tuned model (or its base), using the run's chat template and stop tokens."""
+    """Generate replies with a tuned model (or its base), using the run's chat template and stop tokens.
+    Several runs: each adapter's reply (and the base's with --base), the base loaded once."""
 
     def work() -> None:
         from lorakit import evaluate
@@ -311,12 +350,17 @@ def generate(
             raise LorakitError("nothing to generate: give --prompt or --file")
         if system:
             conversations = [[{"role": "system", "content": system}] + c for c in conversations]
-        resolved = evaluate.resolve(target)
+        resolved = evaluate.resolve_several(targets) if len(targets) > 1 else evaluate.resolve(targets[0])
         settings = _eval_settings(resolved.recipe.eval, max_new_tokens, batch_size, None, do_sample, temperature,
                                   top_p)
         from lorakit.console import quiet_libraries
 
         quiet_libraries()
+        if len(targets) > 1:
+            names = resolved.tuned() + (["base"] if base else [])
+            _print_side_by_side(conversations, evaluate.replies(resolved, conversations, settings=settings,
+                                                                names=names), settings.max_new_tokens, as_json)
+            return
         replies = evaluate.reply(resolved, conversations, settings=settings, base=base)
         for conversation, out in zip(conversations, replies):
             if as_json:
@@ -329,6 +373,23 @@ def generate(
                            + ("" if out.stopped else f"\n[did not stop within {settings.max_new_tokens} tokens]") + "\n")
 
     _guarded(work)
+
+
+def _print_side_by_side(conversations: list, replies: dict, max_new_tokens: int, as_json: bool) -> None:
+    """Each prompt with every model's reply, named: text, or one JSON object per prompt."""
+    import json
+
+    for i, conversation in enumerate(conversations):
+        if as_json:
+            typer.echo(json.dumps({"messages": conversation, "replies": {
+                name: {"reply": outs[i].text, "stopped": outs[i].stopped, "tokens": outs[i].tokens}
+                for name, outs in replies.items()}}, ensure_ascii=False))
+            continue
+        typer.echo(f"> {conversation[-1]['content']}")
+        for name, outs in replies.items():
+            typer.echo(f"[{name}] {outs[i].text}"
+                       + ("" if outs[i].stopped else f" [did not stop within {max_new_tokens} tokens]"))
+        typer.echo("")
 
 
 @app.command()

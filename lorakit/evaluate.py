@@ -1,7 +1,9 @@
 """`lorakit eval`: a tuned model and its base on the run's eval data, side by side, with CI gates.
 
 Targets: a run directory (base + adapter, the base loaded as in training: 4-bit for QLoRA), a merged
-directory (`lorakit merge` output), or a recipe plus `--adapter`. The loss uses `data.prepare`, the
+directory (`lorakit merge` output), a recipe plus `--adapter`, or several runs on one base (the base
+loaded once, each adapter loaded beside the others and switched on in turn, one column each, evaluated
+with the first run's data, template and settings; gates apply to every adapter). The loss uses `data.prepare`, the
 function training used, so formatting and masks cannot drift; it is summed per batch and never keeps
 logits beyond one batch. Generation uses the target's own chat template and stop tokens.
 
@@ -33,10 +35,15 @@ from lorakit.run_dir import MANIFEST, METRICS, RECIPE
 class Target:
     """What is evaluated: where its files are, its recipe, and how to load it."""
 
-    kind: str  # run | merged | adapter
+    kind: str  # run | merged | adapter | runs
     path: Path  # run dir, merged dir or adapter dir: tokenizer, template, stop tokens and eval/ live here
     recipe: Recipe
     run_dir: Path | None  # the training run (metrics.jsonl), when known
+    adapters: dict[str, Path] | None = None  # kind "runs": report name -> run dir, in the order given
+
+    def tuned(self) -> list[str]:
+        """The names of the tuned models in reports."""
+        return list(self.adapters) if self.adapters else ["tuned"]
 
 
 def resolve(target: str | Path, adapter: str | None = None) -> Target:
@@ -53,10 +60,10 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
         raise LorakitError(f"{target} is a recipe; give the adapter to evaluate with --adapter")
     if (path / "merge_report.json").is_file():
         report = json.loads((path / "merge_report.json").read_text())
-        run_dir = Path(report["run"])
+        run_dir = Path(report["run"])  # a combination's first run: its recipe, but not its loss curve
         recipe = load_recipe(run_dir / RECIPE)
         recipe.model.name_or_path = report["base"]
-        return Target("merged", path, recipe, run_dir)
+        return Target("merged", path, recipe, None if "combination" in report else run_dir)
     if not (path / RECIPE).is_file():
         raise LorakitError(f"{target} is neither a lorakit run, a merged model, nor a recipe")
     if not (path / "adapter_config.json").is_file():
@@ -67,10 +74,25 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
     return Target("run", path, load_recipe(path / RECIPE), path)
 
 
+def resolve_several(targets: list[str | Path]) -> Target:
+    """Runs evaluated side by side on one loaded base: they must share the base, the way it is loaded, the
+    chat template and the kind of adapter."""
+    from lorakit import runset
+
+    runs = runset.read(targets)
+    runset.check_same_base(runs)
+    runset.check_same_loading(runs)
+    for run in runs[1:]:
+        if run.adapter.get("peft_type") != runs[0].adapter.get("peft_type"):
+            raise LorakitError(f"run {run.name} holds a {run.adapter.get('peft_type')} adapter, run {runs[0].name} a "
+                               f"{runs[0].adapter.get('peft_type')} one: adapters switched on one base must be of one kind")
+    return Target("runs", runs[0].path, runs[0].recipe, None, {r.name: r.path for r in runs})
+
+
 def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
         gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
-    output = output or target.path / "eval"
+    output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
     check_output(output)
     started = time.perf_counter()
     tokenizer = tokenizer_for(target)
@@ -92,7 +114,7 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
     results, samples = {}, {}
-    for name, model in load_models(target, precision, ("tuned", "base") if compare_base else ("tuned",)):
+    for name, model in load_models(target, precision, (*target.tuned(), "base") if compare_base else target.tuned()):
         if console:
             console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
                           f"{len(prompts)} prompts", highlight=False)
@@ -105,10 +127,15 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
         if lm_eval:
             results[name]["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval["tasks"], manager,
                                                          limit=lm_eval.get("limit"), batch_size=batch)
-    gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
+    if target.adapters:  # every adapter must pass every gate
+        gate_results = [{"model": name, **g} for name in target.tuned()
+                        for g in metrics_mod.check_gates(gates or [], results[name])]
+    else:
+        gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
+    tuned = {n: str(p) for n, p in target.adapters.items()} if target.adapters else {"tuned": str(target.path)}
     report = {
         "target": str(target.path), "kind": target.kind,
-        "models": {"tuned": str(target.path), "base": target.recipe.model.name_or_path if compare_base else None},
+        "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
         "data": {"split": split, "loss_examples": len(scored.dataset), "generation_prompts": len(prompts),
                  "fingerprints": prepared.fingerprints, "chat_template": prepared.template},
         "settings": {**settings.model_dump(), "batch_size": batch, "stop_token_ids": stops,
@@ -136,9 +163,10 @@ def tokenizer_for(target: Target):
 
 
 def load_models(target: Target, precision, names: tuple[str, ...]):
-    """(name, model) for each of `names` ("tuned", "base"), loading nothing that is not asked for:
-    base + adapter shares one loaded base (the adapter is switched off for the base); a merged model's
-    base is loaded on its own."""
+    """(name, model) for each of `names` ("tuned", "base", or a "runs" target's adapter names), loading
+    nothing that is not asked for: base + adapter shares one loaded base (the adapter is switched off for
+    the base); a merged model's base is loaded on its own. Use each model before taking the next: several
+    adapters are one model whose active adapter changes."""
     from transformers import AutoModelForCausalLM
 
     if target.kind == "merged":
@@ -152,6 +180,9 @@ def load_models(target: Target, precision, names: tuple[str, ...]):
     from peft import PeftModel
 
     base = model_mod.load_base(target.recipe.model, precision)
+    if target.adapters:
+        yield from _switched(base, target, names)
+        return
     if "tuned" not in names:
         yield "base", base
         return
@@ -164,6 +195,30 @@ def load_models(target: Target, precision, names: tuple[str, ...]):
     if "base" in names:
         with tuned.disable_adapter():
             yield "base", tuned
+
+
+def _switched(base, target: Target, names):
+    """Each adapter loaded once beside the others (peft's load_adapter), then switched on in turn."""
+    from peft import PeftModel
+
+    model = None
+    for i, (name, path) in enumerate(target.adapters.items()):
+        key = f"adapter{i}"  # peft's adapter names cannot hold dots; run directory names can
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=key)
+            else:
+                model.load_adapter(path, adapter_name=key)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"the adapter of run {name} ({path}) does not fit {target.recipe.model.name_or_path}: "
+                             f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    for i, name in enumerate(target.adapters):
+        if name in names:
+            model.set_adapter(f"adapter{i}", inference_mode=True)
+            yield name, model
+    if "base" in names:
+        with model.disable_adapter():
+            yield "base", model
 
 
 @torch.no_grad()
@@ -181,6 +236,7 @@ def token_loss(model, split: data_mod.Split, tokenizer, batch_size: int) -> tupl
                          zip(ids[start:start + batch_size], labels[start:start + batch_size])])
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends its virtual tokens' logits
         target = batch["labels"][:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
                                                    ignore_index=-100, reduction="sum")
@@ -217,7 +273,9 @@ def _write(report: dict, prompts, samples: dict, target: Target, out: Path) -> N
 
 def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
     names = list(report["metrics"])
-    lines = [f"# Evaluation of {report['target']}", "",
+    title = (f"adapters {', '.join(n for n in names if n != 'base')}" if report["kind"] == "runs"
+             else report["target"])
+    lines = [f"# Evaluation of {title}", "",
              f"{report['data']['loss_examples']} {report['data']['split']} examples for the loss, "
              f"{report['data']['generation_prompts']} prompts for generation "
              f"({'greedy' if not report['settings']['do_sample'] else 'sampling'}, "
@@ -230,7 +288,8 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for gate in report["gates"]:
         got = "not computed" if gate["value"] is None else f"{gate['value']:.4g}"
-        lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}: "
+        lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}"
+                     + (f" ({gate['model']})" if "model" in gate else "") + ": "
                      f"{'passed' if gate['passed'] else 'FAILED'} ({got})")
     lines += ["", "## Examples", ""]
     for i, p in enumerate(prompts[:examples]):
@@ -289,13 +348,20 @@ def _harness_rows(report: dict, names: list[str]):
             yield f"lm-eval {task} {metric}", [f"{report['metrics'][n]['lm_eval'][task][metric]:.4g}" for n in names]
 
 
-def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
-    """Generations for chat conversations with the target's template and stop tokens (`lorakit generate`)."""
+def replies(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, names) -> dict:
+    """{name: generations} for chat conversations, each model with the target's template and stop tokens
+    (`lorakit generate`); `names` as for `load_models`."""
     tokenizer = tokenizer_for(target)
     prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for c in conversations]
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
-    (_, model), = load_models(target, precision, ("base",) if base else ("tuned",))
-    return generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
+    return {name: generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
+            for name, model in load_models(target, precision, tuple(names))}
+
+
+def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
+    """One model's generations: the tuned model's, or the base's."""
+    name = "base" if base else "tuned"
+    return replies(target, conversations, settings=settings, names=(name,))[name]

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from lorakit import adapter as adapter_mod
 from lorakit import checkpoint as ckpt_mod
+from lorakit import methods
 from lorakit import model as model_mod
 from lorakit import verify
 from lorakit.config import Recipe
@@ -59,6 +60,8 @@ class Plan:
     quantization: dict | None = None
     vocab_size: int | None = None  # set when training added tokens
     notes: list[str] = field(default_factory=list)
+    origin: Path | None = None  # a combination (lorakit.combine): the first run; run_dir is then a staging copy
+    combination: dict | None = None  # what was combined, and how (lorakit.combine's record)
 
 
 def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = None, base: str | None = None,
@@ -71,6 +74,9 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
         raise LorakitError(f"{run_dir} is not a lorakit run (no {RECIPE} or adapter_config.json)")
     if not (run_dir / MANIFEST).is_file():
         raise LorakitError(f"{run_dir} is an incomplete run (no {MANIFEST}: training did not finish)")
+    reason = methods.NOT_MERGEABLE.get(methods.peft_type(run_dir))
+    if reason:
+        raise LorakitError(f"{run_dir}: {reason}")
     recipe = load_recipe(run_dir / RECIPE)
     manifest = json.loads((run_dir / MANIFEST).read_text())
     four_bit = recipe.model.load_in_4bit
@@ -81,7 +87,7 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
         raise LorakitError(f"{run_dir}/{MANIFEST} does not record the 4-bit settings (a run from an older "
                            "lorakit); use --merge-into original")
     out = Path(output).expanduser().resolve() if output else run_dir / "merged"
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     base = base or recipe.model.name_or_path
     base_dir = ckpt_mod.locate(base, recipe.model.revision)
     if not (base_dir / "config.json").is_file():
@@ -96,7 +102,7 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
                 quantization=manifest.get("quantization") if merge_into == "nf4" else None)
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise LorakitError(f"{out} exists; pass --overwrite to replace it, or choose --output")
@@ -112,16 +118,18 @@ def run(p: Plan, *, check: bool = True, console: Console | None = None) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        console.print(f"merging {p.run_dir.name} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)
-        report = {"run": str(p.run_dir), "base": p.base, "merge_into": p.merge_into, "dtype": p.dtype,
-                  **stream_merge(p, staging)}
+        what = "the combined adapter" if p.combination else p.run_dir.name
+        console.print(f"merging {what} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)
+        report = {"run": str(p.origin or p.run_dir), "base": p.base, "merge_into": p.merge_into, "dtype": p.dtype,
+                  **({"combination": p.combination} if p.combination else {}), **stream_merge(p, staging)}
         _write_companions(p, staging)
         if check:
             report["verification"] = _verify(p, staging)
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         _write_card(p, staging, report)
         if check and not report["verification"]["passed"]:
-            failed = p.run_dir / "merge_report.failed.json"
+            failed = (p.output.parent / f"{p.output.name}.merge_report.failed.json" if p.combination
+                      else p.run_dir / "merge_report.failed.json")
             failed.write_text(json.dumps(report, indent=2) + "\n")
             console.print(report_table(report))
             raise RunFailed(f"the merged model does not match base + adapter ({report['verification']['reason']}); "
@@ -151,10 +159,10 @@ def stream_merge(p: Plan, staging: Path) -> dict:
         tensors = checkpoint.read(shard)  # memory-mapped: what is written unchanged is never copied
         for name, tensor in list(tensors.items()):
             module = name.removesuffix(".weight") if name.endswith(".weight") else None
-            if name in saved:
+            if name in saved:  # a resized embedding saved with the adapter still gets its trained token rows below
                 tensor = saved.pop(name)
                 replaced += 1
-            elif module in quantized or module in layers:  # float32 arithmetic, one tensor at a time
+            if module in quantized or module in layers:  # float32 arithmetic, one tensor at a time
                 tensor = tensor.float()
                 if module in quantized:
                     tensor = _nf4_round_trip(tensor, p)
@@ -238,7 +246,8 @@ def _verify(p: Plan, staging: Path) -> dict:
     del with_adapter
     merged = verify.logits(AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[p.dtype]), inputs)
     kind = "4-bit NF4" if p.merge_into == "nf4" else "full-precision"
-    figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + adapter",
+    adapter = "combined adapter" if p.combination else "adapter"
+    figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + {adapter}",
                "merged_vs_reference": verify.compare(reference, merged), "merged_vs_base": verify.compare(bare, merged)}
     if p.recipe.model.load_in_4bit and p.merge_into == "original":  # the trade-off, measured
         figures["merged_vs_training"] = verify.compare(
@@ -251,8 +260,16 @@ def _verify(p: Plan, staging: Path) -> dict:
 
 def _write_card(p: Plan, staging: Path, report: dict) -> None:
     check = report.get("verification")
-    lines = ["---", f"base_model: {p.base}", "tags: [lorakit, merged]", "---", f"# {p.run_dir.name} (merged)", "",
-             f"The LoRA adapter of the lorakit run `{p.run_dir}` folded into `{p.base}`, saved in {p.dtype}. "
+    if p.combination:
+        c = p.combination
+        what = (f"The LoRA adapters of the lorakit runs " + ", ".join(f"`{r['path']}` ({r['weight']:g})" for r in c["runs"])
+                + f", combined with peft's `add_weighted_adapter` (`{c['combination']}`"
+                + (f", density {c['density']:g}" if c["density"] is not None else "") + f", seed {c['seed']}),")
+    else:
+        what = f"The LoRA adapter of the lorakit run `{p.run_dir}`"
+    title = p.output.name if p.combination else p.run_dir.name
+    lines = ["---", f"base_model: {p.base}", "tags: [lorakit, merged]", "---", f"# {title} (merged)", "",
+             f"{what} folded into `{p.base}`, saved in {p.dtype}. "
              "Loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer carries the chat template used in "
              "training and `generation_config.json` stops on the end-of-turn token it trained.", "",
              f"- Merged into: **{p.merge_into}** weights"
