@@ -303,7 +303,9 @@ def eval_(
         console = Console(stderr=True)
         report = evaluate.run(resolved, settings=settings, compare_base=compare == "base", split=split,
                               gates=gates, output=output, console=console, lm_eval=harness)
-        console.print(evaluate.table(report))
+        from lorakit import eval_report
+
+        console.print(eval_report.table(report))
         if as_json:
             import json
 

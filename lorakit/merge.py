@@ -262,7 +262,7 @@ def _write_card(p: Plan, staging: Path, report: dict) -> None:
     check = report.get("verification")
     if p.combination:
         c = p.combination
-        what = (f"The LoRA adapters of the lorakit runs " + ", ".join(f"`{r['path']}` ({r['weight']:g})" for r in c["runs"])
+        what = ("The LoRA adapters of the lorakit runs " + ", ".join(f"`{r['path']}` ({r['weight']:g})" for r in c["runs"])
                 + f", combined with peft's `add_weighted_adapter` (`{c['combination']}`"
                 + (f", density {c['density']:g}" if c["density"] is not None else "") + f", seed {c['seed']}),")
     else:
