@@ -48,6 +48,7 @@ class Engine:
     zero_stage: int = 0
     offload: bool = False  # FSDP parameters, or DeepSpeed optimizer state / parameters, kept in CPU memory
     fsdp_activation_checkpointing: bool = False
+    fsdp_use_orig_params: bool = False  # FSDP1: flat parameters keep each original parameter's requires_grad
     deepspeed_config: dict | None = None  # the DeepSpeed JSON, when there is one
     mixed_precision: str = "no"  # accelerate's mixed_precision (no | bf16 | fp16 | fp8)
     source: str = "the launch environment"
@@ -76,7 +77,8 @@ def from_environment(env=None) -> Engine:
     mixed = str(env.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     if _flag(env, "ACCELERATE_USE_FSDP"):
         return Engine("fsdp", fsdp_version=int(env.get("FSDP_VERSION", "1")), offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
-                      fsdp_activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"), mixed_precision=mixed)
+                      fsdp_activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"),
+                      fsdp_use_orig_params=_flag(env, "FSDP_USE_ORIG_PARAMS"), mixed_precision=mixed)
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         ds = _read_deepspeed_json(config_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE") if config_file else None
@@ -105,6 +107,7 @@ def from_accelerate_config(path: str) -> tuple[Engine, int | None]:
         fsdp = config.fsdp_config or {}
         return Engine("fsdp", fsdp_version=int(fsdp.get("fsdp_version", 1)), offload=bool(fsdp.get("fsdp_offload_params")),
                       fsdp_activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")),
+                      fsdp_use_orig_params=bool(fsdp.get("fsdp_use_orig_params")),
                       mixed_precision=mixed, source=where), processes
     if kind == "DEEPSPEED":
         options = config.deepspeed_config or {}
@@ -191,6 +194,11 @@ def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = Non
                         f"{where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
                         "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
                         "or model.dtype to match")
+    if recipe.model.new_special_tokens and engine.kind == "fsdp" and engine.fsdp_version == 1 \
+            and not engine.fsdp_use_orig_params:
+        problems.append(f"model.new_special_tokens: only the new rows of the embedding train, and FSDP1 flattens "
+                        f"the embedding into one parameter that is trained whole or not at all{where}; set "
+                        "fsdp_use_orig_params: true in the accelerate config (peft's requirement), or use FSDP2")
     if recipe.lora.init_lora_weights == "loftq" and not cuda:
         problems.append("lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
                         "quantization error there only (and none was found); use true or gaussian here")

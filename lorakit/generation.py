@@ -41,6 +41,8 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
     results: list[Generation | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     model.eval()
+    if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        batch_size = 1  # peft drops the position ids of prompt/prefix tuning: left padding would shift positions
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
@@ -50,7 +52,7 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
         for row, i in zip(out[:, width:].tolist(), chunk):
             end = next((j for j, t in enumerate(row) if t in stops), None)
             kept = row if end is None else row[:end]
-            results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+            results[i] = Generation(_text(tokenizer, kept, stops), len(kept), end is not None)
     return results
 
 
@@ -59,7 +61,16 @@ def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: Eval
     """One reply, its text handed to `write` piece by piece as tokens come (the same decoding as `generate`)."""
     from transformers import TextStreamer
 
+    hidden = _hidden(tokenizer, stops)
+
     class _Streamer(TextStreamer):
+        def put(self, value):
+            kept = [t for t in value.reshape(-1).tolist() if t not in hidden]
+            if self.skip_prompt and self.next_tokens_are_prompt:  # the prompt is skipped whole, as upstream
+                super().put(value)
+            elif kept:
+                super().put(torch.tensor(kept))
+
         def on_finalized_text(self, text: str, stream_end: bool = False):
             if text:
                 write(text)
@@ -70,11 +81,23 @@ def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: Eval
     model.eval()
     ids = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=_config(settings, stops, pad),
-                         streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+                         streamer=_Streamer(tokenizer, skip_prompt=True))
     row = out[0, len(prompt):].tolist()
     end = next((j for j, t in enumerate(row) if t in stops), None)
     kept = row if end is None else row[:end]
-    return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+    return Generation(_text(tokenizer, kept, stops), len(kept), end is not None)
+
+
+def _hidden(tokenizer, stops: list[int]) -> set[int]:
+    """Tokens left out of a reply's text: the stop tokens and the tokenizer's structural ones. Other special
+    tokens stay visible: a run that added `<tool_call>` (model.new_special_tokens) must show it."""
+    structural = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    return {t for t in (*stops, *structural) if t is not None}
+
+
+def _text(tokenizer, ids: list[int], stops: list[int]) -> str:
+    hidden = _hidden(tokenizer, stops)
+    return tokenizer.decode([t for t in ids if t not in hidden], skip_special_tokens=False).strip()
 
 
 def _config(settings: EvalConfig, stops: list[int], pad: int):

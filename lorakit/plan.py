@@ -119,8 +119,14 @@ def count(recipe: Recipe) -> Counts:
     other = total - sum(quantized)
     if recipe.method in ("lora", "adalora"):
         model_mod.check_target_modules(base, recipe.lora)
+    new_ids = []
+    if cfg.new_special_tokens:  # the grown vocabulary: new input rows train, and the output layer in full
+        tokenizer = model_mod.load_tokenizer(cfg)
+        new_ids = tokenizer.convert_tokens_to_ids(cfg.new_special_tokens)
+        with torch.device("meta"):
+            model_mod.grow_embeddings(base, len(tokenizer))
     with torch.device("meta"):
-        tuned = get_peft_model(base, methods.peft_config(recipe, base))
+        tuned = get_peft_model(base, methods.peft_config(recipe, base, new_ids))
     lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     targets: dict[str, int] = {}
     for name, module in tuned.named_modules():
@@ -169,9 +175,9 @@ def estimate(recipe: Recipe, counts: Counts, *, engine: Engine, processes: int, 
                           f"{counts.total:,} parameters in {dtype}{split_note}", exact=not offloaded))
     adapter_dtype = dtype if (four_bit and dtype != "float32") else "float32"  # trl: QLoRA adapters in bf16
     adapter = _BYTES[adapter_dtype]
-    lines.append(Line("LoRA parameters", int(counts.lora * adapter / weights_split),
+    lines.append(Line("adapter parameters", int(counts.lora * adapter / weights_split),
                       f"{counts.lora:,} trainable parameters in {adapter_dtype}{split_note}", exact=not offloaded))
-    lines.append(Line("LoRA gradients", int(counts.lora * adapter / state_split), f"{adapter_dtype}, one per parameter",
+    lines.append(Line("adapter gradients", int(counts.lora * adapter / state_split), f"{adapter_dtype}, one per parameter",
                       exact=True))
     optim = engines.default_optim(recipe, engine)
     per_param = 2 if any(marker in optim for marker in _8BIT_OPTIMIZERS) else 8

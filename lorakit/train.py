@@ -97,6 +97,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         recipe.train.use_liger_kernel, precision, model_mod.model_class_for(recipe.model)[1])
     if recipe.train.hub_token is not None:  # reaches the hub client without entering args, checkpoints or logs
         os.environ.setdefault("HF_TOKEN", recipe.train.hub_token.get_secret_value())
+    if resume and recipe.method == "adalora":
+        raise LorakitError("AdaLoRA runs cannot be resumed: peft writes each checkpoint's adapter cut to the ranks "
+                           "allocated so far, which no longer fit the full-rank layers training resumes with, and the "
+                           "importance estimates that drive the allocation are not saved. The checkpoints load with "
+                           "plain peft as adapters; start the run again to finish it")
     if resume:
         run_dir = resume_mod.run_to_resume(recipe.train.output_dir)
     elif distributed.is_main():
@@ -367,9 +372,16 @@ def _peak_memory(precision: model_mod.Precision) -> str:
 
 
 def _rank_summary(ranks: dict[str, int]) -> str:
+    """AdaLoRA's allocation at a glance: the totals, then the mean rank per kind of module."""
     values = list(ranks.values())
+    if not values:
+        return "-"
+    kinds: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    by_kind = ", ".join(f"{kind} {sum(r) / len(r):.1f}" for kind, r in sorted(kinds.items()))
     return (f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
-            f"max {max(values)}; per layer in manifest.json)") if values else "-"
+            f"max {max(values)}); mean by module: {by_kind}; per layer in manifest.json")
 
 
 def _fmt(value) -> str:

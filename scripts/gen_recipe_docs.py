@@ -98,11 +98,19 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
 def render() -> str:
     out = ["# Recipe reference", "",
            "Generated from `lorakit/config.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
-           "", "A recipe has five sections (`eval` optional, like `lora` and `train`). Unknown keys are errors (with the line and a suggestion); "
+           "", "A recipe needs `model` and `data`; every other section is optional. `method` picks the PEFT method "
+           "and with it the section that configures it (`lora`, `adalora`, `ia3`, `prompt_tuning`, `prefix_tuning`). "
+           "Unknown keys are errors (with the line and a suggestion); "
            "values are checked for type and range before anything is loaded. Any value can be overridden "
-           "on the command line with `--set section.key=value` (parsed as YAML, so `1e-4` is a float).", ""]
+           "on the command line with `--set section.key=value` (parsed as YAML, so `1e-4` is a float).", "",
+           "## Top level", "", "| key | type | default | description |", "|---|---|---|---|"]
     for name, field in Recipe.model_fields.items():
-        _section(name, field.annotation, out)
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            out.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {field.description} |")
+    out.append("")
+    for name, field in Recipe.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            _section(name, field.annotation, out)
     return "\n".join(out).rstrip() + "\n"
 
 

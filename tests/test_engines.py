@@ -250,3 +250,14 @@ def test_engine_trains_through_accelerate_on_gpus(tiny_model, tmp_path, write_re
     assert manifest["engine"].startswith(engine), manifest["engine"]
     assert manifest["results"]["last_loss"] < manifest["results"]["first_loss"]
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run_dir)
+
+
+def test_new_tokens_under_fsdp1_need_original_parameters(tiny_model, tmp_path):
+    """Trainable token rows leave part of the embedding frozen; FSDP1's flat parameters need use_orig_params."""
+    plan = recipe(tiny_model, tmp_path)
+    plan.model.new_special_tokens = ["<t>"]
+    with pytest.raises(LorakitError, match="set fsdp_use_orig_params: true"):
+        engines.check(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
+    engines.check(plan, engines.Engine("fsdp", fsdp_version=1, fsdp_use_orig_params=True), cuda=True)
+    engines.check(plan, engines.Engine("fsdp", fsdp_version=2), cuda=True)
+    assert engines.from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true"}).fsdp_use_orig_params

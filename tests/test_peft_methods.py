@@ -175,6 +175,8 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
                               update={"max_examples": 4, "max_new_tokens": 4}))
     assert report["metrics"]["tuned"]["loss"] == pytest.approx(
         json.loads((run_dir / "manifest.json").read_text())["results"]["eval_loss"], rel=0.05)
+    replies = [json.loads(line)["tuned"] for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert any(reply.startswith(NEW_TOKENS[0]) for reply in replies), replies  # shown, not stripped as special
     out = merge(run_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["verification"]["passed"]
@@ -246,3 +248,50 @@ def test_loftq_starts_closer_to_the_full_precision_model(tiny_model, tmp_path):
     assert (with_adapter - full).abs().mean() < (bare - full).abs().mean()
     out = merge(result.run_dir)
     assert out.returncode == 0 and json.loads(out.stdout)["verification"]["passed"]
+
+
+def test_planner_counts_what_each_method_trains(runs, token_run):
+    """`lorakit plan`/`check` count trainable parameters on a weightless model: equal to what training had."""
+    from lorakit import plan as plan_mod
+
+    for result in [*runs.values(), token_run]:
+        manifest = json.loads((result.run_dir / "manifest.json").read_text())
+        counted = plan_mod.count(load_recipe(result.run_dir / "recipe.yaml")).lora
+        assert counted == manifest["trainable_parameters"], result.run_dir
+
+
+def test_adalora_resume_is_refused_with_the_reason(tiny_model, tmp_path):
+    """peft saves AdaLoRA checkpoints cut to the ranks allocated so far; resuming would fail on shapes."""
+    from lorakit.errors import LorakitError
+
+    recipe = Recipe.model_validate(method_recipe(tiny_model, tmp_path / "run", "adalora", ADALORA, False))
+    with pytest.raises(LorakitError, match="AdaLoRA runs cannot be resumed"):
+        train(recipe, resume=True, console=Console(stderr=True, quiet=True))
+
+
+def test_prompt_learning_generates_each_prompt_as_if_alone(runs):
+    """peft ignores position ids under prompt tuning, so a left-padded batch would shift the shorter prompts'
+    positions: lorakit generates them one at a time, and a batch gives what each prompt gives alone."""
+    from lorakit import generation
+    from lorakit.config import EvalConfig
+
+    result = runs["prompt_tuning"]
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+               for text in ("reverse: a", "reverse: cup coin bell lamp", "reverse: snow fire")]
+    settings = EvalConfig(max_new_tokens=6)
+    stops = [tokenizer.eos_token_id]
+    batched = generation.generate(result.model, tokenizer, prompts, stops, settings, batch_size=3)
+    alone = [generation.generate(result.model, tokenizer, [p], stops, settings, batch_size=1)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in alone]
+
+
+def test_a_setting_the_method_ignores_is_reported_at_its_line(tmp_path):
+    from lorakit.errors import RecipeError
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  name_or_path: m\nmethod: prompt_tuning\nlora:\n  r: 4\ndata:\n  train: t.jsonl\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"{path}:4: lora: `method: prompt_tuning` uses no `lora:` settings; lora.r")
