@@ -85,7 +85,7 @@ def plan(paths: list, *, combination: str | None, weights: str | None, density: 
     if adapter_only:
         if merge_into or dtype:
             raise LorakitError("--merge-into and --dtype are for merged models; --adapter-only writes an adapter")
-        _check_output(out, overwrite)
+        merge_mod.check_output(out, overwrite, REPORT, "combined adapter")
         first = runs[0].recipe.model.load_in_4bit
         odd = next((r for r in runs if r.recipe.model.load_in_4bit != first), None)
         if odd:
@@ -160,15 +160,6 @@ def _check_merge_into(runs: list[runset.Run], resolved: str, asked: str | None) 
                     raise LorakitError(f"run {run.name} trained on a base quantized differently from run "
                                        f"{runs[0].name} (manifest {key}); their NF4 weights differ, so pass "
                                        "--merge-into original")
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise LorakitError(f"{out} exists; pass --overwrite to replace it, or choose --output")
-        if not (out / REPORT).is_file():
-            raise LorakitError(f"{out} is not a lorakit combined adapter (no {REPORT}); refusing to delete it even "
-                               "with --overwrite")
 
 
 def run(c: Combination, *, check: bool = True, dtype: str | None = None, base: str | None = None,

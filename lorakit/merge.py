@@ -102,12 +102,13 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
                 quantization=manifest.get("quantization") if merge_into == "nf4" else None)
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, report: str = REPORT, what: str = "merge") -> None:
+    """An output directory is replaced only with --overwrite, and only when lorakit wrote it (its `report`)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise LorakitError(f"{out} exists; pass --overwrite to replace it, or choose --output")
-        if not (out / REPORT).is_file():
-            raise LorakitError(f"{out} is not a lorakit merge (no {REPORT}); refusing to delete it even with "
+        if not (out / report).is_file():
+            raise LorakitError(f"{out} is not a lorakit {what} (no {report}); refusing to delete it even with "
                                "--overwrite")
 
 
