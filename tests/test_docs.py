@@ -15,6 +15,10 @@ def test_every_field_documented():
 
     text = render()
     for section, field in Recipe.model_fields.items():
+        assert field.description, f"{section} has no description"
+        assert f"`{section}`" in text
+        if not hasattr(field.annotation, "model_fields"):  # a top-level value (`method`)
+            continue
         for name, sub in field.annotation.model_fields.items():
             assert sub.description, f"{section}.{name} has no description"
             assert f"| `{name}` |" in text
