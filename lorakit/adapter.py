@@ -47,9 +47,10 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
     # AdaLoRA shrinks each layer to its final rank while loading, which needs real adapter tensors: those
     # layers get empty CPU base weights first, and peft creates their (small) adapter tensors for real
     adaptive = peft_config.peft_type == "ADALORA"
-    if adaptive:
-        for module in skeleton.modules():
-            if isinstance(module, torch.nn.Linear):
+    if adaptive:  # (not whole trained modules: their copies come whole from the adapter file)
+        kept = tuple(peft_config.modules_to_save or ())
+        for name, module in skeleton.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(name == k or name.endswith("." + k) for k in kept):
                 module.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     try:
         peft_model = get_peft_model(skeleton, peft_config, low_cpu_mem_usage=not adaptive)
@@ -122,6 +123,11 @@ def _refuse_unsupported(peft_model, layers: dict, config, base: str) -> None:
         if isinstance(layer, Embedding):
             raise ModelError(f"the adapter puts LoRA on the embedding layer {name}; lorakit's merge does not handle "
                              "LoRA on embeddings yet (train them with lora.modules_to_save instead)")
+        if (hasattr(layer, "ia3_l") and not getattr(layer, "is_feedforward", True)
+                and getattr(layer.get_base_layer(), "bias", None) is not None):
+            raise ModelError(f"the IA3 adapter scales the output of {name}, which has a bias that is scaled too; "
+                             "lorakit's streaming merge writes weights only, not biases, yet (serve the adapter "
+                             "with PeftModel instead)")
         if any(getattr(layer, "lora_bias", {}).values()):
             raise ModelError(f"the adapter trains LoRA biases (lora_bias) in {name}; lorakit's merge does not "
                              "handle them yet")

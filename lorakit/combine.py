@@ -147,7 +147,13 @@ def _check_ranks(runs: list[runset.Run], combination: str) -> None:
 
 
 def _check_merge_into(runs: list[runset.Run], resolved: str, asked: str | None) -> None:
-    """Every run's update goes into the same weights: nf4 needs QLoRA runs quantized alike."""
+    """Every run's update goes into the same weights: nf4 needs QLoRA runs quantized alike; a LoftQ adapter
+    corrects the NF4 weights, so it never goes into the published ones."""
+    loftq = next((r for r in runs if r.recipe.lora.init_lora_weights == "loftq"), None)
+    if loftq is not None and resolved == "original":
+        raise LorakitError(f"run {loftq.name} is a LoftQ adapter: it starts as the correction of the 4-bit "
+                           "quantization error, so it only fits the NF4 weights; merge into nf4 (every run a QLoRA run "
+                           "quantized alike)")
     for run in runs[1:]:
         default = "nf4" if run.recipe.model.load_in_4bit else "original"
         if (asked or default) != resolved:

@@ -65,9 +65,10 @@ class ModelConfig(Section):
         "the run summary and manifest say when it was on.")
     new_special_tokens: list[str] | None = Field(
         None, description="Tokens to add to the tokenizer as special tokens (e.g. `<tool_call>`), for `method: lora`. "
-        "The embeddings are resized, and only the new rows (input embeddings and, when untied, output embeddings) "
-        "are trained, through peft's trainable tokens, and saved with the adapter; eval, chat and merge resize "
-        "the base the same way.")
+        "The embeddings grow to hold them; only their input-embedding rows train (peft's trainable tokens), while "
+        "the output layer trains in full (`modules_to_save`: trl reads its weight directly), which costs vocabulary "
+        "x hidden size trainable parameters (`lorakit plan` counts them). Models with tied embeddings are refused. "
+        "Eval, chat and merge grow the base the same way.")
     allow_pickle_weights: bool = Field(
         False, description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
         "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.")

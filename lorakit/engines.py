@@ -199,6 +199,9 @@ def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = Non
         problems.append(f"model.new_special_tokens: only the new rows of the embedding train, and FSDP1 flattens "
                         f"the embedding into one parameter that is trained whole or not at all{where}; set "
                         "fsdp_use_orig_params: true in the accelerate config (peft's requirement), or use FSDP2")
+    if recipe.method == "adalora" and engine.shards_parameters:
+        problems.append(f"method: adalora scores every singular value from its full gradient after each step and "
+                        f"penalises whole A and B matrices, which {engine.name} holds in shards{where}; use DDP")
     if recipe.lora.init_lora_weights == "loftq" and not cuda:
         problems.append("lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
                         "quantization error there only (and none was found); use true or gaussian here")

@@ -109,7 +109,15 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     stops = sorted(set(generation.stop_ids(target.path, tokenizer)) | {prepared.end_of_turn_id})
     precision = model_mod.resolve_precision(target.recipe.model)
     if lm_eval:
-        from lorakit import harness
+        from lorakit import harness, methods
+
+        adapters = list(target.adapters.values()) if target.adapters else [] if target.kind == "merged" else [target.path]
+        learned = [a for a in adapters if methods.peft_type(a) in methods.NOT_MERGEABLE]
+        if learned:
+            raise LorakitError(f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
+                               "harness reads the continuation's logits at fixed positions and pads batches on the "
+                               "left, which the virtual tokens and peft's dropped position ids both shift, so its "
+                               "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics")
 
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 

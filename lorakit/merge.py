@@ -83,6 +83,10 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
     merge_into = merge_into or ("nf4" if four_bit else "original")
     if merge_into == "nf4" and not four_bit:
         raise LorakitError("--merge-into nf4 is for QLoRA runs; this run trained on a full-precision base")
+    if merge_into == "original" and four_bit and recipe.lora.init_lora_weights == "loftq":
+        raise LorakitError("--merge-into original: this LoftQ adapter starts as the correction of the 4-bit "
+                           "quantization error, so adding it to the published weights would count that correction "
+                           "twice; merge into nf4 (the default)")
     if merge_into == "nf4" and not manifest.get("quantization"):
         raise LorakitError(f"{run_dir}/{MANIFEST} does not record the 4-bit settings (a run from an older "
                            "lorakit); use --merge-into original")

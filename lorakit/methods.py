@@ -117,6 +117,22 @@ def init_loftq(model, recipe: Recipe, base_dir: Path) -> None:
         raise ModelError(f"lora.init_lora_weights: loftq reads the original weights from safetensors files; none in "
                          f"{base_dir}")
     replace_lora_weights_loftq(model, model_path=str(base_dir))
+    undo_scaling_in_loftq(model)
+
+
+def undo_scaling_in_loftq(model) -> None:
+    """Workaround (peft 0.21, huggingface/peft#1982, open): `replace_lora_weights_loftq` sets B @ A to the rank-r
+    approximation R of the quantization error, but the layer adds scaling x B @ A (alpha / r, or alpha / sqrt(r)
+    with rsLoRA). With any scaling but 1 the start is no better than the bare 4-bit base (scaling 2 undoes it
+    exactly). Dividing A and B by sqrt(scaling) makes the layer add R. Remove once peft divides by the scaling."""
+    from peft.tuners.lora import Linear4bit
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                root = module.scaling["default"] ** 0.5
+                module.lora_A["default"].weight.div_(root)
+                module.lora_B["default"].weight.div_(root)
 
 
 class AdaLoraBudget:

@@ -69,24 +69,21 @@ def load_tokenizer(cfg: ModelConfig):
         trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # labels are built by lorakit, so pad == eos cannot hide the eos from the loss
         tokenizer.pad_token = tokenizer.eos_token
-    new_token_ids(tokenizer, cfg.new_special_tokens)
+    add_new_tokens(tokenizer, cfg.new_special_tokens)
     return tokenizer
 
 
-def new_token_ids(tokenizer, tokens: list[str] | None) -> list[int]:
-    """Add the recipe's new special tokens to a base tokenizer (a run's saved tokenizer has them already);
-    their ids. A token the base already knows is refused: its row has a meaning training would overwrite."""
+def add_new_tokens(tokenizer, tokens: list[str] | None) -> None:
+    """Add the recipe's new special tokens to the base's tokenizer. A token it already knows is refused: its
+    row has a meaning training would overwrite."""
     if not tokens:
-        return []
+        return
     vocab = tokenizer.get_vocab()
-    if all(t in vocab for t in tokens) and tokens[0] in tokenizer.added_tokens_encoder:
-        return tokenizer.convert_tokens_to_ids(list(tokens))  # added already (idempotent)
     known = [t for t in tokens if t in vocab]
     if known:
         raise ModelError(f"model.new_special_tokens: {', '.join(known)} already in the tokenizer (id "
                          f"{vocab[known[0]]}); list only new tokens")
     tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
 def grow_embeddings(model, vocab_size: int, mean_resizing: bool = False) -> None:

@@ -113,7 +113,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     torch.manual_seed(recipe.train.seed)
 
     tokenizer = model_mod.load_tokenizer(recipe.model)  # with the recipe's new special tokens, if any
-    new_token_ids = model_mod.new_token_ids(tokenizer, recipe.model.new_special_tokens)
+    new_token_ids = tokenizer.convert_tokens_to_ids(recipe.model.new_special_tokens or [])
     with distributed.main_first():  # the main process tokenizes and fills the cache; the others read it
         prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     _report_data(console, prepared, recipe)

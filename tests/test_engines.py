@@ -261,3 +261,14 @@ def test_new_tokens_under_fsdp1_need_original_parameters(tiny_model, tmp_path):
     engines.check(plan, engines.Engine("fsdp", fsdp_version=1, fsdp_use_orig_params=True), cuda=True)
     engines.check(plan, engines.Engine("fsdp", fsdp_version=2), cuda=True)
     assert engines.from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true"}).fsdp_use_orig_params
+
+
+def test_adalora_is_refused_where_parameters_are_sharded(tiny_model, tmp_path):
+    raw = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False)
+    raw.pop("lora")
+    plan = Recipe.model_validate({**raw, "method": "adalora"})
+    for engine in (engines.Engine("fsdp", fsdp_version=1), engines.Engine("fsdp", fsdp_version=2),
+                   engines.Engine("deepspeed", zero_stage=3)):
+        with pytest.raises(LorakitError, match="method: adalora scores every singular value"):
+            engines.check(plan, engine, cuda=True)
+    engines.check(plan, engines.Engine("ddp"), cuda=True)

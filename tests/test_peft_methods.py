@@ -162,13 +162,15 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
     # reload on a base grown the same way
     base = load_like_training(run_dir)
     assert base.get_input_embeddings().weight.shape[0] == base_vocab + 2
-    before = base.get_input_embeddings().weight.detach().clone()
+    old_rows = base.get_input_embeddings().weight[[5, 40]].detach().clone()
     tuned = PeftModel.from_pretrained(base, run_dir)
     probe = torch.tensor([[5, 40, ids[0], 70, 80, ids[1]]])
     assert (logits(tuned, probe) - logits(token_run.model, probe)).abs().max() < 1e-3
     embedded = tuned.get_input_embeddings()(torch.tensor(ids + [5, 40]))
-    assert not torch.allclose(embedded[:2], before[ids])  # the new rows trained
-    assert torch.equal(embedded[2:], before[[5, 40]])  # the old rows did not
+    started = token_run.model.get_input_embeddings().token_adapter.trainable_tokens_original["default"]
+    assert started.shape == (2, embedded.shape[1])
+    assert not torch.allclose(embedded[:2], started)  # the new rows trained away from where the run started
+    assert torch.equal(embedded[2:], old_rows)  # the old rows did not move
     # the model learned to emit the new token first
     report = evaluate.run(evaluate.resolve(run_dir), compare_base=False,
                           settings=load_recipe(run_dir / "recipe.yaml").eval.model_copy(
@@ -186,10 +188,11 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
     assert (logits(merged, probe) - logits(token_run.model, probe)).abs().max() < 1e-3
 
 
-def test_new_tokens_already_in_the_vocabulary_are_refused(tiny_model, tmp_path, write_recipe):
+@pytest.mark.parametrize("known_first", [False, True])
+def test_new_tokens_already_in_the_vocabulary_are_refused(tiny_model, tmp_path, write_recipe, known_first):
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False)
     known = AutoTokenizer.from_pretrained(tiny_model).eos_token
-    recipe["model"]["new_special_tokens"] = ["<fresh>", known]
+    recipe["model"]["new_special_tokens"] = [known, "<fresh>"] if known_first else ["<fresh>", known]
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and f"model.new_special_tokens: {known} already in the tokenizer" in out.stderr
@@ -238,7 +241,7 @@ def test_loftq_starts_closer_to_the_full_precision_model(tiny_model, tmp_path):
     """At step 0 a LoftQ adapter on the 4-bit base approximates the full-precision model better than the bare
     4-bit base; it trains, reloads with plain peft and merges into the NF4 weights with verification."""
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=True, steps=1, learning_rate=1e-12)
-    recipe["lora"].update({"init_lora_weights": "loftq", "lora_alpha": 16})
+    recipe["lora"].update({"init_lora_weights": "loftq"})  # alpha 32 / r 16: scaling 2 (peft#1982 undone)
     result = train(Recipe.model_validate(recipe), console=Console(stderr=True, quiet=True))
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
     full = logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda(), ids).float()
@@ -295,3 +298,46 @@ def test_a_setting_the_method_ignores_is_reported_at_its_line(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(path)
     assert str(error.value).startswith(f"{path}:4: lora: `method: prompt_tuning` uses no `lora:` settings; lora.r")
+
+
+def test_a_loftq_adapter_is_not_merged_into_the_published_weights(tiny_model, tmp_path):
+    """LoftQ cannot run here (CUDA only), so a QLoRA run's recipe is marked LoftQ: the refusal reads the recipe."""
+    import yaml
+
+    run_dir = train(Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run", four_bit=True, steps=2)),
+                    console=Console(stderr=True, quiet=True)).run_dir
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    saved["lora"]["init_lora_weights"] = "loftq"
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "merge", str(run_dir), "--merge-into", "original"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "would count that correction twice" in out.stderr
+    assert not (run_dir / "merged").exists()
+
+
+def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_modules(tmp_path):
+    """Adapters built with plain peft on weightless bases, then read by the streaming merge's skeleton."""
+    from peft import IA3Config
+    from transformers import LlamaConfig
+
+    from lorakit import adapter, checkpoint
+    from lorakit.errors import ModelError
+
+    def base_with(name, **config):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, tie_word_embeddings=False, **config))
+        model.save_pretrained(tmp_path / name)
+        return model, tmp_path / name
+
+    model, biased = base_with("biased", attention_bias=True)
+    get_peft_model(model, IA3Config(task_type="CAUSAL_LM")).save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ModelError, match="scales the output of model.layers.0.self_attn.k_proj, which has a bias"):
+        adapter.on_skeleton(tmp_path / "ia3", biased, "biased", checkpoint.Checkpoint.open(biased))
+
+    model, plain = base_with("plain")
+    config = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=4, target_r=2,
+                           total_step=10, modules_to_save=["lm_head"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "ada")
+    skeleton = adapter.on_skeleton(tmp_path / "ada", plain, "plain", checkpoint.Checkpoint.open(plain))
+    assert skeleton.saved["lm_head.weight"].shape == (64, 32) and len(skeleton.layers) == 2
