@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from lorakit.config_base import Section
-from lorakit.method_sections import (PROMPT_LEARNING, AdaLoraSection, IA3Section, Method, PrefixTuningSection,
-                                     PromptTuningSection)
+from lorakit.method_sections import (LORA_KEYS_FOR, METHOD_SECTIONS, AdaLoraSection, IA3Section, Method,
+                                     MethodRules, PrefixTuningSection, PromptTuningSection)
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _INIT_LORA = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
@@ -362,13 +362,7 @@ class DistributedConfig(Section):
         "one, `torchrun` (DDP). Relative paths are read from the current directory.")
 
 
-# What each PEFT method reads from the `lora:` section (AdaLoRA is LoRA with a rank budget on top).
-LORA_KEYS_FOR = {"lora": None, "adalora": {"target_modules", "lora_alpha", "lora_dropout", "bias", "modules_to_save"},
-                 "ia3": set(), "prompt_tuning": set(), "prefix_tuning": set()}
-METHOD_SECTIONS = ("adalora", "ia3", "prompt_tuning", "prefix_tuning")
-
-
-class Recipe(Section):
+class Recipe(MethodRules):
     """A whole lorakit recipe."""
 
     model: ModelConfig = Field(description="The base model.")
@@ -390,48 +384,6 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig,
                                            description="Several processes on this machine.")
-
-    # The method rules are field validators (fields validate in declaration order, so `method` is known by then):
-    # their errors carry the key, and so the line, of the setting that does not fit the method.
-    @field_validator("method")
-    @classmethod
-    def _new_tokens_need_lora(cls, value: str, info: ValidationInfo) -> str:
-        model = info.data.get("model")
-        if model is not None and model.new_special_tokens and value != "lora":
-            raise ValueError("model.new_special_tokens are trained through LoRA's trainable tokens; they need "
-                             f"`method: lora` (got {value})")
-        return value
-
-    @field_validator("lora")
-    @classmethod
-    def _lora_keys_the_method_reads(cls, value: LoraSection, info: ValidationInfo) -> LoraSection:
-        method = info.data.get("method", "lora")
-        allowed = LORA_KEYS_FOR[method]
-        stray = sorted(value.model_fields_set - allowed) if allowed is not None else []
-        if stray:
-            uses = f"only {', '.join(sorted(allowed))} from `lora:`" if allowed else "no `lora:` settings"
-            raise ValueError(f"`method: {method}` uses {uses}; lora.{stray[0]} would be ignored"
-                             + (" (set the rank in adalora.init_r / adalora.target_r)"
-                                if method == "adalora" and "r" in stray else ""))
-        return value
-
-    @field_validator(*METHOD_SECTIONS)
-    @classmethod
-    def _section_of_the_method(cls, value, info: ValidationInfo):
-        method = info.data.get("method", "lora")
-        if value.model_fields_set and method != info.field_name:
-            raise ValueError(f"`{info.field_name}:` settings are given but `method` is {method}; set "
-                             f"`method: {info.field_name}` or remove them")
-        return value
-
-    @field_validator("train")
-    @classmethod
-    def _prompt_learning_is_not_packed(cls, value: TrainConfig, info: ValidationInfo) -> TrainConfig:
-        method = info.data.get("method", "lora")
-        if method in PROMPT_LEARNING and value.packing is True:
-            raise ValueError(f"packing: `{method}` puts virtual tokens in front of each row, so packed examples "
-                             "would share one prompt and attend to each other; set packing to auto or false")
-        return value
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lorakit.config_base import Section
 
@@ -112,3 +112,55 @@ class PrefixTuningSection(Section):
         if self.encoder_hidden_size is not None and not self.prefix_projection:
             raise ValueError("encoder_hidden_size sizes the projection MLP; set prefix_projection: true")
         return self
+
+
+# What each PEFT method reads from the `lora:` section (AdaLoRA is LoRA with a rank budget on top).
+LORA_KEYS_FOR = {"lora": None, "adalora": {"target_modules", "lora_alpha", "lora_dropout", "bias", "modules_to_save"},
+                 "ia3": set(), "prompt_tuning": set(), "prefix_tuning": set()}
+METHOD_SECTIONS = ("adalora", "ia3", "prompt_tuning", "prefix_tuning")
+
+
+class MethodRules(Section):
+    """The rules tying `method` to the recipe's other settings, for `lorakit.config.Recipe` (which declares the
+    fields). Fields validate in declaration order, so `method` is known when `lora`, the method sections and
+    `train` are checked, and each error carries the key, and so the line, of the setting that does not fit."""
+
+    @field_validator("method", check_fields=False)
+    @classmethod
+    def _new_tokens_need_lora(cls, value: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if model is not None and model.new_special_tokens and value != "lora":
+            raise ValueError("model.new_special_tokens are trained through LoRA's trainable tokens; they need "
+                             f"`method: lora` (got {value})")
+        return value
+
+    @field_validator("lora", check_fields=False)
+    @classmethod
+    def _lora_keys_the_method_reads(cls, value, info: ValidationInfo) -> object:
+        method = info.data.get("method", "lora")
+        allowed = LORA_KEYS_FOR[method]
+        stray = sorted(value.model_fields_set - allowed) if allowed is not None else []
+        if stray:
+            uses = f"only {', '.join(sorted(allowed))} from `lora:`" if allowed else "no `lora:` settings"
+            raise ValueError(f"`method: {method}` uses {uses}; lora.{stray[0]} would be ignored"
+                             + (" (set the rank in adalora.init_r / adalora.target_r)"
+                                if method == "adalora" and "r" in stray else ""))
+        return value
+
+    @field_validator(*METHOD_SECTIONS, check_fields=False)
+    @classmethod
+    def _section_of_the_method(cls, value, info: ValidationInfo):
+        method = info.data.get("method", "lora")
+        if value.model_fields_set and method != info.field_name:
+            raise ValueError(f"`{info.field_name}:` settings are given but `method` is {method}; set "
+                             f"`method: {info.field_name}` or remove them")
+        return value
+
+    @field_validator("train", check_fields=False)
+    @classmethod
+    def _prompt_learning_is_not_packed(cls, value, info: ValidationInfo) -> object:
+        method = info.data.get("method", "lora")
+        if method in PROMPT_LEARNING and value.packing is True:
+            raise ValueError(f"packing: `{method}` puts virtual tokens in front of each row, so packed examples "
+                             "would share one prompt and attend to each other; set packing to auto or false")
+        return value

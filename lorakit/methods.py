@@ -183,6 +183,41 @@ def final_ranks(model) -> dict[str, int]:
             int(sum(bool(v) for v in mask)) for name, mask in pattern.items()}
 
 
+def adalora_trainer_class():
+    """trl's SFTTrainer with AdaLoRA's orthogonality penalty (built by lorakit.train, like any trainer)."""
+    from trl import SFTTrainer
+
+    class AdaLoraSFTTrainer(SFTTrainer):
+        """SFTTrainer plus AdaLoRA's orthogonality penalty: peft adds it to the model's own loss, which trl does
+        not use (it computes the loss from log-probabilities), so it is added to trl's loss here."""
+
+        budget = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if not model.training or self.budget is None:
+                return result
+            # once per optimizer step, whatever the accumulation (trl's loss is already a per-step share)
+            penalty = self.budget.penalty() / self.current_gradient_accumulation_steps
+            return (result[0] + penalty, result[1]) if return_outputs else result + penalty
+
+    return AdaLoraSFTTrainer
+
+
+def rank_summary(ranks: dict[str, int]) -> str:
+    """AdaLoRA's allocation at a glance: the totals, then the mean rank per kind of module."""
+    values = list(ranks.values())
+    if not values:
+        return "-"
+    kinds: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    by_kind = ", ".join(f"{kind} {sum(r) / len(r):.1f}" for kind, r in sorted(kinds.items()))
+    return (f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
+            f"max {max(values)}); mean by module: {by_kind}; per layer in manifest.json")
+
+
 def peft_type(adapter_dir: Path) -> str:
     """The adapter's method as peft records it (LORA, ADALORA, IA3, PROMPT_TUNING, ...)."""
     return json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "LORA")

@@ -215,7 +215,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
                         f"{recipe.train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
                         f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
         "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
-        **({"final ranks": _rank_summary(ranks)} if ranks is not None else {}),
+        **({"final ranks": methods.rank_summary(ranks)} if ranks is not None else {}),
         "peak memory": details["peak_memory"], "adapter": str(run_dir),
         **({"remote code": "ran (model.trust_remote_code)"} if recipe.model.trust_remote_code else {}),
     }))
@@ -243,7 +243,7 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
     from trl import SFTTrainer
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
-    trainer = (_adalora_trainer_class() if recipe.method == "adalora" else SFTTrainer)(
+    trainer = (methods.adalora_trainer_class() if recipe.method == "adalora" else SFTTrainer)(
         model=base, args=sft_config(recipe, run_dir, precision, packing, engine, liger), processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
@@ -269,27 +269,6 @@ def _build_trainer(recipe: Recipe, run_dir: Path, precision, packing: bool, base
                       f"{recipe.data.max_length} tokens ({prepared.train.tokens / (rows * recipe.data.max_length):.0%}"
                       " full; padding-free, positions restart per example)", highlight=False)
     return trainer, progress
-
-
-def _adalora_trainer_class():
-    from trl import SFTTrainer
-
-    class AdaLoraSFTTrainer(SFTTrainer):
-        """SFTTrainer plus AdaLoRA's orthogonality penalty: peft adds it to the model's own loss, which trl does
-        not use (it computes the loss from log-probabilities), so it is added to trl's loss here."""
-
-        budget = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
-            if not model.training or self.budget is None:
-                return result
-            # once per optimizer step, whatever the accumulation (trl's loss is already a per-step share)
-            penalty = self.budget.penalty() / self.current_gradient_accumulation_steps
-            return (result[0] + penalty, result[1]) if return_outputs else result + penalty
-
-    return AdaLoraSFTTrainer
 
 
 def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
@@ -369,19 +348,6 @@ def _peak_memory(precision: model_mod.Precision) -> str:
     if precision.device == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-
-
-def _rank_summary(ranks: dict[str, int]) -> str:
-    """AdaLoRA's allocation at a glance: the totals, then the mean rank per kind of module."""
-    values = list(ranks.values())
-    if not values:
-        return "-"
-    kinds: dict[str, list[int]] = {}
-    for name, rank in ranks.items():
-        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
-    by_kind = ", ".join(f"{kind} {sum(r) / len(r):.1f}" for kind, r in sorted(kinds.items()))
-    return (f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
-            f"max {max(values)}); mean by module: {by_kind}; per layer in manifest.json")
 
 
 def _fmt(value) -> str:
