@@ -24,6 +24,7 @@ from lorakit import combination as combination_mod
 from lorakit import merge as merge_mod
 from lorakit import runset
 from lorakit.errors import LorakitError, RunFailed
+from lorakit.run_dir import swap_into_place
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
 USES_DENSITY = ("ties", "dare_linear", "dare_ties")
@@ -197,11 +198,7 @@ def run(c: Combination, *, check: bool = True, dtype: str | None = None, base: s
         if check and not report["verification"]["passed"]:
             raise RunFailed(f"the combined adapter changes nothing ({report['verification']['reason']}); nothing was "
                             f"written to {c.output}")
-        previous = c.output.parent / f".{c.output.name}.replaced-{os.getpid()}"
-        if c.output.exists():  # moved aside, not deleted, until the new adapter is in place
-            c.output.rename(previous)
-        staging.rename(c.output)
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_into_place(staging, c.output)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)

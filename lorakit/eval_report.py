@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from lorakit import metrics as metrics_mod
-from lorakit.run_dir import METRICS
+from lorakit.run_dir import METRICS, swap_into_place
 
 
 def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path) -> None:
@@ -31,12 +31,7 @@ def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path)
         (staging / "report.md").write_text(markdown(report, prompts, samples))
         if run_dir is not None and (run_dir / METRICS).is_file():
             loss_curve(run_dir / METRICS, staging / "loss.png")
-        previous = out.parent / f".{out.name}.replaced"
-        shutil.rmtree(previous, ignore_errors=True)
-        if out.exists():  # moved aside until the new report is in place
-            out.rename(previous)
-        staging.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

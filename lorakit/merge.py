@@ -37,7 +37,7 @@ from lorakit import model as model_mod
 from lorakit import verify
 from lorakit.config import Recipe
 from lorakit.errors import LorakitError, ModelError, RunFailed
-from lorakit.run_dir import MANIFEST, RECIPE
+from lorakit.run_dir import MANIFEST, RECIPE, swap_into_place
 
 REPORT = "merge_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -139,11 +139,7 @@ def run(p: Plan, *, check: bool = True, console: Console | None = None) -> dict:
             console.print(report_table(report))
             raise RunFailed(f"the merged model does not match base + adapter ({report['verification']['reason']}); "
                             f"nothing was written to {p.output}; figures in {failed}")
-        previous = p.output.parent / f".{p.output.name}.replaced-{os.getpid()}"
-        if p.output.exists():  # moved aside, not deleted, until the new merge is in place
-            p.output.rename(previous)
-        staging.rename(p.output)
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_into_place(staging, p.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

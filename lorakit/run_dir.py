@@ -69,6 +69,17 @@ def claim(output_dir: str, overwrite: bool) -> Path:
     return run_dir
 
 
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Put a finished output directory (merge, combined adapter, eval report) where the earlier one was: the
+    earlier one is moved aside, not deleted, until the new one is in place, so a failure never leaves neither."""
+    previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     text = yaml.safe_dump(recipe.to_saved_dict(), sort_keys=False, allow_unicode=True)
     (run_dir / RECIPE).write_text("# written by lorakit: the validated recipe of this run\n" + text, encoding="utf-8")
