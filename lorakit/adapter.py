@@ -29,13 +29,9 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
     fit this base, and non-finite adapter weights."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import ModulesToSaveWrapper
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    state = load_file(str(run_dir / "adapter_model.safetensors"))
-    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
-    if bad:
-        raise ModelError(f"the adapter holds NaN or inf values (first: {bad[0]}); refusing to merge it")
+    state = finite_state(run_dir)
     config = AutoConfig.from_pretrained(base_dir)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -96,6 +92,18 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
         raise ModelError(f"{base} ties its input and output embeddings and the adapter trained one of them; "
                          "merging would have to untie them, which lorakit's merge does not do yet")
     return Skeleton(layers, saved, resized, config.vocab_size)
+
+
+def finite_state(adapter_dir: Path, who: str = "the adapter") -> dict:
+    """An adapter's saved tensors; NaN or inf in any of them is refused (merging or combining them would
+    spread it through the model)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    bad = next((k for k, v in state.items() if not torch.isfinite(v.float()).all()), None)
+    if bad:
+        raise ModelError(f"{who} holds NaN or inf values (first: {bad}); refusing to merge it")
+    return state
 
 
 ADAPTER_TENSORS = ("lora_", "ia3_", "trainable_tokens_")  # names of the adapter's own tensors, by method

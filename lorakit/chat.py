@@ -17,7 +17,6 @@ from lorakit import evaluate
 from lorakit import generation
 from lorakit import model as model_mod
 from lorakit.config import EvalConfig
-from lorakit.errors import LorakitError
 
 HELP = ("/tuned  answer with the tuned model    /base  answer with the base model\n"
         "/compare  answer with both             /reset  start the conversation again\n"
@@ -84,8 +83,7 @@ def run(target: evaluate.Target, settings: EvalConfig, *, read, write, system: s
                 write(f"unknown command {command}; /help lists them\n")
             continue
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                           add_special_tokens=False)["input_ids"]
+        prompt = generation.prompt_ids(tokenizer, messages)
         kept = None
         for name in (("tuned", "base") if mode == "compare" else (mode,)):
             model, context = getattr(models, name)()

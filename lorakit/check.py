@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lorakit import data as data_mod
-from lorakit import engines, methods
+from lorakit import engines
 from lorakit import model as model_mod
 from lorakit import plan as plan_mod
 from lorakit import preview
 from lorakit.config import Recipe
 from lorakit.errors import LorakitError
+from lorakit.method_sections import METHOD_NAMES, PROMPT_LEARNING
 
 
 @dataclass
@@ -63,14 +64,14 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
     counts = attempt("target modules", lambda: plan_mod.count(recipe))
     if counts is not None:
         listed = ", ".join(f"{name} x{n}" for name, n in sorted(counts.targets.items()))
-        method = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3"}.get(recipe.method)
-        where = (f"{method} on {sum(counts.targets.values())} layers ({listed})" if method else
-                 f"{getattr(recipe, recipe.method).num_virtual_tokens} virtual tokens ({recipe.method})")
+        where = (f"{getattr(recipe, recipe.method).num_virtual_tokens} virtual tokens ({recipe.method})"
+                 if recipe.method in PROMPT_LEARNING else
+                 f"{METHOD_NAMES[recipe.method]} on {sum(counts.targets.values())} layers ({listed})")
         findings.append(Finding("target modules", "ok", f"{where}; {counts.lora:,} trainable parameters"))
     attempt("packing", lambda: _packing(recipe, findings))
     attempt("data", lambda: _data(recipe, findings, use_cache))
     if memory:
-        attempt("memory", lambda: _memory(recipe, gpu_memory, findings))
+        attempt("memory", lambda: _memory(recipe, gpu_memory, findings, counts))
     return findings
 
 
@@ -94,13 +95,10 @@ def _liger(recipe: Recipe, precision, findings: list[Finding]) -> None:
 
 
 def _packing(recipe: Recipe, findings: list[Finding]) -> None:
-    if not methods.uses_packing(recipe):
-        findings.append(Finding("packing", "ok", f"padding (no packing): {recipe.method} puts its virtual tokens in "
-                                "front of every row"))
-        return
     model_class, model_type = model_mod.model_class_for(recipe.model)
-    packing = model_mod.use_packing(recipe.train.packing, model_class, model_type)
-    findings.append(Finding("packing", "ok", "padding-free packing" if packing else "padding (no packing)"))
+    packing = model_mod.use_packing(recipe.train.packing, model_class, model_type, recipe.method)
+    why = f": {recipe.method} puts its virtual tokens in front of every row" if recipe.method in PROMPT_LEARNING else ""
+    findings.append(Finding("packing", "ok", "padding-free packing" if packing else f"padding (no packing){why}"))
 
 
 def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
@@ -139,13 +137,13 @@ def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
                             "masked by the collator"))
 
 
-def _memory(recipe: Recipe, gpu_memory: int | None, findings: list[Finding]) -> None:
+def _memory(recipe: Recipe, gpu_memory: int | None, findings: list[Finding], counts) -> None:
     import torch
 
     if gpu_memory is None and not torch.cuda.is_available():
         findings.append(Finding("memory", "ok", "no GPU here: skipped (`lorakit plan --gpu-memory` plans for one)"))
         return
-    result = plan_mod.run(recipe, gpu_memory=gpu_memory, with_time=False)
+    result = plan_mod.run(recipe, gpu_memory=gpu_memory, with_time=False, counts=counts)
     total, limit = result.total / plan_mod.GIB, result.gpu_memory / plan_mod.GIB
     if result.fits:
         findings.append(Finding("memory", "ok", f"about {total:.1f} of {limit:.1f} GiB per GPU"))

@@ -23,6 +23,10 @@ app = typer.Typer(
 
 
 NO_CACHE_HELP = "Tokenize the data afresh instead of reading (and writing) the preprocessing cache."
+_RECIPE = typer.Argument(help="The recipe YAML file.", show_default=False)
+_SET_TOO = typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")
+_GPU_MEMORY = typer.Option("--gpu-memory", help="Memory per GPU to plan for, e.g. 24GiB or 80GB (default: this "
+                           "machine's GPU, if any).")
 
 
 def _version(value: bool) -> None:
@@ -41,7 +45,7 @@ def _root(
 
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
+    recipe: Annotated[Path, _RECIPE],
     set_: Annotated[list[str], typer.Option(
         "--set", "-s", metavar="KEY=VALUE",
         help="Override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable; values are YAML).")] = [],
@@ -470,9 +474,8 @@ app.add_typer(data_app, name="data")
 
 @data_app.command()
 def preview(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
-    set_: Annotated[list[str], typer.Option(
-        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
+    recipe: Annotated[Path, _RECIPE],
+    set_: Annotated[list[str], _SET_TOO] = [],
     count: Annotated[int, typer.Option("--count", "-n", min=0, help="Examples to render.")] = 3,
     split: Annotated[str, typer.Option(help="Which split to show: train or eval.")] = "train",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -508,11 +511,9 @@ def preview(
 
 @app.command()
 def check(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
-    set_: Annotated[list[str], typer.Option(
-        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
-    gpu_memory: Annotated[Optional[str], typer.Option(
-        "--gpu-memory", help="Check the memory plan against this much per GPU (default: this machine's GPU).")] = None,
+    recipe: Annotated[Path, _RECIPE],
+    set_: Annotated[list[str], _SET_TOO] = [],
+    gpu_memory: Annotated[Optional[str], _GPU_MEMORY] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON on stdout.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help=NO_CACHE_HELP)] = False,
 ) -> None:
@@ -544,11 +545,9 @@ def check(
 
 @app.command()
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)],
-    set_: Annotated[list[str], typer.Option(
-        "--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")] = [],
-    gpu_memory: Annotated[Optional[str], typer.Option(
-        "--gpu-memory", help="Memory per GPU, e.g. 24GiB or 80GB (default: this machine's GPU, if any).")] = None,
+    recipe: Annotated[Path, _RECIPE],
+    set_: Annotated[list[str], _SET_TOO] = [],
+    gpu_memory: Annotated[Optional[str], _GPU_MEMORY] = None,
     gpus: Annotated[Optional[int], typer.Option(
         "--gpus", min=1, help="GPUs (processes) the run uses (default: distributed.nproc, else 1).")] = None,
     largest_batch: Annotated[bool, typer.Option(

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from lorakit import adapter as adapter_mod
 from lorakit.errors import LorakitError, ModelError
 
 COMBINED = "combined"
@@ -49,7 +50,6 @@ def _on_skeleton(runs: list, base_dir):
     """Every run's adapter loaded by peft, each under its own name, onto a weightless copy of the base."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.tuners.lora import Embedding, LoraLayer
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -73,10 +73,7 @@ def _on_skeleton(runs: list, base_dir):
         # would be dropped (the combination reads adapter weights only)
         layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     for i, run in enumerate(runs):
-        state = load_file(str(run.path / "adapter_model.safetensors"))
-        bad = next((k for k, v in state.items() if not torch.isfinite(v.float()).all()), None)
-        if bad:
-            raise ModelError(f"run {run.name}: the adapter holds NaN or inf values (first: {bad})")
+        state = adapter_mod.finite_state(run.path, f"run {run.name}: the adapter")
         try:
             loaded = set_peft_model_state_dict(model, state, adapter_name=f"run{i}", low_cpu_mem_usage=True)
         except RuntimeError as exc:  # shape mismatches

@@ -45,6 +45,12 @@ class Target:
         """The names of the tuned models in reports."""
         return list(self.adapters) if self.adapters else ["tuned"]
 
+    def adapter_dirs(self) -> list[Path]:
+        """The adapter directories loaded onto the base (none for a merged model)."""
+        if self.adapters:
+            return list(self.adapters.values())
+        return [] if self.kind == "merged" else [self.path]
+
 
 def resolve(target: str | Path, adapter: str | None = None) -> Target:
     """Refuse, before loading anything, what cannot be evaluated."""
@@ -92,6 +98,15 @@ def resolve_several(targets: list[str | Path]) -> Target:
 def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
         gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
+    if lm_eval:
+        from lorakit import methods
+
+        learned = [a for a in target.adapter_dirs() if methods.peft_type(a) in methods.NOT_MERGEABLE]
+        if learned:
+            raise LorakitError(f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
+                               "harness reads the continuation's logits at fixed positions and pads batches on the "
+                               "left, which the virtual tokens and peft's dropped position ids both shift, so its "
+                               "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics")
     output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
     check_output(output)
     started = time.perf_counter()
@@ -109,15 +124,7 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     stops = sorted(set(generation.stop_ids(target.path, tokenizer)) | {prepared.end_of_turn_id})
     precision = model_mod.resolve_precision(target.recipe.model)
     if lm_eval:
-        from lorakit import harness, methods
-
-        adapters = list(target.adapters.values()) if target.adapters else [] if target.kind == "merged" else [target.path]
-        learned = [a for a in adapters if methods.peft_type(a) in methods.NOT_MERGEABLE]
-        if learned:
-            raise LorakitError(f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
-                               "harness reads the continuation's logits at fixed positions and pads batches on the "
-                               "left, which the virtual tokens and peft's dropped position ids both shift, so its "
-                               "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics")
+        from lorakit import harness
 
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
@@ -258,8 +265,7 @@ def replies(target: Target, conversations: list[list[dict]], *, settings: EvalCo
     """{name: generations} for chat conversations, each model with the target's template and stop tokens
     (`lorakit generate`); `names` as for `load_models`."""
     tokenizer = tokenizer_for(target)
-    prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for c in conversations]
+    prompts = [generation.prompt_ids(tokenizer, c) for c in conversations]
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size

@@ -50,9 +50,7 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=_config(settings, stops, pad))
         for row, i in zip(out[:, width:].tolist(), chunk):
-            end = next((j for j, t in enumerate(row) if t in stops), None)
-            kept = row if end is None else row[:end]
-            results[i] = Generation(_text(tokenizer, kept, stops), len(kept), end is not None)
+            results[i] = _finished(tokenizer, row, stops)
     return results
 
 
@@ -82,7 +80,17 @@ def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: Eval
     ids = torch.tensor([prompt], device=device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=_config(settings, stops, pad),
                          streamer=_Streamer(tokenizer, skip_prompt=True))
-    row = out[0, len(prompt):].tolist()
+    return _finished(tokenizer, out[0, len(prompt):].tolist(), stops)
+
+
+def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template, ready for the assistant's reply."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _finished(tokenizer, row: list[int], stops: list[int]) -> Generation:
+    """Generated ids cut at the first stop token, as text."""
     end = next((j for j, t in enumerate(row) if t in stops), None)
     kept = row if end is None else row[:end]
     return Generation(_text(tokenizer, kept, stops), len(kept), end is not None)

@@ -267,7 +267,7 @@ def _write_card(p: Plan, staging: Path, report: dict) -> None:
                 + f", combined with peft's `add_weighted_adapter` (`{c['combination']}`"
                 + (f", density {c['density']:g}" if c["density"] is not None else "") + f", seed {c['seed']}),")
     else:
-        what = f"The LoRA adapter of the lorakit run `{p.run_dir}`"
+        what = f"The adapter of the lorakit run `{p.run_dir}`"
     title = p.output.name if p.combination else p.run_dir.name
     lines = ["---", f"base_model: {p.base}", "tags: [lorakit, merged]", "---", f"# {title} (merged)", "",
              f"{what} folded into `{p.base}`, saved in {p.dtype}. "
@@ -276,7 +276,7 @@ def _write_card(p: Plan, staging: Path, report: dict) -> None:
              f"- Merged into: **{p.merge_into}** weights"
              + (" (the NF4-dequantized weights training saw)" if p.merge_into == "nf4" else
                 " (the published full-precision weights)"),
-             f"- LoRA layers merged: {report['lora_layers_merged']}; tensors replaced (modules_to_save): "
+             f"- adapter layers merged: {report['lora_layers_merged']}; tensors replaced (modules_to_save): "
              f"{report['tensors_replaced']}; weights NF4 round-tripped: {report['weights_nf4_round_tripped']}"]
     lines += [f"- {note}" for note in p.notes]
     if check:

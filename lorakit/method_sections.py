@@ -15,6 +15,8 @@ from lorakit.config_base import Section
 
 Method = Literal["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning"]
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")  # virtual tokens in front of every example, nothing to merge
+METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3", "prompt_tuning": "prompt tuning",
+                "prefix_tuning": "prefix tuning"}  # as people write them
 
 
 class AdaLoraSection(Section):

@@ -16,7 +16,6 @@ import torch
 
 from lorakit.config import LoraSection, Recipe
 from lorakit.errors import LorakitError, ModelError
-from lorakit.method_sections import PROMPT_LEARNING
 
 # peft_type values (adapter_config.json) whose adapters cannot be folded into the weights, and why
 NOT_MERGEABLE = {
@@ -100,12 +99,7 @@ def new_token_training(model, ids: list[int]) -> tuple[dict, str]:
     return {names[id(inputs)].rsplit(".", 1)[-1]: list(ids)}, names[id(output)].rsplit(".", 1)[-1]
 
 
-def uses_packing(recipe: Recipe) -> bool:
-    """Prompt and prefix tuning put virtual tokens in front of each row: packed examples would share them."""
-    return recipe.method not in PROMPT_LEARNING
-
-
-def init_loftq(model, recipe: Recipe, base_dir: Path) -> None:
+def init_loftq(model, base_dir: Path) -> None:
     """LoftQ for a 4-bit base (peft's `replace_lora_weights_loftq`): each adapter starts as the best rank-r
     approximation of what 4-bit quantization removed from the original weights, read from the safetensors files."""
     from peft.utils.loftq_utils import replace_lora_weights_loftq

@@ -19,6 +19,7 @@ from lorakit import engines
 from lorakit.config import LoraSection, ModelConfig
 from lorakit.engines import Engine
 from lorakit.errors import ModelError
+from lorakit.method_sections import PROMPT_LEARNING
 
 SINGLE = Engine()
 
@@ -117,10 +118,11 @@ def device_map(precision: Precision, engine: Engine = SINGLE) -> dict | None:
     return {"": "cpu"}
 
 
-def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
+def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE, tokenizer=None):
     """The base model through `from_pretrained`, in 4-bit when the recipe asks for QLoRA. Under FSDP and
     ZeRO-3 a 4-bit base is loaded in the dtype its packed weights are stored in, so every parameter has one
-    dtype and the engine can flatten them."""
+    dtype and the engine can flatten them. With `model.new_special_tokens` the embeddings grow to the
+    tokenizer's length (`tokenizer`, when the caller has it, else the recipe's loaded again)."""
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(cfg, precision, engine)
@@ -149,7 +151,7 @@ def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
     model.config.use_cache = False
     keep_cpu_4bit_weights_exact(model)
     if cfg.new_special_tokens:  # rows for the added tokens; their trained values come with the adapter
-        grow_embeddings(model, len(load_tokenizer(cfg)))
+        grow_embeddings(model, len(tokenizer if tokenizer is not None else load_tokenizer(cfg)))
     return model
 
 
@@ -274,9 +276,13 @@ def packing_supported(model_class: type, model_type: str | None = None) -> bool 
     return True if model_type in PACKING_EXACT else None
 
 
-def use_packing(setting: bool | str, model_class: type, model_type: str | None = None) -> bool:
+def use_packing(setting: bool | str, model_class: type, model_type: str | None = None, method: str = "lora") -> bool:
     """`train.packing`: auto packs where known exact; true is refused where packing would leak across
-    examples, and allowed for architectures lorakit does not know, on the user's word."""
+    examples, and allowed for architectures lorakit does not know, on the user's word. Prompt and prefix
+    tuning never pack: their virtual tokens go in front of each row, so packed examples would share them
+    (the recipe refuses `true` for them)."""
+    if method in PROMPT_LEARNING:
+        return False
     supported = packing_supported(model_class, model_type)
     if setting is True and supported is False:
         raise ModelError(f"train.packing: {model_class.__name__} would let packed examples affect each other "

@@ -334,9 +334,11 @@ def parse_size(text: str) -> int:
 
 
 def run(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int | None = None, largest_batch: bool = False,
-        tokens_per_s: float | None = None, gpu_kind: str | None = None, with_time: bool = True) -> Plan:
+        tokens_per_s: float | None = None, gpu_kind: str | None = None, with_time: bool = True,
+        counts: Counts | None = None) -> Plan:
     """The plan for the GPUs this recipe will run on: its engine (distributed section), its precision (bf16
-    unless model.dtype says otherwise), the fused loss when Liger will be used."""
+    unless model.dtype says otherwise), the fused loss when Liger will be used. `counts`: the recipe's
+    `count()`, when the caller has it already."""
     import importlib.util
 
     import torch
@@ -354,7 +356,7 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int | None = Non
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     liger = recipe.train.use_liger_kernel
     fused = liger is True or (liger == "auto" and importlib.util.find_spec("liger_kernel") is not None)
-    counts = count(recipe)
+    counts = counts or count(recipe)
     settings = {"engine": engine, "processes": processes, "dtype": dtype, "fused_loss": fused}
     result = estimate(recipe, counts, gpu_memory=gpu_memory, **settings)
     result.suggestions = suggest(recipe, counts, result, largest_batch=largest_batch, **settings)

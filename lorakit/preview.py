@@ -61,7 +61,7 @@ def _packing(recipe: Recipe) -> bool | None:
         model_class, model_type = model_mod.model_class_for(recipe.model)
     except OSError:
         return None
-    return model_mod.use_packing(recipe.train.packing, model_class, model_type)
+    return model_mod.use_packing(recipe.train.packing, model_class, model_type, recipe.method)
 
 
 def _segments(tokenizer, ids: list[int], labels: list[int], specials: set[int]) -> list[dict]:

@@ -24,6 +24,7 @@ import yaml
 from lorakit import __version__
 from lorakit.config import Recipe
 from lorakit.errors import LorakitError
+from lorakit.method_sections import METHOD_NAMES
 
 RECIPE, MANIFEST, METRICS, CARD = "recipe.yaml", "manifest.json", "metrics.jsonl", "README.md"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "tokenizers")
@@ -119,10 +120,6 @@ def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:
     tmp = run_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / MANIFEST)
-
-
-METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning",
-                "prefix_tuning": "prefix-tuning"}
 
 
 def _method_rows(recipe: Recipe, details: dict) -> list[str]:

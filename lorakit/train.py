@@ -130,11 +130,10 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     if precision.device == "cpu" and "paged" in optim:
         console.print(f"note: {optim} pages optimizer state between GPU and CPU memory; on a CPU "
                       "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
-    base = model_mod.load_base(recipe.model, precision, engine)  # grown for new tokens; only their rows train
+    base = model_mod.load_base(recipe.model, precision, engine, tokenizer)  # grown for new tokens (their rows train)
     if recipe.method in ("lora", "adalora"):
         model_mod.check_target_modules(base, recipe.lora)
-    packing = methods.uses_packing(recipe) and model_mod.use_packing(recipe.train.packing, type(base),
-                                                                     base.config.model_type)
+    packing = model_mod.use_packing(recipe.train.packing, type(base), base.config.model_type, recipe.method)
     quantized = model_mod.quantization_record(base) if recipe.model.load_in_4bit else None
     base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing, engine)
 
@@ -142,7 +141,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     trainer, progress = _build_trainer(recipe, run_dir, precision, packing, base, tokenizer, prepared, console,
                                        engine, liger, new_token_ids)
     if recipe.lora.init_lora_weights == "loftq":
-        methods.init_loftq(trainer.model, recipe, checkpoint_mod.locate(recipe.model.name_or_path,
+        methods.init_loftq(trainer.model, checkpoint_mod.locate(recipe.model.name_or_path,
                                                                           recipe.model.revision))
     parameters = model_mod.trainable_parameters(trainer.model)  # counted before the engine shards them
     initial = run_dir / INITIAL_ADAPTER

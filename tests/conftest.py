@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -21,8 +22,6 @@ EXAMPLES = ROOT / "examples" / "reverse"
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -60,3 +59,17 @@ def tiny_recipe(model_dir: Path, out_dir: Path, *, four_bit: bool = True, steps:
                   "learning_rate": 2e-3, "logging_steps": 2, "warmup_steps": 0, "save_steps": 1000,
                   "gradient_checkpointing": False, **train},
     }
+
+
+# Token ids (tiny tokenizer) and the logits helpers the merge and combination tests compare models with.
+IDS = [[0, 1, 272, 201, 85, 67, 2, 5, 1, 30, 60], [0, 1, 40, 41, 42, 43, 2, 5]]
+
+
+@torch.no_grad()
+def logits(model, ids=IDS) -> list[torch.Tensor]:
+    model.eval()
+    return [model(input_ids=torch.tensor([i]), use_cache=False).logits[0].float() for i in ids]
+
+
+def max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))

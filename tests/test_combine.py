@@ -23,9 +23,8 @@ from lorakit.cli import app
 from lorakit.config import EvalConfig, ModelConfig, Recipe
 from lorakit.train import run as train
 
-from conftest import tiny_recipe
+from conftest import logits, max_diff, tiny_recipe
 
-IDS = [[0, 1, 272, 201, 85, 67, 2, 5, 1, 30, 60], [0, 1, 40, 41, 42, 43, 2, 5]]
 SETTINGS = EvalConfig(max_new_tokens=6, max_examples=4)
 
 
@@ -45,16 +44,6 @@ def runs(tiny_model, tmp_path_factory):
 def cli(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stderr
-
-
-@torch.no_grad()
-def logits(model, ids=IDS) -> list[torch.Tensor]:
-    model.eval()
-    return [model(input_ids=torch.tensor([i]), use_cache=False).logits[0].float() for i in ids]
-
-
-def max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def base_model(tiny_model):

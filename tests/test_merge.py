@@ -21,9 +21,7 @@ from lorakit.config import ModelConfig, Recipe
 from lorakit.errors import LorakitError, ModelError, RunFailed
 from lorakit.train import run as train
 
-from conftest import EXAMPLES, tiny_recipe
-
-IDS = [[0, 1, 272, 201, 85, 67, 2, 5, 1, 30, 60], [0, 1, 40, 41, 42, 43, 2, 5]]
+from conftest import EXAMPLES, IDS, logits, max_diff, tiny_recipe
 
 
 def lorakit(*args: str) -> subprocess.CompletedProcess:
@@ -41,16 +39,6 @@ def runs(tiny_model, tmp_path_factory):
         recipe["lora"].update(lora)
         made[name] = train(Recipe.model_validate(recipe)).run_dir
     return made
-
-
-@torch.no_grad()
-def logits(model, ids=IDS) -> list[torch.Tensor]:
-    model.eval()
-    return [model(input_ids=torch.tensor([i]), use_cache=False).logits[0].float() for i in ids]
-
-
-def max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def reference(tiny_model, run_dir, four_bit=False):

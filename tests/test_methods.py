@@ -61,7 +61,9 @@ def test_variant_reloads_on_the_original_base_evaluates_and_merges(runs, tiny_mo
     report = evaluate.run(evaluate.resolve(result.run_dir), compare_base=False,
                           settings=load_recipe(result.run_dir / "recipe.yaml").eval.model_copy(
                               update={"max_examples": 4, "max_new_tokens": 8}))
-    assert report["metrics"]["tuned"]["loss"] > 0
+    # the trainer's eval loss averages per batch of packed rows, lorakit's per token: close, not equal
+    trained_eval = json.loads((result.run_dir / "manifest.json").read_text())["results"]["eval_loss"]
+    assert report["metrics"]["tuned"]["loss"] == pytest.approx(trained_eval, rel=0.02)
     merged = subprocess.run([sys.executable, "-m", "lorakit", "merge", str(result.run_dir), "--json"],
                             capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr[-2000:]

@@ -341,3 +341,14 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
     get_peft_model(model, config).save_pretrained(tmp_path / "ada")
     skeleton = adapter.on_skeleton(tmp_path / "ada", plain, "plain", checkpoint.Checkpoint.open(plain))
     assert skeleton.saved["lm_head.weight"].shape == (64, 32) and len(skeleton.layers) == 2
+
+
+def test_preview_check_and_training_agree_that_prompt_learning_pads(runs, tiny_model, tmp_path):
+    """One packing decision (model.use_packing) serves `data preview`, `check` and the trainer."""
+    from lorakit import check, preview
+
+    recipe = Recipe.model_validate(method_recipe(tiny_model, tmp_path / "run", "prompt_tuning", {}, False))
+    assert preview.run(recipe, count=1)["packing"] is False
+    finding = next(f for f in check.run(recipe, memory=False) if f.check == "packing")
+    assert finding.message.startswith("padding (no packing): prompt_tuning puts its virtual tokens")
+    assert json.loads((runs["prompt_tuning"].run_dir / "manifest.json").read_text())["kernels"]["packing"] is False

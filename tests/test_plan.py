@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
