@@ -137,7 +137,9 @@ def _launch_if_asked(recipe, nproc: int | None, resuming: bool, overwrite: bool)
 
     engine, config_processes = engines.from_accelerate_config(config) if config else (engines.Engine("ddp"), None)
     processes = nproc or recipe.distributed.nproc or config_processes or 1
-    engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=resolve_precision(recipe.model).dtype)
+    cuda = torch.cuda.is_available()
+    engines.check(recipe, engine, cuda=cuda, dtype=resolve_precision(recipe.model).dtype, processes=processes,
+                  gpus=torch.cuda.device_count() if cuda else None)
     if not resuming:
         from lorakit.run_dir import check_free
 

@@ -318,6 +318,10 @@ class TrainConfig(Section):
         "packing, `per_device_train_batch_size` counts packed rows.")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
+    ddp_backend: Literal["nccl", "gloo"] | None = Field(
+        None, description="Process-group backend when several processes train: `nccl` on GPUs, `gloo` on CPUs "
+        "by default. `gloo` also lets several processes share one GPU, which NCCL refuses (for trying a "
+        "multi-process set-up on one GPU; gradients are reduced through CPU memory, so it is slow).")
     report_to: list[str] | str = Field(
         "none", description=f"Trackers to log to: {', '.join(REPORT_TO)}. Credentials come from the "
         "environment (e.g. WANDB_API_KEY) and are never written to the run.")

@@ -30,6 +30,21 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def local_processes() -> int:
+    """Processes the launcher started on this machine (several machines each start their own)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def start(backend: str | None) -> None:
+    """Join the launch's process group with the recipe's backend (`train.ddp_backend`) before anything else
+    builds it: accelerate's PartialState is built once per process, so the trainer's (which reads the same
+    setting) would find it already built with the default backend."""
+    if world_size() > 1 and backend:
+        from accelerate import PartialState
+
+        PartialState(backend=backend)
+
+
 def barrier() -> None:
     if world_size() > 1:
         from accelerate import PartialState

@@ -124,6 +124,24 @@ def from_accelerate_config(path: str) -> tuple[Engine, int | None]:
     raise LorakitError(f"{path}: distributed_type {kind} is not one lorakit runs (DDP, FSDP or DeepSpeed)")
 
 
+def _process_placement(recipe: Recipe, engine: Engine, cuda: bool, processes: int, gpus: int | None) -> list[str]:
+    """One process per GPU: NCCL refuses two processes on one device ("Duplicate GPU detected"), and FSDP and
+    DeepSpeed shard across devices; only gloo DDP may share a GPU."""
+    backend = recipe.train.ddp_backend
+    if backend == "nccl" and not cuda:
+        return ["train.ddp_backend: nccl needs CUDA GPUs and none was found; leave it unset (gloo on CPUs)"]
+    if not cuda or gpus is None or processes <= gpus:
+        return []
+    many = f"{processes} processes on this machine's {gpus} GPU{'s' if gpus != 1 else ''}"
+    if engine.kind in ("fsdp", "deepspeed"):
+        return [f"{many}: {engine.name} runs one process per GPU; start at most {gpus} (--nproc {gpus})"]
+    if backend == "gloo":
+        return []
+    return [f"{many}: NCCL cannot put two processes on one GPU (it fails with \"Duplicate GPU detected\"); start "
+            f"at most {gpus} (--nproc {gpus}), or set train.ddp_backend: gloo to share a GPU (slow: gradients are "
+            "reduced through CPU memory)"]
+
+
 def _read_deepspeed_json(path: str, where: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -182,11 +200,14 @@ def quant_storage(model: ModelConfig, engine: Engine, compute_dtype: str) -> str
     return compute_dtype if engine.shards_parameters else "uint8"
 
 
-def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None) -> None:
+def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1,
+          gpus: int | None = None) -> None:
     """Refuse, with every reason at once, what would fail (or quietly do something else) under `engine`;
-    `dtype` is the run's training dtype, when already known."""
+    `dtype` is the run's training dtype, when already known; `processes` the processes started on this
+    machine and `gpus` its CUDA GPUs, when the caller knows them."""
     problems = []
     where = f" ({engine.source})"
+    problems += _process_placement(recipe, engine, cuda, processes, gpus)
     wanted = _MIXED.get(engine.mixed_precision, engine.mixed_precision)
     if engine.mixed_precision != "no" and dtype is not None and wanted != dtype:
         problems.append(f"the accelerate config sets mixed_precision: {engine.mixed_precision}, but this run trains in "

@@ -113,8 +113,8 @@ def device_map(precision: Precision, engine: Engine = SINGLE) -> dict | None:
     Under FSDP and ZeRO-3 none: the engine places (and shards) the weights itself."""
     if engine.shards_parameters:
         return None
-    if precision.device == "cuda":
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if precision.device == "cuda":  # as accelerate places the process (gloo DDP may put several on one GPU)
+        return {"": int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)}
     return {"": "cpu"}
 
 

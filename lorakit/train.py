@@ -31,7 +31,7 @@ from lorakit.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
 _NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing", "save_total_limit", "use_liger_kernel", *TrainConfig.LORAKIT_ONLY}
+            "packing", "save_total_limit", "use_liger_kernel", "ddp_backend", *TrainConfig.LORAKIT_ONLY}
 
 
 def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, packing: bool,
@@ -68,6 +68,8 @@ def sft_config(recipe: Recipe, run_dir: Path, precision: model_mod.Precision, pa
         save_only_model=False,
         save_total_limit=None,  # lorakit rotates, and only after a newer checkpoint is complete (resume.py)
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
+        # one process: no process group (transformers would try to use one for any backend named)
+        ddp_backend=train.ddp_backend if distributed.world_size() > 1 else None,
     )
 
 
@@ -90,7 +92,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     quiet_libraries()
     precision = model_mod.resolve_precision(recipe.model)
     engine = engines.from_environment()
-    engines.check(recipe, engine, cuda=torch.cuda.is_available(), dtype=precision.dtype)
+    cuda = torch.cuda.is_available()
+    engines.check(recipe, engine, cuda=cuda, dtype=precision.dtype, processes=distributed.local_processes(),
+                  gpus=torch.cuda.device_count() if cuda else None)
     optim = engines.default_optim(recipe, engine)
     engines.check_optim(optim)
     liger = recipe.train.use_liger_kernel is not False and model_mod.use_liger(
@@ -109,6 +113,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
         run_files.write_recipe(run_dir, recipe)
     else:
         run_dir = Path(recipe.train.output_dir).expanduser().resolve()
+    distributed.start(recipe.train.ddp_backend)
     distributed.barrier()  # the others go on once the main process has claimed the directory
     torch.manual_seed(recipe.train.seed)
 
@@ -197,6 +202,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resu
     details = _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
                        parameters, recipe.model.trust_remote_code)
     details["quantization"] = quantized
+    details["optimizer"] = optim
     if ranks is not None:
         details["adalora_final_ranks"] = ranks
     details["kernels"] = {"attention": attention, "liger": liger, "packing": packing,
@@ -274,6 +280,7 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
              parameters: tuple[int, int], trust_remote_code: bool = False) -> dict:
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
+    memory = memory_record(precision.device)
     runtime = output.metrics["train_runtime"]
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     trainable, total = parameters
@@ -291,7 +298,7 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
                  "bad_rows_skipped": len(prepared.bad_rows), "packing": packing},
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
-        "eos_token_ids": eos_ids, "peak_memory": _peak_memory(precision),
+        "eos_token_ids": eos_ids, "peak_memory": _peak_memory(memory), "memory": memory,
         "results": {
             "steps": trainer.state.global_step, "train_runtime_s": round(runtime, 2),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -343,10 +350,24 @@ def _device_name(precision: model_mod.Precision) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def _peak_memory(precision: model_mod.Precision) -> str:
-    if precision.device == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+def memory_record(device: str) -> dict:
+    """This process's peak memory, for the manifest and for comparing with `lorakit plan`. On CUDA: the peak
+    of live tensors (allocated), of the allocator's pool (reserved), and what the device holds outside the pool
+    now (CUDA context, library workspaces; other processes' memory too, when the GPU is shared)."""
+    gib = 2**30
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
+                "outside_allocator_gib": round((total - free - torch.cuda.memory_reserved()) / gib, 3),
+                "device_gib": round(total / gib, 2)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def _peak_memory(memory: dict) -> str:
+    if "peak_allocated_gib" in memory:
+        return f"{memory['peak_allocated_gib']:.2f} GiB GPU (allocator pool {memory['peak_reserved_gib']:.2f} GiB)"
+    return f"{memory['peak_rss_gib']:.2f} GiB RSS"
 
 
 def _fmt(value) -> str:

@@ -29,8 +29,9 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
     differ by less than 5% of how far training moved the logits from the base (measured: 1.4% LoRA,
     0.1% QLoRA; Adam turns reduction-order noise in near-zero gradients into full-size first steps)."""
     run_dir, single_dir = tmp_path / "run", tmp_path / "single"
+    # the QLoRA case names its backend (gloo, the CPU default): the process group is then built with it first
     recipe = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=four_bit, steps=6, save_steps=3,
-                                      per_device_train_batch_size=4))
+                                      per_device_train_batch_size=4, **({"ddp_backend": "gloo"} if four_bit else {})))
     single = write_recipe(tiny_recipe(tiny_model, single_dir, four_bit=four_bit, steps=6,
                                       per_device_train_batch_size=8), name="single")
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--nproc", "2"],
@@ -69,3 +70,14 @@ def test_nproc_refuses_a_bad_recipe_before_starting_processes(tiny_model, tmp_pa
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe)), "--nproc", "2"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'lora.r'" in out.stderr and "torch.distributed" not in out.stderr
+
+
+def test_nccl_without_gpus_is_refused_before_starting_processes(tiny_model, tmp_path, write_recipe):
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without GPUs")
+    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
+    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--nproc", "2", "--set",
+                          "train.ddp_backend=nccl"], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train.ddp_backend: nccl needs CUDA GPUs" in out.stderr and "torch.distributed" not in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -272,3 +272,31 @@ def test_adalora_is_refused_where_parameters_are_sharded(tiny_model, tmp_path):
         with pytest.raises(LorakitError, match="method: adalora scores every singular value"):
             engines.check(plan, engine, cuda=True)
     engines.check(plan, engines.Engine("ddp"), cuda=True)
+
+
+def test_processes_beyond_the_gpus_are_refused_unless_gloo_shares_them(tiny_model, tmp_path):
+    """NCCL refuses two processes on one GPU ("Duplicate GPU detected") after N processes have loaded the model;
+    lorakit refuses before launch, and lets gloo DDP share a GPU when asked."""
+    plan = recipe(tiny_model, tmp_path)
+    with pytest.raises(LorakitError, match=r"2 processes on this machine's 1 GPU: NCCL cannot put two processes "
+                                           r"on one GPU .*--nproc 1.*train.ddp_backend: gloo"):
+        engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
+    engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=2)
+    engines.check(plan, engines.Engine("ddp"), cuda=False, processes=2, gpus=None)  # gloo on CPUs
+    plan.train.ddp_backend = "gloo"
+    engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
+    with pytest.raises(LorakitError, match="FSDP1 runs one process per GPU; start at most 1"):
+        engines.check(plan, engine_of("fsdp_qlora.yaml"), cuda=True, processes=2, gpus=1)
+    plan.train.ddp_backend = "nccl"
+    with pytest.raises(LorakitError, match="train.ddp_backend: nccl needs CUDA GPUs"):
+        engines.check(plan, engines.Engine("ddp"), cuda=False, processes=2)
+
+
+def test_a_named_backend_waits_for_several_processes(tiny_model, tmp_path):
+    """One process has no process group: naming a backend there must not make the trainer look for one (the
+    two-process QLoRA test in test_distributed.py runs with train.ddp_backend: gloo)."""
+    from lorakit.model import Precision
+    from lorakit.train import sft_config
+
+    plan = recipe(tiny_model, tmp_path, ddp_backend="gloo")
+    assert sft_config(plan, tmp_path / "run", Precision("float32", "cpu"), packing=True).ddp_backend is None
