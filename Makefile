@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TINY := .cache/tiny-llama
 
-.PHONY: setup quickstart test docs clean
+.PHONY: setup quickstart test docs clean gpu-check
 setup: $(VENV)/.lorakit-setup
 
 $(VENV)/.lorakit-setup: pyproject.toml scripts/setup.sh
@@ -21,6 +21,11 @@ quickstart: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The GPU validation in one call (scripts/gpu_check/): on a GPU machine with the wheels from scripts/gpu_wheels.sh,
+# `make gpu-check` (results in $OUT); on a CPU machine, the reduced rehearsal with the venv's Python.
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # Regenerate docs/recipe.md from the schema and docs/plan.md from the planner (tests fail when stale).
 docs: setup

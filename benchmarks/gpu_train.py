@@ -10,7 +10,8 @@ non-reentrant gradient checkpointing); the baseline runs trl's (sdpa, gradient c
 
 Reported per side: tokens/s over the timed steps (CUDA-synchronised step times), MFU, peak allocated GPU
 memory, mean loss over the timed steps (the two must agree: same model, same kind of data), and the longest
-sequence that trains at batch 1 (doubling from `--seq` until out of memory, then halving the gap).
+sequence that trains at batch 1 (doubling from the preset's start until out of memory, then halving the gap,
+within a bounded number of probes).
 
 MFU = tokens/s x (4 N + 6 N_lora + 6 L s d) / peak, with N the base's parameters (forward and input-gradient
 matmuls; frozen weights get no weight gradient), N_lora the adapter's, L layers, s the sequence, d the hidden
@@ -18,13 +19,19 @@ size (causal attention scores and values, forward and backward), and peak the GP
 from trl's table (H100/H200 SXM: 989e12). Recomputation by gradient checkpointing is not counted as useful work.
 
     python benchmarks/gpu_train.py --json gpu.json                 # H100/H200: the full size
-    python benchmarks/gpu_train.py --preset cpu-smoke --json x.json  # reduced, runs anywhere (a test runs it)
+    python benchmarks/gpu_train.py --preset h200-check --json x.json  # 8 of the 32 layers (make gpu-check, stage d)
+    python benchmarks/gpu_train.py --preset cpu-smoke --json x.json  # reduced, runs anywhere (the rehearsal runs it)
+
+Both sides must report finite, non-zero gradient norms (an adapter that does not learn would time nothing
+useful); the report is rewritten after each phase, so a run stopped during the longest-sequence search keeps
+its speed figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,11 +52,19 @@ from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
              "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+# longest_*: the batch-1 search starts at longest_start, doubles up to longest_limit, then halves the gap, and
+# stops after max_probes runs per side (each probe is a fresh process that loads the model).
 PRESETS = {
-    "h100": {"shape": LLAMA3_8B, "seq": 2048, "batch": 4, "warmup": 10, "steps": 30, "longest_limit": 131072},
+    "h100": {"shape": LLAMA3_8B, "note": "Llama-3-8B shape, all 32 layers", "seq": 2048, "batch": 4, "warmup": 10,
+             "steps": 30, "longest_start": 4096, "longest_limit": 131072, "max_probes": 8},
+    # `make gpu-check` (stage d): the full 8B width, a quarter of its depth, to fit the stage's cap on one H200
+    "h200-check": {"shape": {**LLAMA3_8B, "num_hidden_layers": 8}, "note": "Llama-3-8B shape, 8 of its 32 layers",
+                   "seq": 2048, "batch": 4, "warmup": 5, "steps": 15, "longest_start": 32768,
+                   "longest_limit": 131072, "max_probes": 2},
     "cpu-smoke": {"shape": {**LLAMA3_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024},
-                  "seq": 128, "batch": 2, "warmup": 1, "steps": 2, "longest_limit": 256},
+                  "note": "reduced to 2 layers of width 128 (CPU smoke test)", "seq": 128, "batch": 2, "warmup": 1,
+                  "steps": 2, "longest_start": 256, "longest_limit": 256, "max_probes": 3},
 }
 SIDES = ("lorakit", "baseline")
 
@@ -97,8 +112,10 @@ class StepTimer:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
                     outer.losses.append(logs["loss"])
+                if logs and "grad_norm" in logs:
+                    outer.grad_norms.append(float(logs["grad_norm"]))
 
-        self.callback, self.times, self.losses, self.started = _Callback(), [], [], 0.0
+        self.callback, self.times, self.losses, self.grad_norms, self.started = _Callback(), [], [], [], 0.0
 
     @staticmethod
     def _sync():
@@ -135,13 +152,12 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
         trainer.train()
         kernels = {"attention": trainer.model.config._attn_implementation, "liger": False, "packing": False,
                    "gradient_checkpointing": True}
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
+    from lorakit.train import memory_record
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"times": timer.times, "losses": timer.losses, "peak_gib": peak, "kernels": kernels}
+    memory = memory_record("cuda" if torch.cuda.is_available() else "cpu")
+    peak = memory.get("peak_allocated_gib", memory.get("peak_rss_gib"))
+    return {"times": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "peak_gib": peak,
+            "memory": memory, "kernels": kernels}
 
 
 def launch(side: str, model: Path, data: Path, template: Path, work: Path, seq: int, batch: int,
@@ -194,22 +210,33 @@ def parameters(model: Path, shape: dict) -> tuple[int, int]:
     return lora, base
 
 
-def longest(side: str, settings: dict, model: Path, work: Path, words: list[str], template: Path) -> int:
-    """The longest sequence (tokens) that trains 2 steps at batch 1: doubling, then halving the gap."""
-    fits, seq, limit = 0, settings["seq"], settings["longest_limit"]
-    failed = None
-    while seq <= limit:
-        ok = launch(side, model, data_for(seq, 8, work, words), template, work, seq, 1, 2, f"longest-{seq}")
-        if ok is None:
+def longest(side: str, settings: dict, model: Path, work: Path, words: list[str], template: Path,
+            found: dict, saved=lambda: None) -> dict:
+    """The longest sequence (tokens) that trains 2 steps at batch 1, within `max_probes` runs: doubling from
+    `longest_start` up to `longest_limit`, then halving the gap. Fills `found` (calling `saved` after each
+    probe): the longest that fit, the shortest that did not (None when none failed), each probe's peak."""
+    fits, failed, seq, probes = 0, None, settings["longest_start"], []
+    found.update(fits=0, fails=None, probes=probes)
+
+    def probe(length: int) -> bool:
+        ok = launch(side, model, data_for(length, 8, work, words), template, work, length, 1, 2, f"longest-{length}")
+        probes.append({"seq": length, "fits": ok is not None, "peak_gib": ok["peak_gib"] if ok else None})
+        if ok is not None:
+            found["fits"] = max(found["fits"], length)
+        else:
+            found["fails"] = min(found["fails"] or length, length)
+        saved()
+        return ok is not None
+
+    while seq <= settings["longest_limit"] and len(probes) < settings["max_probes"]:
+        if not probe(seq):
             failed = seq
             break
         fits, seq = seq, seq * 2
-    while failed and failed - fits > max(256, fits // 8):
+    while failed and failed - fits > max(256, fits // 8) and len(probes) < settings["max_probes"]:
         middle = (fits + failed) // 2
-        ok = launch(side, model, data_for(middle, 8, work, words), template, work, middle, 1, 2,
-                    f"longest-{middle}")
-        fits, failed = (middle, failed) if ok is not None else (fits, middle)
-    return fits
+        fits, failed = (middle, failed) if probe(middle) else (fits, middle)
+    return found
 
 
 def main() -> None:
@@ -256,35 +283,52 @@ def main() -> None:
     trainable, total = parameters(model, settings["shape"])
 
     rows = {side: [] for side in SIDES}
+    report = {"preset": args.preset, "shape_note": settings["note"],
+              "settings": {k: v for k, v in settings.items() if k not in ("shape", "note")},
+              "shape": settings["shape"], "tokens_per_example": tokens_per_example, "runs": rows}
     for repeat in range(args.repeats):
         for side in SIDES:
             run = launch(side, model, data, template, work, seq, batch, total_steps, f"run-{repeat}")
             if run is None:
                 raise SystemExit(f"{side} ran out of memory at sequence {seq}, batch {batch}")
+            if not run["grad_norms"] or min(run["grad_norms"]) <= 0 or not all(map(math.isfinite, run["grad_norms"])):
+                raise SystemExit(f"{side}: gradient norms {run['grad_norms']}: the adapter is not learning")
             timed = run["times"][settings["warmup"]:]
             tokens_per_s = len(timed) * batch * tokens_per_example / sum(timed)
-            rows[side].append({"tokens_per_s": tokens_per_s, "peak_gib": run["peak_gib"],
+            rows[side].append({"tokens_per_s": tokens_per_s, "peak_gib": run["peak_gib"], "memory": run["memory"],
                                "mean_loss": statistics.mean(run["losses"][settings["warmup"]:]),
+                               "grad_norm_min": min(run["grad_norms"]), "grad_norm_max": max(run["grad_norms"]),
                                "mfu": mfu(tokens_per_s, settings["shape"], trainable, total, seq),
                                "kernels": run["kernels"]})
             print(f"{side} {repeat}: {tokens_per_s:,.0f} tok/s, peak {run['peak_gib']:.2f} GiB, "
                   f"kernels {run['kernels']}", flush=True)
-    report = {"preset": args.preset, "settings": {k: v for k, v in settings.items() if k != "shape"},
-              "shape": settings["shape"], "tokens_per_example": tokens_per_example, "runs": rows}
     for side in SIDES:
-        report[side] = {key: statistics.median(r[key] for r in rows[side]) for key in ("tokens_per_s", "peak_gib",
-                                                                                      "mean_loss")}
+        report[side] = {key: statistics.median(r[key] for r in rows[side])
+                        for key in ("tokens_per_s", "peak_gib", "mean_loss", "grad_norm_min", "grad_norm_max")}
         mfus = [r["mfu"] for r in rows[side] if r["mfu"] is not None]
         report[side]["mfu"] = statistics.median(mfus) if mfus else None
-        if not args.skip_longest:
-            report[side]["longest_seq_batch1"] = longest(side, settings, model, work, words, template)
     ours, theirs = report["lorakit"], report["baseline"]
     report["ratios"] = {"tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
                         "peak_memory": ours["peak_gib"] / theirs["peak_gib"],
                         "mean_loss": ours["mean_loss"] / theirs["mean_loss"]}
+    _write(args.json, report)
+    if not args.skip_longest:
+        for side in SIDES:  # the speed figures are on disk first: a run stopped during the search keeps them
+            found = report[side]["longest_search"] = {}
+
+            def saved(side=side, found=found):
+                report[side]["longest_seq_batch1"] = found["fits"]
+                _write(args.json, report)
+
+            longest(side, settings, model, work, words, template, found, saved)
     print(json.dumps({k: report[k] for k in ("lorakit", "baseline", "ratios")}, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+
+
+def _write(path: Path | None, report: dict) -> None:
+    if path:
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(report, indent=1))
+        partial.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Generate docs/plan.md: `lorakit plan`'s breakdown for an 8B and a 70B model on 24, 48 and 80 GiB GPUs,
-computed by the planner itself from the published configs in tests/fixtures/configs (a test fails when the
-committed page differs from `render()`).
+computed by the planner itself from the published configs in tests/fixtures/configs, and the plan against the
+peak memory `make gpu-check` measured on a GPU (benchmarks/gpu-check/; a test fails when the committed page
+differs from `render()`).
 
     python scripts/gen_plan_docs.py          # rewrite docs/plan.md
 """
@@ -41,7 +42,8 @@ What is exact and what is estimated:
 - **estimated**: activations (per token and layer: the layer input when checkpointed, plus one layer's
   working set; flash/sdpa attention assumed, eager adds the s x s scores), the logits (bf16 logits, their
   fp32 copy for the loss and its gradient; with a fused loss a few chunks), and the framework overhead
-  (0.75 GiB CUDA context + 10% allocator fragmentation, an assumption). Not checked against a GPU yet.
+  (0.75 GiB CUDA context + 10% allocator fragmentation, an assumption). The last section compares them with
+  what a GPU measured, once `make gpu-check` has run on one.
 - Engines divide what they shard: FSDP and ZeRO-3 the weights, gradients and optimizer state; ZeRO-2 the
   gradients and optimizer state; FSDP with CPU offload keeps about two layers on the GPU.
 
@@ -85,6 +87,9 @@ def render() -> str:
             verdict = f"fits ({plan.total / plan.gpu_memory:.0%})" if plan.fits else "does not fit"
             out.append(f"| {memory} GiB | {verdict} | {largest or '-'} | {fixes if not plan.fits else '-'} |")
         out.append("")
+    from scripts.gpu_check import record  # the figures `make gpu-check` measured, as recorded in benchmarks/
+
+    out.append(record.plan_section(record.load(record.STORE)))
     return "\n".join(out)
 
 
