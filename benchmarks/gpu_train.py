@@ -131,8 +131,8 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
 
     timer = StepTimer()
     if side == "lorakit":
-        from lorakit.recipe_file import load_recipe
-        from lorakit.train import run
+        from lorakit.recipe.loading import load_recipe
+        from lorakit.train.trainer import run
 
         recipe = {"model": {"name_or_path": str(model), "load_in_4bit": True},
                   "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
@@ -146,13 +146,14 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
         kernels = details.get("kernels", {})
     else:
         from benchmarks.trl_baseline import build
+        from lorakit import upstream
 
         trainer = build(str(model), str(data), str(template), str(out), batch=batch, max_steps=steps, max_length=seq,
                         learning_rate=2e-4, logging_steps=1, callbacks=[timer.callback])
         trainer.train()
-        kernels = {"attention": trainer.model.config._attn_implementation, "liger": False, "packing": False,
+        kernels = {"attention": upstream.attention_implementation(trainer.model), "liger": False, "packing": False,
                    "gradient_checkpointing": True}
-    from lorakit.train import memory_record
+    from lorakit.train.trainer import memory_record
 
     memory = memory_record("cuda" if torch.cuda.is_available() else "cpu")
     peak = memory.get("peak_allocated_gib", memory.get("peak_rss_gib"))
@@ -273,7 +274,7 @@ def main() -> None:
     seq, batch = settings["seq"], settings["batch"]
     total_steps = settings["warmup"] + settings["steps"]
     data = data_for(seq, batch * total_steps * 2, work, words)
-    from lorakit.config import DataConfig
+    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(model)

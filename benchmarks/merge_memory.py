@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-IMPORTS = "import torch, transformers, peft, safetensors, lorakit.merge"
+IMPORTS = "import torch, transformers, peft, safetensors, lorakit.merge.fold"
 # Resident memory sampled every 2 ms on a thread while the merge runs; what the merge adds is the peak
 # minus the resident memory just before it (after every import), so import-time peaks do not count.
 SAMPLER = """
@@ -63,7 +63,7 @@ model.save_pretrained({out!r}, max_shard_size="{shard}MB")
 {report}"""
 STREAM = """{imports}
 from pathlib import Path
-from lorakit import merge
+from lorakit.merge import fold as merge
 {sampler}
 plan = merge.plan({run!r}, output={out!r}, dtype="bfloat16")
 Path({out!r}).mkdir(parents=True)

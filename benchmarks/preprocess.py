@@ -35,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # noqa: E402
 
 def lorakit_prepare(path: Path, template: Path, tokenizer, num_proc: int, max_length: int):
-    from lorakit.config import DataConfig
+    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
 
     cfg = DataConfig(train=str(path), chat_template=str(template), max_length=max_length, num_proc=num_proc)

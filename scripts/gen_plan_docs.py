@@ -53,7 +53,7 @@ gradient checkpointing on, paged 8-bit AdamW, max_length 2048, micro-batch 1, bf
 
 
 def _recipe(name: str):
-    from lorakit.config import Recipe
+    from lorakit.recipe.schema import Recipe
 
     return Recipe.model_validate({
         "model": {"name_or_path": str(ROOT / "tests" / "fixtures" / "configs" / name), "load_in_4bit": True},
@@ -63,8 +63,8 @@ def _recipe(name: str):
 
 
 def render() -> str:
-    from lorakit import engines
-    from lorakit import plan as plan_mod
+    from lorakit.model import engines
+    from lorakit.preflight import plan as plan_mod
 
     out = [INTRO]
     settings = {"engine": engines.Engine(), "processes": 1, "dtype": "bfloat16", "fused_loss": False}

@@ -1,4 +1,4 @@
-"""Generate docs/recipe.md, the recipe reference, from the pydantic schema in lorakit/config.py.
+"""Generate docs/recipe.md, the recipe reference, from the pydantic schema in lorakit/recipe/schema.py.
 
 Help text is written once, in each field's `description`; this page cannot drift from it because
 tests/test_docs.py fails when the committed page differs from `render()`.
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lorakit.config import Recipe  # noqa: E402
+from lorakit.recipe.schema import Recipe  # noqa: E402
 
 DOC = ROOT / "docs" / "recipe.md"
 
@@ -97,7 +97,7 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
 
 def render() -> str:
     out = ["# Recipe reference", "",
-           "Generated from `lorakit/config.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
+           "Generated from `lorakit/recipe/schema.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
            "", "A recipe needs `model` and `data`; every other section is optional. `method` picks the PEFT method "
            "and with it the section that configures it (`lora`, `adalora`, `ia3`, `prompt_tuning`, `prefix_tuning`). "
            "Unknown keys are errors (with the line and a suggestion); "

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lorakit import engines
-from lorakit import methods
-from lorakit import model as model_mod
-from lorakit.config import LoraSection, ModelConfig
+from lorakit.model import engines
+from lorakit.model import peft_methods as methods
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import LoraSection, ModelConfig
 
 
 def build(model_dir: str, version: int, storage: str, dtype: str, upcast_norms: bool):

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.config import DataConfig
+from lorakit.recipe.schema import DataConfig
 from lorakit.data import prepare
 from lorakit.data.templates import CHATML_EOS
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from lorakit import evaluate
-from lorakit.config import Recipe
-from lorakit.train import run as train
+from lorakit.evaluate import compare as evaluate
+from lorakit.recipe.schema import Recipe
+from lorakit.train.trainer import run as train
 
 from conftest import tiny_recipe
 

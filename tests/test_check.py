@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from lorakit import check as check_mod
-from lorakit.config import Recipe
+from lorakit.preflight import check as check_mod
+from lorakit.recipe.schema import Recipe
 
 from conftest import ROOT, tiny_recipe
 

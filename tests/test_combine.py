@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lorakit import combine, evaluate
-from lorakit import model as model_mod
+from lorakit.merge import combine
+from lorakit.evaluate import compare as evaluate
+from lorakit.model import base as model_mod
 from lorakit.cli import app
-from lorakit.config import EvalConfig, ModelConfig, Recipe
-from lorakit.train import run as train
+from lorakit.recipe.schema import EvalConfig, ModelConfig, Recipe
+from lorakit.train.trainer import run as train
 
 from conftest import logits, max_diff, tiny_recipe
 

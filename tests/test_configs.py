@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.recipe_file import load_recipe
+from lorakit.recipe.loading import load_recipe
 
 from conftest import EXAMPLES, ROOT
 

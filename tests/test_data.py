@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.config import DataConfig
+from lorakit.recipe.schema import DataConfig
 from lorakit.data import IGNORE, prepare
 from lorakit.errors import DataError
 

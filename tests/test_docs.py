@@ -11,7 +11,7 @@ def test_recipe_reference_is_current():
 
 
 def test_every_field_documented():
-    from lorakit.config import Recipe
+    from lorakit.recipe.schema import Recipe
 
     text = render()
     for section, field in Recipe.model_fields.items():

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from lorakit import engines
-from lorakit.config import Recipe
+from lorakit.model import engines
+from lorakit.recipe.schema import Recipe
 from lorakit.errors import LorakitError
-from lorakit.recipe_file import load_recipe
+from lorakit.recipe.loading import load_recipe
 
 from conftest import EXAMPLES, ROOT, tiny_recipe
 
@@ -295,8 +295,8 @@ def test_processes_beyond_the_gpus_are_refused_unless_gloo_shares_them(tiny_mode
 def test_a_named_backend_waits_for_several_processes(tiny_model, tmp_path):
     """One process has no process group: naming a backend there must not make the trainer look for one (the
     two-process QLoRA test in test_distributed.py runs with train.ddp_backend: gloo)."""
-    from lorakit.model import Precision
-    from lorakit.train import sft_config
+    from lorakit.model.setup import for_training
+    from lorakit.train.trainer import sft_config
 
     plan = recipe(tiny_model, tmp_path, ddp_backend="gloo")
-    assert sft_config(plan, tmp_path / "run", Precision("float32", "cpu"), packing=True).ddp_backend is None
+    assert sft_config(plan, tmp_path / "run", for_training(plan, processes=1)).ddp_backend is None

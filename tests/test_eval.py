@@ -13,12 +13,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import evaluate, generation
-from lorakit import merge as merge_mod
-from lorakit import metrics as metrics_mod
-from lorakit.config import EvalConfig, Recipe
+from lorakit.evaluate import compare as evaluate
+from lorakit.evaluate import generation
+from lorakit.merge import fold as merge_mod
+from lorakit.evaluate import metrics as metrics_mod
+from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit.errors import DataError, LorakitError, ModelError
-from lorakit.train import run as train
+from lorakit.train.trainer import run as train
 
 from conftest import tiny_recipe
 
@@ -64,7 +65,7 @@ def test_loss_is_the_token_mean_over_the_training_masks(run_dir, report, tiny_mo
     """Recomputed here, in one batch of one example each, with the model's own loss."""
     from peft import PeftModel
 
-    from lorakit.config import DataConfig
+    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
 
     tok = AutoTokenizer.from_pretrained(run_dir)

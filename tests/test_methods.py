@@ -14,10 +14,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorakit import evaluate
-from lorakit.config import Recipe
-from lorakit.recipe_file import load_recipe
-from lorakit.train import run as train
+from lorakit.evaluate import compare as evaluate
+from lorakit.recipe.schema import Recipe
+from lorakit.recipe.loading import load_recipe
+from lorakit.train.trainer import run as train
 
 from conftest import tiny_recipe
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lorakit.config import DataConfig
+from lorakit.recipe.schema import DataConfig
 from lorakit.data import prepare
 
 from conftest import EXAMPLES
@@ -55,8 +55,8 @@ def test_packed_and_padded_batches_agree(tiny_model, tmp_path):
 
 
 def test_a_kv_cache_would_join_packed_examples_so_lorakit_loads_without_one(tiny_model, tmp_path):
-    from lorakit import model as model_mod
-    from lorakit.config import ModelConfig
+    from lorakit.model import base as model_mod
+    from lorakit.recipe.schema import ModelConfig
 
     cfg = ModelConfig(name_or_path=str(tiny_model))
     model = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))

@@ -14,11 +14,12 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import evaluate, methods
-from lorakit import model as model_mod
-from lorakit.config import Recipe
-from lorakit.recipe_file import load_recipe
-from lorakit.train import run as train
+from lorakit.evaluate import compare as evaluate
+from lorakit.model import peft_methods as methods
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import Recipe
+from lorakit.recipe.loading import load_recipe
+from lorakit.train.trainer import run as train
 
 from conftest import tiny_recipe
 
@@ -255,7 +256,7 @@ def test_loftq_starts_closer_to_the_full_precision_model(tiny_model, tmp_path):
 
 def test_planner_counts_what_each_method_trains(runs, token_run):
     """`lorakit plan`/`check` count trainable parameters on a weightless model: equal to what training had."""
-    from lorakit import plan as plan_mod
+    from lorakit.preflight import plan as plan_mod
 
     for result in [*runs.values(), token_run]:
         manifest = json.loads((result.run_dir / "manifest.json").read_text())
@@ -275,8 +276,8 @@ def test_adalora_resume_is_refused_with_the_reason(tiny_model, tmp_path):
 def test_prompt_learning_generates_each_prompt_as_if_alone(runs):
     """peft ignores position ids under prompt tuning, so a left-padded batch would shift the shorter prompts'
     positions: lorakit generates them one at a time, and a batch gives what each prompt gives alone."""
-    from lorakit import generation
-    from lorakit.config import EvalConfig
+    from lorakit.evaluate import generation
+    from lorakit.recipe.schema import EvalConfig
 
     result = runs["prompt_tuning"]
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
@@ -320,7 +321,8 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
     from peft import IA3Config
     from transformers import LlamaConfig
 
-    from lorakit import adapter, checkpoint
+    from lorakit.merge import skeleton as adapter
+    from lorakit.model import shards as checkpoint
     from lorakit.errors import ModelError
 
     def base_with(name, **config):
@@ -345,7 +347,8 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
 
 def test_preview_check_and_training_agree_that_prompt_learning_pads(runs, tiny_model, tmp_path):
     """One packing decision (model.use_packing) serves `data preview`, `check` and the trainer."""
-    from lorakit import check, preview
+    from lorakit.preflight import check
+    from lorakit.preflight import preview
 
     recipe = Recipe.model_validate(method_recipe(tiny_model, tmp_path / "run", "prompt_tuning", {}, False))
     assert preview.run(recipe, count=1)["packing"] is False

@@ -13,10 +13,10 @@ import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 
-from lorakit import engines
-from lorakit import model as model_mod
-from lorakit import plan as plan_mod
-from lorakit.config import Recipe
+from lorakit.model import engines
+from lorakit.model import base as model_mod
+from lorakit.preflight import plan as plan_mod
+from lorakit.recipe.schema import Recipe
 
 from conftest import EXAMPLES, ROOT, tiny_recipe
 
@@ -77,7 +77,7 @@ def test_weight_and_adapter_terms_equal_a_loaded_4bit_model(tiny_model, tmp_path
     assert lines["base weights (unquantized)"] == other  # fp32 after the QLoRA preparation
     from peft import get_peft_model
 
-    from lorakit import methods
+    from lorakit.model import peft_methods as methods
 
     tuned = get_peft_model(base, methods.lora_config(recipe.lora))
     assert counts.lora == sum(p.numel() for p in tuned.parameters() if p.requires_grad)
@@ -95,7 +95,7 @@ def test_counts_match_published_configs(name):
             "num_key_value_heads"] // config["num_attention_heads"]) if name == "qwen2.5-7b" else 0)  # q/k/v biases
 
 
-def plan_for(name: str, memory_gib: float, **changes) -> plan_mod.Plan:
+def plan_for(name: str, memory_gib: float, **changes) -> plan_mod.MemoryPlan:
     recipe = fixture_recipe(name)
     for section, values in changes.items():
         for key, value in values.items():

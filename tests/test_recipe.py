@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from lorakit.config import Recipe
+from lorakit.recipe.schema import Recipe
 from lorakit.errors import RecipeError
-from lorakit.recipe_file import load_recipe
+from lorakit.recipe.loading import load_recipe
 
 from conftest import EXAMPLES
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorakit import model as model_mod
-from lorakit.config import ModelConfig, Recipe
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import ModelConfig, Recipe
 from lorakit.errors import ModelError
-from lorakit.train import run as train
+from lorakit.train.trainer import run as train
 
 from conftest import tiny_recipe
 
@@ -59,7 +59,7 @@ def test_the_same_recipe_and_seed_give_bit_identical_adapters(tiny_model, tmp_pa
 
 def test_output_dir_escaping_through_dotdot_or_a_symlink_is_refused(tmp_path, monkeypatch):
     from lorakit.errors import LorakitError
-    from lorakit.run_dir import check_free
+    from lorakit.rundir.directory import check_free
 
     work = tmp_path / "work"
     work.mkdir()
@@ -101,7 +101,7 @@ class PoisonGradients:
 
 def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tiny_model, tmp_path, capsys):
     from lorakit.errors import RunFailed
-    from lorakit.resume import MARKER
+    from lorakit.train.resume import MARKER
 
     poison = PoisonGradients({3})
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "one", four_bit=False, steps=5))

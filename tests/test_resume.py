@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.resume import INCOMING, MARKER
+from lorakit.train.resume import INCOMING, MARKER
 
 from conftest import tiny_recipe
 

@@ -13,11 +13,11 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit import model as model_mod
-from lorakit.config import Recipe
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import Recipe
 from lorakit.data import prepare
-from lorakit.recipe_file import load_recipe
-from lorakit.train import run
+from lorakit.recipe.loading import load_recipe
+from lorakit.train.trainer import run
 
 from conftest import tiny_recipe
 

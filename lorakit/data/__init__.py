@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from lorakit.config import DataConfig
+from lorakit.recipe.schema import DataConfig
 from lorakit.data import cache as cache_mod
 from lorakit.data.encode import IGNORE, Encoder, Split, encode, end_of_turn_id, example_record
 from lorakit.data.rows import Chat, detect_format, to_example

@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lorakit import __version__
-from lorakit.config import DataConfig
+from lorakit.recipe.schema import DataConfig
 from lorakit.data.templates import chosen_template
 
 FORMAT = 1  # bump when the stored layout or the encoding rules change

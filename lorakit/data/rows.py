@@ -193,3 +193,24 @@ def _messages(messages, key: str, where: str, need_assistant: bool = True) -> li
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: `{key}` has no assistant message; there is nothing to train on")
     return messages
+
+
+def read_prompts(path: Path) -> list[list[dict]]:
+    """`lorakit generate --file`: one conversation per JSONL line, {"prompt": ...} or {"messages": [...]}."""
+    conversations = []
+    if not path.is_file():
+        raise DataError(f"--file {path}: no such file")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            conversations.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            conversations.append(row["messages"])
+        else:
+            raise DataError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+    return conversations

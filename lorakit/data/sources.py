@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.config import DATA_SUFFIXES, DataConfig, DataSource
+from lorakit.recipe.schema import DATA_SUFFIXES, DataConfig, DataSource
 from lorakit.data.rows import read_rows, rename_columns
 from lorakit.errors import DataError
 

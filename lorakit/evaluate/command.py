@@ -1,0 +1,89 @@
+"""`lorakit eval`, `generate` and `chat` as one call each: the target(s) resolved, the recipe's `eval:`
+settings with the command line's on top, the option rules, then `compare` (eval), `generation` (generate)
+or `chat`. The commands print what these return."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+def _target(targets: list[Path], adapter: Path | None = None):
+    from lorakit.evaluate import compare
+
+    if len(targets) > 1 and adapter is not None:
+        raise LorakitError("--adapter goes with one recipe; several targets are run directories")
+    return compare.resolve_several(targets) if len(targets) > 1 else compare.resolve(targets[0],
+                                                                                      str(adapter) if adapter else None)
+
+
+def evaluate(targets: list[Path], *, adapter: Path | None, compare_with: str, split: str, fail_under: list[str],
+             fail_over: list[str], max_loss: float | None, settings: dict, lm_eval_tasks: str | None,
+             lm_eval_include: Path | None, lm_eval_limit: int | None, output: Path | None, console) -> dict:
+    """The eval report (written under `output`); `settings` are eval: keys given on the command line."""
+    from lorakit.evaluate import metrics
+
+    if compare_with not in ("base", "none"):
+        raise LorakitError(f"--compare: expected base or none, got {compare_with!r}")
+    if split not in ("eval", "train"):
+        raise LorakitError(f"--split: expected eval or train, got {split!r}")
+    try:
+        gates = metrics.parse_gates(fail_under, fail_over + ([f"loss={max_loss}"] if max_loss is not None else []))
+    except ValueError as exc:
+        raise LorakitError(str(exc)) from None
+    harness = None
+    if lm_eval_tasks:
+        from lorakit.evaluate.harness import check_available
+
+        check_available()
+        harness = {"tasks": [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
+                   "include": lm_eval_include, "limit": lm_eval_limit}
+    target = _target(targets, adapter)
+    chosen = target.recipe.eval.updated(**settings)
+    from lorakit.console import quiet_libraries
+
+    quiet_libraries()
+    from lorakit.evaluate import compare
+
+    return compare.run(target, settings=chosen, compare_base=compare_with == "base", split=split, gates=gates,
+                       output=output, console=console, lm_eval=harness)
+
+
+def conversations(prompts: list[str], file: Path | None, system: str | None) -> list[list[dict]]:
+    """`generate`'s prompts: each --prompt, then each line of --file, with the system message first."""
+    from lorakit.data.rows import read_prompts
+
+    out = [[{"role": "user", "content": p}] for p in prompts] + (read_prompts(file) if file is not None else [])
+    if not out:
+        raise LorakitError("nothing to generate: give --prompt or --file")
+    return [[{"role": "system", "content": system}] + c for c in out] if system else out
+
+
+def generate(targets: list[Path], conversations: list[list[dict]], *, base: bool, settings: dict):
+    """Replies: {model name: [Generated, ...]} with several runs (each adapter, and the base with `base`),
+    else [Generated, ...] of the tuned model (or the base); and the settings used."""
+    from lorakit.evaluate import compare
+
+    target = _target(targets)
+    chosen = target.recipe.eval.updated(**settings)
+    from lorakit.console import quiet_libraries
+
+    quiet_libraries()
+    if len(targets) > 1:
+        names = target.tuned() + (["base"] if base else [])
+        return compare.replies(target, conversations, settings=chosen, names=names), chosen
+    return compare.reply(target, conversations, settings=chosen, base=base), chosen
+
+
+def chat(target: Path, *, settings: dict, system: str | None, start_with: str, read, write) -> None:
+    from lorakit.evaluate import compare
+
+    resolved = compare.resolve(target)
+    chosen = resolved.recipe.eval.updated(**settings)
+    from lorakit.console import quiet_libraries
+
+    quiet_libraries()
+    from lorakit.evaluate import chat as chat_loop
+
+    chat_loop.run(resolved, chosen, read=read, write=write, system=system, start_with=start_with)

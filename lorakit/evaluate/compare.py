@@ -1,0 +1,278 @@
+"""`lorakit eval`: a tuned model and its base on the run's eval data, side by side, with CI gates.
+
+Targets: a run directory (base + adapter, the base loaded as in training: 4-bit for QLoRA), a merged
+directory (`lorakit merge` output), a recipe plus `--adapter`, or several runs on one base (the base
+loaded once, each adapter loaded beside the others and switched on in turn, one column each, evaluated
+with the first run's data, template and settings; gates apply to every adapter). The loss uses `data.prepare`, the
+function training used, so formatting and masks cannot drift; it is summed per batch and never keeps
+logits beyond one batch. Generation uses the target's own chat template and stop tokens.
+
+Writes EVAL_DIR/report.json, report.md, samples.jsonl and loss.png (when the run logged losses), through
+lorakit.evaluate.report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit import data as data_mod
+from lorakit.evaluate import report as eval_report
+from lorakit.evaluate import generation
+from lorakit.evaluate import metrics as metrics_mod
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import EvalConfig, Recipe
+from lorakit import upstream
+from lorakit.errors import LorakitError, ModelError
+from lorakit.rundir.directory import MANIFEST, RECIPE
+
+
+@dataclass
+class Target:
+    """What is evaluated: where its files are, its recipe, and how to load it."""
+
+    kind: str  # run | merged | adapter | runs
+    path: Path  # run dir, merged dir or adapter dir: tokenizer, template, stop tokens and eval/ live here
+    recipe: Recipe
+    run_dir: Path | None  # the training run (metrics.jsonl), when known
+    adapters: dict[str, Path] | None = None  # kind "runs": report name -> run dir, in the order given
+
+    def tuned(self) -> list[str]:
+        """The names of the tuned models in reports."""
+        return list(self.adapters) if self.adapters else ["tuned"]
+
+    def adapter_dirs(self) -> list[Path]:
+        """The adapter directories loaded onto the base (none for a merged model)."""
+        if self.adapters:
+            return list(self.adapters.values())
+        return [] if self.kind == "merged" else [self.path]
+
+
+def resolve(target: str | Path, adapter: str | None = None) -> Target:
+    """Refuse, before loading anything, what cannot be evaluated."""
+    from lorakit.recipe.loading import load_recipe
+
+    path = Path(target).expanduser().resolve()
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser().resolve()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise LorakitError(f"--adapter {adapter}: no adapter_config.json there")
+        return Target("adapter", adapter_dir, load_recipe(path), None)
+    if path.is_file():
+        raise LorakitError(f"{target} is a recipe; give the adapter to evaluate with --adapter")
+    if (path / "merge_report.json").is_file():
+        report = json.loads((path / "merge_report.json").read_text())
+        run_dir = Path(report["run"])  # a combination's first run: its recipe, but not its loss curve
+        recipe = load_recipe(run_dir / RECIPE)
+        recipe.model.name_or_path = report["base"]
+        return Target("merged", path, recipe, None if "combination" in report else run_dir)
+    if not (path / RECIPE).is_file():
+        raise LorakitError(f"{target} is neither a lorakit run, a merged model, nor a recipe")
+    if not (path / "adapter_config.json").is_file():
+        raise LorakitError(f"{target} holds no adapter (adapter_config.json): the run did not finish, so there is "
+                           "nothing tuned to evaluate")
+    if not (path / MANIFEST).is_file():
+        raise LorakitError(f"{target} is an incomplete run (no {MANIFEST})")
+    return Target("run", path, load_recipe(path / RECIPE), path)
+
+
+def resolve_several(targets: list[str | Path]) -> Target:
+    """Runs evaluated side by side on one loaded base: they must share the base, the way it is loaded, the
+    chat template and the kind of adapter."""
+    from lorakit.rundir import group as runset
+
+    runs = runset.read(targets)
+    runset.check_same_base(runs)
+    runset.check_same_loading(runs)
+    for run in runs[1:]:
+        if run.adapter.get("peft_type") != runs[0].adapter.get("peft_type"):
+            raise LorakitError(f"run {run.name} holds a {run.adapter.get('peft_type')} adapter, run {runs[0].name} a "
+                               f"{runs[0].adapter.get('peft_type')} one: adapters switched on one base must be of one kind")
+    return Target("runs", runs[0].path, runs[0].recipe, None, {r.name: r.path for r in runs})
+
+
+def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
+        gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
+    """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
+    if lm_eval:
+        from lorakit.model import peft_methods as methods
+
+        learned = [a for a in target.adapter_dirs() if methods.peft_type(a) in methods.NOT_MERGEABLE]
+        if learned:
+            raise LorakitError(f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
+                               "harness reads the continuation's logits at fixed positions and pads batches on the "
+                               "left, which the virtual tokens and peft's dropped position ids both shift, so its "
+                               "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics")
+    output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
+    check_output(output)
+    started = time.perf_counter()
+    tokenizer = tokenizer_for(target)
+    cfg = target.recipe.data.model_copy(update={"chat_template": None})  # the template saved with the target
+    seed = target.recipe.train.seed
+    prepared = data_mod.prepare(cfg, tokenizer, seed)
+    scored = prepared.eval if split == "eval" else prepared.train
+    if scored is None:
+        raise LorakitError("the recipe has no eval data (data.eval or data.eval_fraction); use --split train")
+    prompts = data_mod.prompts(cfg, tokenizer, seed, split)[: settings.max_examples]
+    batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
+    # the saved stop tokens, and the end-of-turn token the data ends turns with (a checkpoint's adapter
+    # directory has no generation_config.json of its own)
+    stops = sorted(set(generation.stop_ids(target.path, tokenizer)) | {prepared.end_of_turn_id})
+    precision = model_mod.resolve_precision(target.recipe.model)
+    if lm_eval:
+        from lorakit.evaluate import harness
+
+        manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
+
+    results, samples = {}, {}
+    for name, model in load_models(target, precision, (*target.tuned(), "base") if compare_base else target.tuned()):
+        if console:
+            console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
+                          f"{len(prompts)} prompts", highlight=False)
+        loss, tokens = token_loss(model, scored, tokenizer, batch)
+        outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
+        results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens,
+                         **metrics_mod.score([o.text for o in outs], [p.reference for p in prompts],
+                                             [o.tokens for o in outs], [o.stopped for o in outs])}
+        samples[name] = outs
+        if lm_eval:
+            results[name]["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval["tasks"], manager,
+                                                         limit=lm_eval.get("limit"), batch_size=batch)
+    if target.adapters:  # every adapter must pass every gate
+        gate_results = [{"model": name, **g} for name in target.tuned()
+                        for g in metrics_mod.check_gates(gates or [], results[name])]
+    else:
+        gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
+    tuned = {n: str(p) for n, p in target.adapters.items()} if target.adapters else {"tuned": str(target.path)}
+    report = {
+        "target": str(target.path), "kind": target.kind,
+        "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
+        "data": {"split": split, "loss_examples": len(scored.dataset), "generation_prompts": len(prompts),
+                 "fingerprints": prepared.fingerprints, "chat_template": prepared.template},
+        "settings": {**settings.model_dump(), "batch_size": batch, "stop_token_ids": stops,
+                     "precision": precision.dtype, "4bit_base": target.kind != "merged"
+                     and target.recipe.model.load_in_4bit},
+        "metrics": results, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    eval_report.write(report, prompts, samples, target.run_dir, output)
+    return report
+
+
+def check_output(out: Path) -> None:
+    """An eval directory is replaced whole, so it must be empty or an earlier lorakit report."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise LorakitError(f"--output {out} exists and is not a lorakit eval report; refusing to replace it")
+
+
+def tokenizer_for(target: Target):
+    """The target's own tokenizer (it carries the chat template used in training), else the base's."""
+    from transformers import AutoTokenizer
+
+    own = (target.path / "tokenizer_config.json").is_file() or (target.path / "tokenizer.json").is_file()
+    return AutoTokenizer.from_pretrained(target.path if own else target.recipe.model.name_or_path)
+
+
+def load_models(target: Target, precision, names: tuple[str, ...]):
+    """(name, model) for each of `names` ("tuned", "base", or a "runs" target's adapter names), loading
+    nothing that is not asked for: base + adapter shares one loaded base (the adapter is switched off for
+    the base); a merged model's base is loaded on its own. Use each model before taking the next: several
+    adapters are one model whose active adapter changes."""
+    from transformers import AutoModelForCausalLM
+
+    if target.kind == "merged":
+        if "tuned" in names:
+            yield "tuned", AutoModelForCausalLM.from_pretrained(target.path, dtype=precision.torch_dtype,
+                                                               device_map=model_mod.device_map(precision))
+        if "base" in names:
+            cfg = target.recipe.model.model_copy(update={"load_in_4bit": False})
+            yield "base", model_mod.load_base(cfg, precision)
+        return
+    from peft import PeftModel
+
+    base = model_mod.load_base(target.recipe.model, precision)
+    if target.adapters:
+        yield from _switched(base, target, names)
+        return
+    if "tuned" not in names:
+        yield "base", base
+        return
+    try:
+        tuned = PeftModel.from_pretrained(base, target.path)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"the adapter in {target.path} does not fit {target.recipe.model.name_or_path}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    yield "tuned", tuned
+    if "base" in names:
+        with tuned.disable_adapter():
+            yield "base", tuned
+
+
+def _switched(base, target: Target, names):
+    """Each adapter loaded once beside the others (peft's load_adapter), then switched on in turn."""
+    from peft import PeftModel
+
+    model = None
+    for i, (name, path) in enumerate(target.adapters.items()):
+        key = f"adapter{i}"  # peft's adapter names cannot hold dots; run directory names can
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=key)
+            else:
+                model.load_adapter(path, adapter_name=key)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"the adapter of run {name} ({path}) does not fit {target.recipe.model.name_or_path}: "
+                             f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    for i, name in enumerate(target.adapters):
+        if name in names:
+            model.set_adapter(f"adapter{i}", inference_mode=True)
+            yield name, model
+    if "base" in names:
+        with model.disable_adapter():
+            yield "base", model
+
+
+@torch.no_grad()
+def token_loss(model, split: data_mod.Split, tokenizer, batch_size: int) -> tuple[float, int]:
+    """Mean loss per trained token over the split, one padded batch at a time (logits never kept)."""
+    collate = upstream.padding_collator(tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    ids, labels = split.dataset["input_ids"], split.dataset["labels"]
+    for start in range(0, len(split.dataset), batch_size):
+        batch = collate([{"input_ids": i, "labels": lab} for i, lab in
+                         zip(ids[start:start + batch_size], labels[start:start + batch_size])])
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends its virtual tokens' logits
+        target = batch["labels"][:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
+                                                   ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((target != -100).sum())
+        del logits
+    return total / max(count, 1), count
+
+
+def replies(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, names) -> dict:
+    """{name: generations} for chat conversations, each model with the target's template and stop tokens
+    (`lorakit generate`); `names` as for `load_models`."""
+    tokenizer = tokenizer_for(target)
+    prompts = [generation.prompt_ids(tokenizer, c) for c in conversations]
+    stops = generation.stop_ids(target.path, tokenizer)
+    precision = model_mod.resolve_precision(target.recipe.model)
+    batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
+    return {name: generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
+            for name, model in load_models(target, precision, tuple(names))}
+
+
+def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):
+    """One model's generations: the tuned model's, or the base's."""
+    name = "base" if base else "tuned"
+    return replies(target, conversations, settings=settings, names=(name,))[name]

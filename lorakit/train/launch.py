@@ -1,0 +1,76 @@
+"""What `lorakit train` does before the trainer, in order: the refusals that need nothing loaded, the
+preflight (`lorakit check`), the launcher when several processes are asked for, and the run directory's
+checks; then `trainer.run`.
+
+The launcher is torchrun (DDP) or `accelerate launch` (an accelerate config), never lorakit's own: this
+process is replaced by the launcher, which starts the same command once per process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lorakit.errors import LorakitError
+from lorakit.recipe.schema import Recipe
+from lorakit.train import distributed
+
+
+def train(recipe: Recipe, *, overwrite: bool, use_cache: bool, resume: bool, force_resume: bool, nproc: int | None,
+          preflight: bool, resume_command: str) -> None:
+    """`lorakit train` after its options are parsed: refuse, check, launch (or not), then train."""
+    resuming = resume or force_resume
+    if resuming and overwrite:
+        raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
+                           "deletes it")
+    if not distributed.launched():
+        if preflight:
+            from lorakit.preflight import check
+
+            check.before_training(recipe, use_cache)
+        _launch_if_asked(recipe, nproc, resuming, overwrite)
+    if resuming:
+        from lorakit.train.resume import run_to_resume
+
+        run_to_resume(recipe.train.output_dir)
+    elif distributed.is_main():  # the other processes of a launch find the directory claimed
+        from lorakit.rundir.directory import check_free
+
+        check_free(recipe.train.output_dir, overwrite)  # refuse before the slow imports
+    from lorakit.console import quiet_libraries
+
+    quiet_libraries()
+    from lorakit.train.trainer import run
+
+    run(recipe, overwrite=overwrite, use_cache=use_cache, resume=resuming, force_resume=force_resume,
+        resume_command=resume_command)
+
+
+def _launch_if_asked(recipe: Recipe, nproc: int | None, resuming: bool, overwrite: bool) -> None:
+    """Start the launcher when the command line or the recipe asks for several processes (or an engine),
+    once everything that can be refused here has been checked."""
+    config = recipe.distributed.accelerate_config
+    if not config and (nproc or recipe.distributed.nproc or 1) == 1:
+        return
+    from lorakit.model import engines, setup
+
+    engine, config_processes = engines.from_accelerate_config(config) if config else (engines.Engine("ddp"), None)
+    processes = nproc or recipe.distributed.nproc or config_processes or 1
+    setup.for_training(recipe, processes=processes, engine=engine)  # the refusals, before any process starts
+    if not resuming:
+        from lorakit.rundir.directory import check_free
+
+        check_free(recipe.train.output_dir, overwrite)
+    distributed.launch(processes, _without_option(sys.argv[1:], "--nproc"), config)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
