@@ -83,7 +83,7 @@ def first_step_times(root: Path, runs: int) -> dict[str, float]:
                 "train": {"output_dir": str(out), "max_steps": 50, "per_device_train_batch_size": 8}}))
             metrics = out / "metrics.jsonl"
             times["lorakit train"].append(until([sys.executable, "-m", "lorakit", "train", str(recipe), "--no-cache"],
-                                                lambda _: metrics.exists() and metrics.stat().st_size > 0, root))
+                                                lambda _, metrics=metrics: metrics.exists() and metrics.stat().st_size > 0, root))
             times["TRL baseline script"].append(until(
                 [sys.executable, str(root / "benchmarks" / "trl_baseline.py"), "--model", str(model), "--data", str(data),
                  "--template", str(template), "--output", str(tmp / f"trl-{run}"), "--result", os.devnull,

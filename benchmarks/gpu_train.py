@@ -274,8 +274,8 @@ def main() -> None:
     seq, batch = settings["seq"], settings["batch"]
     total_steps = settings["warmup"] + settings["steps"]
     data = data_for(seq, batch * total_steps * 2, work, words)
-    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
+    from lorakit.recipe.schema import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     split = prepare(DataConfig(train=str(data), chat_template=str(template), max_length=seq), tokenizer, 0,

@@ -34,9 +34,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # noqa: E402
 
+
 def lorakit_prepare(path: Path, template: Path, tokenizer, num_proc: int, max_length: int):
-    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
+    from lorakit.recipe.schema import DataConfig
 
     cfg = DataConfig(train=str(path), chat_template=str(template), max_length=max_length, num_proc=num_proc)
     split = prepare(cfg, tokenizer, seed=0, use_cache=False).train
@@ -100,7 +101,7 @@ def main() -> None:
         trainer = trl_trainer(model_dir, tokenizer, num_proc, args.max_length)
         times = {"lorakit": [], "trl": []}
         outputs = {}
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for name in ("lorakit", "trl"):
                 started = time.perf_counter()
                 if name == "lorakit":

@@ -81,9 +81,9 @@ def baseline_run(model: Path, data: Path, template: Path, out: Path, batch: int,
 def held_out_loss(model: Path, adapter: Path, eval_split, tokenizer) -> float:
     from peft import PeftModel
 
+    from lorakit.evaluate.compare import token_loss
     from lorakit.model import base as model_mod
     from lorakit.recipe.schema import ModelConfig
-    from lorakit.evaluate.compare import token_loss
 
     cfg = ModelConfig(name_or_path=str(model), load_in_4bit=True)
     base = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
@@ -103,9 +103,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from lorakit.recipe.schema import DataConfig
     from lorakit.console import quiet_libraries
     from lorakit.data import prepare
+    from lorakit.recipe.schema import DataConfig
     from scripts.tiny_model import build_tiny_model
 
     quiet_libraries()

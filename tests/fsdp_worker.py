@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lorakit.model import base as model_mod
 from lorakit.model import engines
 from lorakit.model import peft_methods as methods
-from lorakit.model import base as model_mod
 from lorakit.recipe.schema import LoraSection, ModelConfig
 
 

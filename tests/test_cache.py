@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.recipe.schema import DataConfig
 from lorakit.data import prepare
 from lorakit.data.templates import CHATML_EOS
+from lorakit.recipe.schema import DataConfig
 
 ROWS = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"n{i}"}]}
         for i in range(12)]

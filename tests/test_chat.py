@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_recipe
 
 from lorakit.evaluate import compare as evaluate
 from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run as train
-
-from conftest import tiny_recipe
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_recipe
 
 from lorakit.preflight import check as check_mod
 from lorakit.recipe.schema import Recipe
-
-from conftest import ROOT, tiny_recipe
 
 
 def findings_of(tiny_model, tmp_path, **sections):

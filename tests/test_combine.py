@@ -12,19 +12,18 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import logits, max_diff, tiny_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from lorakit.merge import combine
-from lorakit.evaluate import compare as evaluate
-from lorakit.model import base as model_mod
 from lorakit.cli import app
+from lorakit.evaluate import compare as evaluate
+from lorakit.merge import combine
+from lorakit.model import base as model_mod
 from lorakit.recipe.schema import EvalConfig, ModelConfig, Recipe
 from lorakit.train.trainer import run as train
-
-from conftest import logits, max_diff, tiny_recipe
 
 SETTINGS = EvalConfig(max_new_tokens=6, max_examples=4)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES, ROOT
 
 from lorakit.recipe.loading import load_recipe
-
-from conftest import EXAMPLES, ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 REAL = {

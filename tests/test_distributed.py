@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-from conftest import tiny_recipe
 
 
 def _logits(model_dir, adapter_dir, ids):

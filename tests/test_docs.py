@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import ROOT
+
 from scripts.gen_recipe_docs import DOC, render
 
 

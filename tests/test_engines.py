@@ -10,13 +10,12 @@ import subprocess
 import sys
 
 import pytest
-
-from lorakit.model import engines
-from lorakit.recipe.schema import Recipe
-from lorakit.errors import LorakitError
-from lorakit.recipe.loading import load_recipe
-
 from conftest import EXAMPLES, ROOT, tiny_recipe
+
+from lorakit.errors import LorakitError
+from lorakit.model import engines
+from lorakit.recipe.loading import load_recipe
+from lorakit.recipe.schema import Recipe
 
 ACCELERATE = ROOT / "configs" / "accelerate"
 BUNDLED = [f"data.train={EXAMPLES / 'train.jsonl'}", f"data.eval={EXAMPLES / 'eval.jsonl'}"]

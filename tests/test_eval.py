@@ -11,17 +11,16 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorakit.errors import DataError, LorakitError, ModelError
 from lorakit.evaluate import compare as evaluate
 from lorakit.evaluate import generation
-from lorakit.merge import fold as merge_mod
 from lorakit.evaluate import metrics as metrics_mod
+from lorakit.merge import fold as merge_mod
 from lorakit.recipe.schema import EvalConfig, Recipe
-from lorakit.errors import DataError, LorakitError, ModelError
 from lorakit.train.trainer import run as train
-
-from conftest import tiny_recipe
 
 SETTINGS = EvalConfig(max_new_tokens=12, max_examples=8)
 
@@ -65,8 +64,8 @@ def test_loss_is_the_token_mean_over_the_training_masks(run_dir, report, tiny_mo
     """Recomputed here, in one batch of one example each, with the model's own loss."""
     from peft import PeftModel
 
-    from lorakit.recipe.schema import DataConfig
     from lorakit.data import prepare
+    from lorakit.recipe.schema import DataConfig
 
     tok = AutoTokenizer.from_pretrained(run_dir)
     recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))

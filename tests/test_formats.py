@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.recipe.schema import DataConfig
 from lorakit.data import IGNORE, prepare
 from lorakit.errors import DataError
+from lorakit.recipe.schema import DataConfig
 
 QA = [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"}]
 

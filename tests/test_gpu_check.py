@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from scripts.gpu_check import record
 from scripts.gpu_check.runner import Context, Stage, run_stages
 

@@ -11,17 +11,16 @@ import sys
 
 import pytest
 import torch
+from conftest import EXAMPLES, IDS, logits, max_diff, tiny_recipe
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorakit.errors import LorakitError, ModelError, RunFailed
 from lorakit.merge import fold as merge_mod
 from lorakit.model import base as model_mod
 from lorakit.recipe.schema import ModelConfig, Recipe
-from lorakit.errors import LorakitError, ModelError, RunFailed
 from lorakit.train.trainer import run as train
-
-from conftest import EXAMPLES, IDS, logits, max_diff, tiny_recipe
 
 
 def lorakit(*args: str) -> subprocess.CompletedProcess:

@@ -9,17 +9,16 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorakit.evaluate import compare as evaluate
-from lorakit.recipe.schema import Recipe
 from lorakit.recipe.loading import load_recipe
+from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run as train
-
-from conftest import tiny_recipe
 
 VARIANTS = {
     "lora": {},

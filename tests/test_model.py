@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.model import base as model_mod
-from lorakit.recipe.schema import LoraSection, ModelConfig
 from lorakit.errors import LorakitError, ModelError
+from lorakit.model import base as model_mod
 from lorakit.model.engines import check_optim
+from lorakit.recipe.schema import LoraSection, ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import EXAMPLES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lorakit.recipe.schema import DataConfig
 from lorakit.data import prepare
-
-from conftest import EXAMPLES
+from lorakit.recipe.schema import DataConfig
 
 
 def token_losses(model, batch) -> torch.Tensor:

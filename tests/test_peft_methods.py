@@ -10,18 +10,17 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.evaluate import compare as evaluate
-from lorakit.model import peft_methods as methods
 from lorakit.model import base as model_mod
-from lorakit.recipe.schema import Recipe
+from lorakit.model import peft_methods as methods
 from lorakit.recipe.loading import load_recipe
+from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run as train
-
-from conftest import tiny_recipe
 
 ADALORA = {"init_r": 8, "target_r": 4, "tinit": 0.25, "tfinal": 0.25}
 METHODS = {  # name: (method, section, 4-bit base)
@@ -321,9 +320,9 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
     from peft import IA3Config
     from transformers import LlamaConfig
 
+    from lorakit.errors import ModelError
     from lorakit.merge import skeleton as adapter
     from lorakit.model import shards as checkpoint
-    from lorakit.errors import ModelError
 
     def base_with(name, **config):
         model = AutoModelForCausalLM.from_config(LlamaConfig(
@@ -347,8 +346,7 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
 
 def test_preview_check_and_training_agree_that_prompt_learning_pads(runs, tiny_model, tmp_path):
     """One packing decision (model.use_packing) serves `data preview`, `check` and the trainer."""
-    from lorakit.preflight import check
-    from lorakit.preflight import preview
+    from lorakit.preflight import check, preview
 
     recipe = Recipe.model_validate(method_recipe(tiny_model, tmp_path / "run", "prompt_tuning", {}, False))
     assert preview.run(recipe, count=1)["packing"] is False

@@ -12,13 +12,12 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+from conftest import EXAMPLES, ROOT, tiny_recipe
 
-from lorakit.model import engines
 from lorakit.model import base as model_mod
+from lorakit.model import engines
 from lorakit.preflight import plan as plan_mod
 from lorakit.recipe.schema import Recipe
-
-from conftest import EXAMPLES, ROOT, tiny_recipe
 
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
 # published parameter counts, and LoRA r=16 on all linear layers computed from the shapes by hand

@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import EXAMPLES
 
-from lorakit.recipe.schema import Recipe
 from lorakit.errors import RecipeError
 from lorakit.recipe.loading import load_recipe
-
-from conftest import EXAMPLES
+from lorakit.recipe.schema import Recipe
 
 TRAIN = EXAMPLES / "train.jsonl"
 

@@ -9,15 +9,14 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lorakit.errors import ModelError
 from lorakit.model import base as model_mod
 from lorakit.recipe.schema import ModelConfig, Recipe
-from lorakit.errors import ModelError
 from lorakit.train.trainer import run as train
-
-from conftest import tiny_recipe
 
 
 def test_pickled_weights_are_refused_unless_allowed(tiny_model, tmp_path):

@@ -12,11 +12,10 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 from lorakit.train.resume import INCOMING, MARKER
-
-from conftest import tiny_recipe
 
 STEPS = 40
 # Every run in its own process, with MKL's conditional numerical reproducibility on: otherwise CPU matmuls

@@ -8,10 +8,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from lorakit.recipe.schema import DataConfig
 from lorakit.data import prepare
 from lorakit.errors import DataError, RecipeError
 from lorakit.recipe.loading import load_recipe
+from lorakit.recipe.schema import DataConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,16 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit.model import base as model_mod
-from lorakit.recipe.schema import Recipe
 from lorakit.data import prepare
+from lorakit.model import base as model_mod
 from lorakit.recipe.loading import load_recipe
+from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run
-
-from conftest import tiny_recipe
 
 RUN_FILES = {"recipe.yaml", "manifest.json", "metrics.jsonl", "README.md", "adapter_config.json",
              "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -185,9 +184,8 @@ def test_saved_recipe_is_loadable(trained):
 def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
     """A short chat fine-tune, then greedy generation on held-out prompts: generations end with the
     end-of-turn token registered in the run's generation_config (the "never stops" failure)."""
-    from transformers import GenerationConfig
-
     from conftest import EXAMPLES
+    from transformers import GenerationConfig
 
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "stop", steps=250, learning_rate=1e-3,
                                                logging_steps=50, per_device_train_batch_size=16))

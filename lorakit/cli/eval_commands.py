@@ -51,7 +51,8 @@ def eval_(
     def work() -> None:
         from rich.console import Console
 
-        from lorakit.evaluate import command, report as eval_report
+        from lorakit.evaluate import command
+        from lorakit.evaluate import report as eval_report
 
         console = Console(stderr=True)
         report = command.evaluate(

@@ -11,13 +11,13 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from lorakit.recipe.schema import DataConfig
 from lorakit.data import cache as cache_mod
 from lorakit.data.encode import IGNORE, Encoder, Split, encode, end_of_turn_id, example_record
 from lorakit.data.rows import Chat, detect_format, to_example
 from lorakit.data.sources import Opened, open_source
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
+from lorakit.recipe.schema import DataConfig
 
 __all__ = ["IGNORE", "PreparedData", "Prompt", "Split", "prepare", "prompts"]
 

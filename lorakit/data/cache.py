@@ -22,8 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lorakit import __version__
-from lorakit.recipe.schema import DataConfig
 from lorakit.data.templates import chosen_template
+from lorakit.recipe.schema import DataConfig
 
 FORMAT = 1  # bump when the stored layout or the encoding rules change
 

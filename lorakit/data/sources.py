@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.recipe.schema import DATA_SUFFIXES, DataConfig, DataSource
 from lorakit.data.rows import read_rows, rename_columns
 from lorakit.errors import DataError
+from lorakit.recipe.schema import DATA_SUFFIXES, DataConfig, DataSource
 
 
 @dataclass

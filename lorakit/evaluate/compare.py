@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from lorakit import data as data_mod
-from lorakit.evaluate import report as eval_report
-from lorakit.evaluate import generation
-from lorakit.evaluate import metrics as metrics_mod
-from lorakit.model import base as model_mod
-from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit import upstream
 from lorakit.errors import LorakitError, ModelError
+from lorakit.evaluate import generation
+from lorakit.evaluate import metrics as metrics_mod
+from lorakit.evaluate import report as eval_report
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from lorakit.model import shards as ckpt_mod
-from lorakit.merge import weighted as combination_mod
-from lorakit.merge import fold as merge_mod
-from lorakit.rundir import group as runset
 from lorakit.errors import LorakitError, RunFailed
+from lorakit.merge import fold as merge_mod
+from lorakit.merge import weighted as combination_mod
+from lorakit.model import shards as ckpt_mod
+from lorakit.rundir import group as runset
 from lorakit.rundir.directory import swap_into_place
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
@@ -232,8 +232,8 @@ def verify_adapter(c: Combination, folder: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from lorakit.model import base as model_mod
     from lorakit.merge import verify
+    from lorakit.model import base as model_mod
 
     inputs, source = verify.inputs_for(c.runs[0].recipe, AutoTokenizer.from_pretrained(folder))
     precision = model_mod.Precision("float32", "cuda" if torch.cuda.is_available() else "cpu")

@@ -30,13 +30,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lorakit.merge import skeleton as adapter_mod
-from lorakit.model import shards as ckpt_mod
-from lorakit.model import peft_methods as methods
-from lorakit.model import base as model_mod
-from lorakit.merge import verify
-from lorakit.recipe.schema import Recipe
 from lorakit.errors import LorakitError, ModelError, RunFailed
+from lorakit.merge import skeleton as adapter_mod
+from lorakit.merge import verify
+from lorakit.model import base as model_mod
+from lorakit.model import peft_methods as methods
+from lorakit.model import shards as ckpt_mod
+from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
 
 REPORT = "merge_report.json"

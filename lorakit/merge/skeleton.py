@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.model.shards import Checkpoint
 from lorakit.errors import ModelError
+from lorakit.model.shards import Checkpoint
 
 
 @dataclass

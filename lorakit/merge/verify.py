@@ -12,8 +12,8 @@ import gc
 import torch
 
 from lorakit import data as data_mod
-from lorakit.recipe.schema import Recipe
 from lorakit.errors import LorakitError
+from lorakit.recipe.schema import Recipe
 
 # Largest |merged - reference| logit difference accepted, relative to the largest reference logit
 # (at least 1). A float32 merge differs from base + adapter only by summation order. A half-precision

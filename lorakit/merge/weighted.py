@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from lorakit.merge import skeleton as adapter_mod
 from lorakit import upstream
 from lorakit.errors import LorakitError, ModelError
+from lorakit.merge import skeleton as adapter_mod
 
 COMBINED = "combined"
 RTOL = 1e-5  # float32 arithmetic: relative (Frobenius) difference of an update from its exact value

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.model import engines
-from lorakit.recipe.schema import LoraSection, ModelConfig
-from lorakit.model.engines import Engine
 from lorakit import upstream
 from lorakit.errors import ModelError
+from lorakit.model import engines
+from lorakit.model.engines import Engine
 from lorakit.recipe.peft_sections import PROMPT_LEARNING
+from lorakit.recipe.schema import LoraSection, ModelConfig
 
 SINGLE = Engine()
 

@@ -23,8 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.recipe.schema import ModelConfig, Recipe
 from lorakit.errors import LorakitError
+from lorakit.recipe.schema import ModelConfig, Recipe
 
 # transformers' optimizer names that are bitsandbytes optimizers.
 _BNB_OPTIMIZERS = frozenset({

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.recipe.schema import LoraSection, Recipe
 from lorakit.errors import LorakitError, ModelError
+from lorakit.recipe.schema import LoraSection, Recipe
 
 # peft_type values (adapter_config.json) whose adapters cannot be folded into the weights, and why
 NOT_MERGEABLE = {

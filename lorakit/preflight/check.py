@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lorakit import data as data_mod
-from lorakit.model import engines
+from lorakit.errors import LorakitError
 from lorakit.model import base as model_mod
+from lorakit.model import engines
 from lorakit.preflight import plan as plan_mod
 from lorakit.preflight import preview
-from lorakit.recipe.schema import Recipe
-from lorakit.errors import LorakitError
 from lorakit.recipe.peft_sections import METHOD_NAMES, PROMPT_LEARNING
+from lorakit.recipe.schema import Recipe
 
 
 @dataclass

@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lorakit.errors import LorakitError
 from lorakit.model import engines
-from lorakit.recipe.schema import Recipe
 from lorakit.model.engines import Engine
+from lorakit.recipe.schema import Recipe
 
 GIB = 2**30
 BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks (transformers' default) and double-quant blocks
@@ -102,8 +103,8 @@ def count(recipe: Recipe) -> Counts:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.model import peft_methods as methods
     from lorakit.model import base as model_mod
+    from lorakit.model import peft_methods as methods
 
     cfg = recipe.model
     config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -322,7 +323,7 @@ def parse_size(text: str) -> int:
     """'24GiB', '80GB', '24' (GiB) -> bytes."""
     units = {"gib": GIB, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": GIB}
     raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("gibmb")
+    number = raw.rstrip("gibmb")  # noqa: B005 (the unit letters, in any order)
     unit = raw[len(number):]
     try:
         value = float(number)
@@ -377,8 +378,8 @@ def _time(recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float 
     from trl.trainer.utils import get_peak_flops
 
     from lorakit import data as data_mod
-    from lorakit.model import base as model_mod
     from lorakit.errors import LorakitError
+    from lorakit.model import base as model_mod
 
     try:
         prepared = data_mod.prepare(recipe.data, model_mod.load_tokenizer(recipe.model), recipe.train.seed)

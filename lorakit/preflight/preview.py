@@ -13,12 +13,12 @@ from rich.table import Table
 from rich.text import Text
 
 from lorakit import data as data_mod
-from lorakit.model import base as model_mod
-from lorakit.recipe.schema import Recipe
 from lorakit.console import quiet_libraries
 from lorakit.data.encode import IGNORE
 from lorakit.data.stats import split_stats
 from lorakit.errors import DataError
+from lorakit.model import base as model_mod
+from lorakit.recipe.schema import Recipe
 
 
 def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool = True) -> dict:

@@ -17,8 +17,8 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lorakit.recipe.schema import DATA_SUFFIXES, DataSource, Recipe
 from lorakit.errors import RecipeError
+from lorakit.recipe.schema import DATA_SUFFIXES, DataSource, Recipe
 
 # Names users bring from other tools (axolotl, LLaMA-Factory, older TRL) -> lorakit's name.
 _SYNONYMS = {
@@ -239,7 +239,7 @@ def _suggest(loc: tuple) -> str:
     close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{_dotted((*parent, close[0]))}'?"
-    for section, field in Recipe.model_fields.items():  # a key put in the wrong section
+    for section in Recipe.model_fields:  # a key put in the wrong section
         sub = _schema_at((section,))
         if sub is not None and wanted in sub.model_fields and (section,) != parent:
             return f"; did you mean '{section}.{wanted}'?"

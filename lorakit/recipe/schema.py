@@ -16,9 +16,17 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from lorakit.recipe.peft_sections import (
+    LORA_KEYS_FOR,
+    METHOD_SECTIONS,
+    AdaLoraSection,
+    IA3Section,
+    Method,
+    MethodRules,
+    PrefixTuningSection,
+    PromptTuningSection,
+)
 from lorakit.recipe.section import Section
-from lorakit.recipe.peft_sections import (LORA_KEYS_FOR, METHOD_SECTIONS, AdaLoraSection, IA3Section, Method,
-                                     MethodRules, PrefixTuningSection, PromptTuningSection)
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _INIT_LORA = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")

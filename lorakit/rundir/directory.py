@@ -22,9 +22,9 @@ from pathlib import Path
 import yaml
 
 from lorakit import __version__
-from lorakit.recipe.schema import Recipe
 from lorakit.errors import LorakitError
 from lorakit.recipe.peft_sections import METHOD_NAMES
+from lorakit.recipe.schema import Recipe
 
 RECIPE, MANIFEST, METRICS, CARD = "recipe.yaml", "manifest.json", "metrics.jsonl", "README.md"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "tokenizers")

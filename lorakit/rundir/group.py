@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.recipe.schema import Recipe
 from lorakit.errors import LorakitError
+from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE
 
 RESERVED = ("base", "tuned", "where", "prompt", "reference")  # names eval reports already use

@@ -13,7 +13,6 @@ import os
 import sys
 from contextlib import contextmanager
 
-
 _LAUNCHED = "LORAKIT_LAUNCHED"
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-from lorakit.train import distributed
 from lorakit.errors import LorakitError
+from lorakit.train import distributed
 
 MARKER = "lorakit-checkpoint.json"
 INCOMING = ".incoming"  # the trainer writes checkpoints here; only complete ones are renamed into place

@@ -19,17 +19,17 @@ import torch
 from rich.console import Console
 
 from lorakit import data as data_mod
-from lorakit.train import distributed
-from lorakit.model import method_training
-from lorakit.model import setup as setup_mod
-from lorakit.model import peft_methods as methods
-from lorakit.model import base as model_mod
-from lorakit.train import resume as resume_mod
-from lorakit.rundir import directory as run_files
-from lorakit.recipe.schema import Recipe, TrainConfig
-from lorakit.console import quiet_libraries
 from lorakit import upstream
+from lorakit.console import quiet_libraries
 from lorakit.errors import Interrupted, RunFailed
+from lorakit.model import base as model_mod
+from lorakit.model import method_training
+from lorakit.model import peft_methods as methods
+from lorakit.model import setup as setup_mod
+from lorakit.recipe.schema import Recipe, TrainConfig
+from lorakit.rundir import directory as run_files
+from lorakit.train import distributed
+from lorakit.train import resume as resume_mod
 from lorakit.train.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.

@@ -123,9 +123,10 @@ def plan_against_runs(run_dirs: list[str]) -> list[dict]:
     """For each run with a measured CUDA peak (manifest `memory`), `lorakit plan` on the run's own recipe:
     the plan's tensor terms against the peak allocated, its total against the allocator's peak pool plus
     what the device held outside it."""
+    import yaml
+
     from lorakit.preflight import plan as plan_mod
     from lorakit.recipe.schema import Recipe
-    import yaml
 
     rows = []
     for run in map(Path, run_dirs):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.gpu_check.runner import PYTHON, ROOT, Context, OutOfTime, Skipped, Stage, StageFailed, stop
+from scripts.gpu_check.runner import PYTHON, ROOT, Context, OutOfTime, Skipped, Stage, stop
 
 PROBE = "scripts.gpu_check.probe"
 EXAMPLES = ROOT / "examples" / "reverse"
@@ -77,7 +77,7 @@ def tests(ctx: Context) -> None:
         for proc, _, _ in running.values():
             proc.wait(timeout=max(ctx.left(), 1))
     except subprocess.TimeoutExpired:
-        raise OutOfTime(f"the tests ran past the stage's cap; finished ones are counted") from None
+        raise OutOfTime("the tests ran past the stage's cap; finished ones are counted") from None
     finally:
         for proc, _, _ in running.values():
             stop(proc, signal.SIGINT)  # pytest writes its report on an interrupt
