@@ -77,18 +77,51 @@ def first_step_times(root: Path, runs: int) -> dict[str, float]:
         for run in range(runs):
             out = tmp / f"lorakit-{run}"
             recipe = tmp / f"lorakit-{run}.yaml"
-            recipe.write_text(yaml.safe_dump({
-                "model": {"name_or_path": str(model), "load_in_4bit": True},
-                "data": {"train": str(data), "chat_template": str(template), "max_length": 64},
-                "train": {"output_dir": str(out), "max_steps": 50, "per_device_train_batch_size": 8}}))
+            recipe.write_text(
+                yaml.safe_dump(
+                    {
+                        "model": {"name_or_path": str(model), "load_in_4bit": True},
+                        "data": {"train": str(data), "chat_template": str(template), "max_length": 64},
+                        "train": {"output_dir": str(out), "max_steps": 50, "per_device_train_batch_size": 8},
+                    }
+                )
+            )
             metrics = out / "metrics.jsonl"
-            times["lorakit train"].append(until([sys.executable, "-m", "lorakit", "train", str(recipe), "--no-cache"],
-                                                lambda _, metrics=metrics: metrics.exists() and metrics.stat().st_size > 0, root))
-            times["TRL baseline script"].append(until(
-                [sys.executable, str(root / "benchmarks" / "trl_baseline.py"), "--model", str(model), "--data", str(data),
-                 "--template", str(template), "--output", str(tmp / f"trl-{run}"), "--result", os.devnull,
-                 "--max-steps", "50", "--batch", "8", "--max-length", "64", "--logging-steps", "1"],
-                lambda text: "'loss'" in text, root))
+            times["lorakit train"].append(
+                until(
+                    [sys.executable, "-m", "lorakit", "train", str(recipe), "--no-cache"],
+                    lambda _, metrics=metrics: metrics.exists() and metrics.stat().st_size > 0,
+                    root,
+                )
+            )
+            times["TRL baseline script"].append(
+                until(
+                    [
+                        sys.executable,
+                        str(root / "benchmarks" / "trl_baseline.py"),
+                        "--model",
+                        str(model),
+                        "--data",
+                        str(data),
+                        "--template",
+                        str(template),
+                        "--output",
+                        str(tmp / f"trl-{run}"),
+                        "--result",
+                        os.devnull,
+                        "--max-steps",
+                        "50",
+                        "--batch",
+                        "8",
+                        "--max-length",
+                        "64",
+                        "--logging-steps",
+                        "1",
+                    ],
+                    lambda text: "'loss'" in text,
+                    root,
+                )
+            )
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -115,7 +148,9 @@ def main() -> None:
     if args.first_step_runs:
         first = first_step_times(root, args.first_step_runs)
         trl = first["TRL baseline script"]
-        print(f"\n| command to first training step (tiny QLoRA) | median of {args.first_step_runs} (s) | x TRL script |")
+        print(
+            f"\n| command to first training step (tiny QLoRA) | median of {args.first_step_runs} (s) | x TRL script |"
+        )
         print("|---|---|---|")
         for name, value in first.items():
             print(f"| {name} | {value:.2f} | {value / trl:.2f} |")

@@ -49,22 +49,63 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # noqa: E402
 
-LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-             "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 # longest_*: the batch-1 search starts at longest_start, doubles up to longest_limit, then halves the gap, and
 # stops after max_probes runs per side (each probe is a fresh process that loads the model).
 PRESETS = {
-    "h100": {"shape": LLAMA3_8B, "note": "Llama-3-8B shape, all 32 layers", "seq": 2048, "batch": 4, "warmup": 10,
-             "steps": 30, "longest_start": 4096, "longest_limit": 131072, "max_probes": 8},
+    "h100": {
+        "shape": LLAMA3_8B,
+        "note": "Llama-3-8B shape, all 32 layers",
+        "seq": 2048,
+        "batch": 4,
+        "warmup": 10,
+        "steps": 30,
+        "longest_start": 4096,
+        "longest_limit": 131072,
+        "max_probes": 8,
+    },
     # `make gpu-check` (stage d): the full 8B width, a quarter of its depth, to fit the stage's cap on one H200
-    "h200-check": {"shape": {**LLAMA3_8B, "num_hidden_layers": 8}, "note": "Llama-3-8B shape, 8 of its 32 layers",
-                   "seq": 2048, "batch": 4, "warmup": 5, "steps": 15, "longest_start": 32768,
-                   "longest_limit": 131072, "max_probes": 2},
-    "cpu-smoke": {"shape": {**LLAMA3_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024},
-                  "note": "reduced to 2 layers of width 128 (CPU smoke test)", "seq": 128, "batch": 2, "warmup": 1,
-                  "steps": 2, "longest_start": 256, "longest_limit": 256, "max_probes": 3},
+    "h200-check": {
+        "shape": {**LLAMA3_8B, "num_hidden_layers": 8},
+        "note": "Llama-3-8B shape, 8 of its 32 layers",
+        "seq": 2048,
+        "batch": 4,
+        "warmup": 5,
+        "steps": 15,
+        "longest_start": 32768,
+        "longest_limit": 131072,
+        "max_probes": 2,
+    },
+    "cpu-smoke": {
+        "shape": {
+            **LLAMA3_8B,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1024,
+        },
+        "note": "reduced to 2 layers of width 128 (CPU smoke test)",
+        "seq": 128,
+        "batch": 2,
+        "warmup": 1,
+        "steps": 2,
+        "longest_start": 256,
+        "longest_limit": 256,
+        "max_probes": 3,
+    },
 }
 SIDES = ("lorakit", "baseline")
 
@@ -79,8 +120,12 @@ def build_model(shape: dict, out: Path) -> Path:
     from scripts.tiny_model import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(ROOT / ".cache" / "tiny-llama"))
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
@@ -134,12 +179,21 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
         from lorakit.recipe.loading import load_recipe
         from lorakit.train.trainer import run
 
-        recipe = {"model": {"name_or_path": str(model), "load_in_4bit": True},
-                  "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
-                  "data": {"train": str(data), "chat_template": str(template), "max_length": seq},
-                  "train": {"output_dir": str(out), "per_device_train_batch_size": batch, "max_steps": steps,
-                            "learning_rate": 2e-4, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10**6,
-                            "seed": 0}}
+        recipe = {
+            "model": {"name_or_path": str(model), "load_in_4bit": True},
+            "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"train": str(data), "chat_template": str(template), "max_length": seq},
+            "train": {
+                "output_dir": str(out),
+                "per_device_train_batch_size": batch,
+                "max_steps": steps,
+                "learning_rate": 2e-4,
+                "warmup_steps": 0,
+                "logging_steps": 1,
+                "save_steps": 10**6,
+                "seed": 0,
+            },
+        }
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(recipe))
         details = run(load_recipe(path), use_cache=False, callbacks=(timer.callback,)).details
@@ -148,27 +202,67 @@ def worker(side: str, model: Path, data: Path, template: Path, out: Path, seq: i
         from benchmarks.trl_baseline import build
         from lorakit import upstream
 
-        trainer = build(str(model), str(data), str(template), str(out), batch=batch, max_steps=steps, max_length=seq,
-                        learning_rate=2e-4, logging_steps=1, callbacks=[timer.callback])
+        trainer = build(
+            str(model),
+            str(data),
+            str(template),
+            str(out),
+            batch=batch,
+            max_steps=steps,
+            max_length=seq,
+            learning_rate=2e-4,
+            logging_steps=1,
+            callbacks=[timer.callback],
+        )
         trainer.train()
-        kernels = {"attention": upstream.attention_implementation(trainer.model), "liger": False, "packing": False,
-                   "gradient_checkpointing": True}
+        kernels = {
+            "attention": upstream.attention_implementation(trainer.model),
+            "liger": False,
+            "packing": False,
+            "gradient_checkpointing": True,
+        }
     from lorakit.train.trainer import memory_record
 
     memory = memory_record("cuda" if torch.cuda.is_available() else "cpu")
     peak = memory.get("peak_allocated_gib", memory.get("peak_rss_gib"))
-    return {"times": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "peak_gib": peak,
-            "memory": memory, "kernels": kernels}
+    return {
+        "times": timer.times,
+        "losses": timer.losses,
+        "grad_norms": timer.grad_norms,
+        "peak_gib": peak,
+        "memory": memory,
+        "kernels": kernels,
+    }
 
 
-def launch(side: str, model: Path, data: Path, template: Path, work: Path, seq: int, batch: int,
-           steps: int, tag: str) -> dict | None:
+def launch(
+    side: str, model: Path, data: Path, template: Path, work: Path, seq: int, batch: int, steps: int, tag: str
+) -> dict | None:
     """Run `worker` in a fresh process (fresh GPU memory statistics); None when it ran out of memory."""
     out = work / f"{side}-{tag}"
     result = out.with_suffix(".json")
-    command = [sys.executable, __file__, "--worker", side, "--model", str(model), "--data", str(data),
-               "--template", str(template), "--out", str(out), "--seq", str(seq), "--batch", str(batch),
-               "--steps", str(steps), "--result", str(result)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--template",
+        str(template),
+        "--out",
+        str(out),
+        "--seq",
+        str(seq),
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--result",
+        str(result),
+    ]
     log = out.with_suffix(".log")
     with open(log, "w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
@@ -211,8 +305,16 @@ def parameters(model: Path, shape: dict) -> tuple[int, int]:
     return lora, base
 
 
-def longest(side: str, settings: dict, model: Path, work: Path, words: list[str], template: Path,
-            found: dict, saved=lambda: None) -> dict:
+def longest(
+    side: str,
+    settings: dict,
+    model: Path,
+    work: Path,
+    words: list[str],
+    template: Path,
+    found: dict,
+    saved=lambda: None,
+) -> dict:
     """The longest sequence (tokens) that trains 2 steps at batch 1, within `max_probes` runs: doubling from
     `longest_start` up to `longest_limit`, then halving the gap. Fills `found` (calling `saved` after each
     probe): the longest that fit, the shortest that did not (None when none failed), each probe's peak."""
@@ -257,8 +359,16 @@ def main() -> None:
 
     quiet_libraries()
     if args.worker:
-        result = worker(args.worker, Path(args.model), Path(args.data), Path(args.template), Path(args.out),
-                        args.seq, args.batch, args.steps)
+        result = worker(
+            args.worker,
+            Path(args.model),
+            Path(args.data),
+            Path(args.template),
+            Path(args.out),
+            args.seq,
+            args.batch,
+            args.steps,
+        )
         Path(args.result).write_text(json.dumps(result))
         return
 
@@ -278,15 +388,21 @@ def main() -> None:
     from lorakit.recipe.schema import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    split = prepare(DataConfig(train=str(data), chat_template=str(template), max_length=seq), tokenizer, 0,
-                    use_cache=False).train
+    split = prepare(
+        DataConfig(train=str(data), chat_template=str(template), max_length=seq), tokenizer, 0, use_cache=False
+    ).train
     tokens_per_example = split.tokens / len(split.dataset)
     trainable, total = parameters(model, settings["shape"])
 
     rows = {side: [] for side in SIDES}
-    report = {"preset": args.preset, "shape_note": settings["note"],
-              "settings": {k: v for k, v in settings.items() if k not in ("shape", "note")},
-              "shape": settings["shape"], "tokens_per_example": tokens_per_example, "runs": rows}
+    report = {
+        "preset": args.preset,
+        "shape_note": settings["note"],
+        "settings": {k: v for k, v in settings.items() if k not in ("shape", "note")},
+        "shape": settings["shape"],
+        "tokens_per_example": tokens_per_example,
+        "runs": rows,
+    }
     for repeat in range(args.repeats):
         for side in SIDES:
             run = launch(side, model, data, template, work, seq, batch, total_steps, f"run-{repeat}")
@@ -294,24 +410,37 @@ def main() -> None:
                 raise SystemExit(f"{side} ran out of memory at sequence {seq}, batch {batch}")
             if not run["grad_norms"] or min(run["grad_norms"]) <= 0 or not all(map(math.isfinite, run["grad_norms"])):
                 raise SystemExit(f"{side}: gradient norms {run['grad_norms']}: the adapter is not learning")
-            timed = run["times"][settings["warmup"]:]
+            timed = run["times"][settings["warmup"] :]
             tokens_per_s = len(timed) * batch * tokens_per_example / sum(timed)
-            rows[side].append({"tokens_per_s": tokens_per_s, "peak_gib": run["peak_gib"], "memory": run["memory"],
-                               "mean_loss": statistics.mean(run["losses"][settings["warmup"]:]),
-                               "grad_norm_min": min(run["grad_norms"]), "grad_norm_max": max(run["grad_norms"]),
-                               "mfu": mfu(tokens_per_s, settings["shape"], trainable, total, seq),
-                               "kernels": run["kernels"]})
-            print(f"{side} {repeat}: {tokens_per_s:,.0f} tok/s, peak {run['peak_gib']:.2f} GiB, "
-                  f"kernels {run['kernels']}", flush=True)
+            rows[side].append(
+                {
+                    "tokens_per_s": tokens_per_s,
+                    "peak_gib": run["peak_gib"],
+                    "memory": run["memory"],
+                    "mean_loss": statistics.mean(run["losses"][settings["warmup"] :]),
+                    "grad_norm_min": min(run["grad_norms"]),
+                    "grad_norm_max": max(run["grad_norms"]),
+                    "mfu": mfu(tokens_per_s, settings["shape"], trainable, total, seq),
+                    "kernels": run["kernels"],
+                }
+            )
+            print(
+                f"{side} {repeat}: {tokens_per_s:,.0f} tok/s, peak {run['peak_gib']:.2f} GiB, kernels {run['kernels']}",
+                flush=True,
+            )
     for side in SIDES:
-        report[side] = {key: statistics.median(r[key] for r in rows[side])
-                        for key in ("tokens_per_s", "peak_gib", "mean_loss", "grad_norm_min", "grad_norm_max")}
+        report[side] = {
+            key: statistics.median(r[key] for r in rows[side])
+            for key in ("tokens_per_s", "peak_gib", "mean_loss", "grad_norm_min", "grad_norm_max")
+        }
         mfus = [r["mfu"] for r in rows[side] if r["mfu"] is not None]
         report[side]["mfu"] = statistics.median(mfus) if mfus else None
     ours, theirs = report["lorakit"], report["baseline"]
-    report["ratios"] = {"tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                        "peak_memory": ours["peak_gib"] / theirs["peak_gib"],
-                        "mean_loss": ours["mean_loss"] / theirs["mean_loss"]}
+    report["ratios"] = {
+        "tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "peak_memory": ours["peak_gib"] / theirs["peak_gib"],
+        "mean_loss": ours["mean_loss"] / theirs["mean_loss"],
+    }
     _write(args.json, report)
     if not args.skip_longest:
         for side in SIDES:  # the speed figures are on disk first: a run stopped during the search keeps them

@@ -79,20 +79,30 @@ def build(work: Path, layers: int, hidden: int, shard_mb: int) -> tuple[Path, Pa
     from scripts.tiny_model import build_tiny_model
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        tie_word_embeddings=False,
+    )
     base = work / "base"
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base, max_shard_size=f"{shard_mb}MB")
     tiny = build_tiny_model(ROOT / ".cache" / "tiny-llama")  # any tokenizer will do for the run directory
     run = work / "run"
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                                init_lora_weights=False))
+    model = get_peft_model(
+        LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    )
     model.save_pretrained(run)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (run / name).write_bytes((tiny / name).read_bytes())
-    recipe = {"model": {"name_or_path": str(base)}, "data": {"train": str(ROOT / "examples/reverse/train.jsonl")},
-              "train": {"output_dir": str(run)}}
+    recipe = {
+        "model": {"name_or_path": str(base)},
+        "data": {"train": str(ROOT / "examples/reverse/train.jsonl")},
+        "train": {"output_dir": str(run)},
+    }
     (run / "recipe.yaml").write_text(json.dumps(recipe))
     (run / "manifest.json").write_text(json.dumps({"status": "complete", "precision": "float32"}))
     return base, run
@@ -126,8 +136,14 @@ def main() -> None:
     base, run = build(work, args.layers, args.hidden, args.shard_mb)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
     shards = len(list(base.glob("*.safetensors")))
-    fill = {"imports": IMPORTS, "sampler": SAMPLER, "report": REPORT, "base": str(base), "run": str(run),
-            "shard": args.shard_mb}
+    fill = {
+        "imports": IMPORTS,
+        "sampler": SAMPLER,
+        "report": REPORT,
+        "base": str(base),
+        "run": str(run),
+        "shard": args.shard_mb,
+    }
     results = {"naive": [], "lorakit": []}
     for _ in range(args.repeats):
         for out in ("naive", "streamed"):
@@ -135,17 +151,21 @@ def main() -> None:
         results["naive"].append(measure(NAIVE.format(**fill, out=str(work / "naive"))))
         results["lorakit"].append(measure(STREAM.format(**fill, out=str(work / "streamed"))))
     diff = same_tensors(work / "naive", work / "streamed")
-    print(f"base: {size:.0f} MiB bfloat16 in {shards} shards of at most {args.shard_mb} MB ({args.layers} layers, "
-          f"hidden {args.hidden}); adapter r 16 on all linear layers; median of {args.repeats}; "
-          f"max tensor difference between the two outputs {diff:.3g}")
+    print(
+        f"base: {size:.0f} MiB bfloat16 in {shards} shards of at most {args.shard_mb} MB ({args.layers} layers, "
+        f"hidden {args.hidden}); adapter r 16 on all linear layers; median of {args.repeats}; "
+        f"max tensor difference between the two outputs {diff:.3g}"
+    )
     print("| merge | anonymous memory added (MiB) | x lorakit | resident memory added (MiB) | x lorakit | wall (s) |")
     print("|---|---|---|---|---|---|")
     anon = {k: statistics.median(r["peak_anon_mib"] - r["before_anon_mib"] for r in v) for k, v in results.items()}
     added = {k: statistics.median(r["peak_mib"] - r["before_mib"] for r in v) for k, v in results.items()}
     for name in ("naive", "lorakit"):
         wall = statistics.median(r["wall"] for r in results[name])
-        print(f"| {name} | {anon[name]:,.0f} | {anon[name] / anon['lorakit']:.2f} | {added[name]:,.0f} | "
-              f"{added[name] / added['lorakit']:.2f} | {wall:.1f} |")
+        print(
+            f"| {name} | {anon[name]:,.0f} | {anon[name] / anon['lorakit']:.2f} | {added[name]:,.0f} | "
+            f"{added[name] / added['lorakit']:.2f} | {wall:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,16 @@ METHODS = {
     "LoRA r=8": (["lora.r=8", "lora.lora_alpha=8"], [], LR),
     "AdaLoRA (r 32 -> 16)": (["method=adalora", "adalora.init_r=32", "adalora.target_r=16"], ["r"], LR),
     "IA3": (["method=ia3"], ["r", "lora_alpha", "lora_dropout", "target_modules"], 1e-2),
-    "prompt tuning (20 tokens)": (["method=prompt_tuning"], ["r", "lora_alpha", "lora_dropout", "target_modules"],
-                                  3e-2),
-    "prefix tuning (20 tokens)": (["method=prefix_tuning"], ["r", "lora_alpha", "lora_dropout", "target_modules"],
-                                  1e-2),
+    "prompt tuning (20 tokens)": (
+        ["method=prompt_tuning"],
+        ["r", "lora_alpha", "lora_dropout", "target_modules"],
+        3e-2,
+    ),
+    "prefix tuning (20 tokens)": (
+        ["method=prefix_tuning"],
+        ["r", "lora_alpha", "lora_dropout", "target_modules"],
+        1e-2,
+    ),
 }
 
 
@@ -59,31 +65,56 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "tiny_model.py"), str(ROOT / ".cache" / "tiny-llama")],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "tiny_model.py"), str(ROOT / ".cache" / "tiny-llama")],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="lorakit-methods-"))
     rows = []
     for index, (name, (changes, dropped, lr)) in enumerate(METHODS.items()):
         out = work / f"method-{index}"
-        sets = [f"train.output_dir={out}", f"train.max_steps={args.steps}", "train.eval_steps=100000",
-                f"train.learning_rate={lr}", *changes]
+        sets = [
+            f"train.output_dir={out}",
+            f"train.max_steps={args.steps}",
+            "train.eval_steps=100000",
+            f"train.learning_rate={lr}",
+            *changes,
+        ]
         command = [sys.executable, "-m", "lorakit", "train", str(recipe_for(work, index, dropped))]
         for item in sets:
             command += ["--set", item]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{name}: training failed\n{done.stderr[-3000:]}")
-        evaluated = subprocess.run([sys.executable, "-m", "lorakit", "eval", str(out), "--compare", "none", "--json"],
-                                   cwd=ROOT, env=env, capture_output=True, text=True)
+        evaluated = subprocess.run(
+            [sys.executable, "-m", "lorakit", "eval", str(out), "--compare", "none", "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if evaluated.returncode != 0:
             raise SystemExit(f"{name}: eval failed\n{evaluated.stderr[-3000:]}")
         metrics = json.loads(evaluated.stdout)["metrics"]["tuned"]
         manifest = json.loads((out / "manifest.json").read_text())
-        rows.append((name, lr, metrics["loss"], metrics["exact_match"], manifest["trainable_parameters"],
-                     manifest["results"]["train_runtime_s"]))
+        rows.append(
+            (
+                name,
+                lr,
+                metrics["loss"],
+                metrics["exact_match"],
+                manifest["trainable_parameters"],
+                manifest["results"]["train_runtime_s"],
+            )
+        )
         print(f"{name}: done", file=sys.stderr, flush=True)
-    print(f"| method ({args.steps} steps) | learning rate | eval loss | exact match | trainable parameters "
-          "| train time (s) |")
+    print(
+        f"| method ({args.steps} steps) | learning rate | eval loss | exact match | trainable parameters "
+        "| train time (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, lr, loss, exact, params, seconds in rows:
         print(f"| {name} | {lr:g} | {loss:.4f} | {exact:.3f} | {params:,} | {seconds:.1f} |")

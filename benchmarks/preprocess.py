@@ -50,9 +50,15 @@ def trl_trainer(model_dir: Path, tokenizer, num_proc: int, max_length: int):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), assistant_only_loss=True, max_length=max_length,
-                     dataset_num_proc=num_proc if num_proc > 1 else None, report_to="none", use_cpu=True,
-                     bf16=False)
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        assistant_only_loss=True,
+        max_length=max_length,
+        dataset_num_proc=num_proc if num_proc > 1 else None,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     one = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
     return SFTTrainer(model=model, args=args, train_dataset=one, processing_class=tokenizer)
@@ -62,8 +68,13 @@ def trl_prepare(path: Path, trainer):
     from datasets import load_dataset
 
     # a fresh cache directory each run: load_dataset's own build cache would skip parsing the JSON
-    raw = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True,
-                       cache_dir=tempfile.mkdtemp(prefix="lorakit-bench-ds-"))
+    raw = load_dataset(
+        "json",
+        data_files=str(path),
+        split="train",
+        keep_in_memory=True,
+        cache_dir=tempfile.mkdtemp(prefix="lorakit-bench-ds-"),
+    )
     out = trainer._prepare_dataset(raw, trainer.processing_class, trainer.args, False, None, "train")
     return out["input_ids"][:], out["labels"][:]
 
@@ -93,8 +104,10 @@ def main() -> None:
     rows = chat_rows(args.examples, word_list(tokenizer), seed=0, max_tokens=args.max_length)
     path = write_jsonl(rows, work / "chat.jsonl")
 
-    print(f"{args.examples} synthetic chat examples, max_length {args.max_length}, {os.cpu_count()} CPUs, "
-          f"median of {args.repeats} alternating runs")
+    print(
+        f"{args.examples} synthetic chat examples, max_length {args.max_length}, {os.cpu_count()} CPUs, "
+        f"median of {args.repeats} alternating runs"
+    )
     print("| processes | lorakit (examples/s) | trl (examples/s) | lorakit / trl |")
     print("|---|---|---|---|")
     for num_proc in args.num_proc:
@@ -112,8 +125,10 @@ def main() -> None:
                 outputs.setdefault(name, result)
         _check_same(outputs["lorakit"], outputs["trl"], args.max_length)
         rate = {k: args.examples / statistics.median(v) for k, v in times.items()}
-        print(f"| {num_proc} | {rate['lorakit']:,.0f} | {rate['trl']:,.0f} | {rate['lorakit'] / rate['trl']:.2f} |",
-              flush=True)
+        print(
+            f"| {num_proc} | {rate['lorakit']:,.0f} | {rate['trl']:,.0f} | {rate['lorakit'] / rate['trl']:.2f} |",
+            flush=True,
+        )
 
 
 def _check_same(ours, theirs, max_length: int) -> None:

@@ -36,8 +36,9 @@ def word_list(tokenizer) -> list[str]:
     return sorted(set(words))
 
 
-def chat_rows(n: int, words: list[str], *, seed: int = 0, median_tokens: int = 100,
-              max_tokens: int = 1024, spread: float = 0.9) -> list[dict]:
+def chat_rows(
+    n: int, words: list[str], *, seed: int = 0, median_tokens: int = 100, max_tokens: int = 1024, spread: float = 0.9
+) -> list[dict]:
     """`spread` is the lognormal sigma; 0 gives every example about `median_tokens` tokens."""
     rng, pick = np.random.default_rng(seed), random.Random(seed)
     lengths = np.clip(rng.lognormal(np.log(median_tokens), spread, n), 16, max_tokens).astype(int)

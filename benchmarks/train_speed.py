@@ -54,27 +54,63 @@ def measured(command: list[str], log: Path) -> dict:
 def lorakit_run(model: Path, data: Path, template: Path, out: Path, batch: int, max_length: int) -> dict:
     recipe = {
         "model": {"name_or_path": str(model), "load_in_4bit": True},
-        "lora": {"r": SETTINGS["r"], "lora_alpha": SETTINGS["alpha"], "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "lora": {
+            "r": SETTINGS["r"],
+            "lora_alpha": SETTINGS["alpha"],
+            "lora_dropout": 0.0,
+            "target_modules": "all-linear",
+        },
         "data": {"train": str(data), "chat_template": str(template), "max_length": max_length},
-        "train": {"output_dir": str(out), "per_device_train_batch_size": batch, "num_train_epochs": 1,
-                  "learning_rate": SETTINGS["learning_rate"], "seed": SETTINGS["seed"], "warmup_steps": 0,
-                  "lr_scheduler_type": "cosine",
-                  "logging_steps": 10, "save_steps": 100000},
+        "train": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": batch,
+            "num_train_epochs": 1,
+            "learning_rate": SETTINGS["learning_rate"],
+            "seed": SETTINGS["seed"],
+            "warmup_steps": 0,
+            "lr_scheduler_type": "cosine",
+            "logging_steps": 10,
+            "save_steps": 100000,
+        },
     }
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    usage = measured([sys.executable, "-m", "lorakit", "train", str(path), "--no-cache"], out.parent / f"{out.name}.log")
+    usage = measured(
+        [sys.executable, "-m", "lorakit", "train", str(path), "--no-cache"], out.parent / f"{out.name}.log"
+    )
     results = json.loads((out / "manifest.json").read_text())["results"]
     return {**usage, "train_runtime_s": results["train_runtime_s"], "steps": results["steps"]}
 
 
 def baseline_run(model: Path, data: Path, template: Path, out: Path, batch: int, max_length: int) -> dict:
     result = out.parent / f"{out.name}.json"
-    usage = measured([sys.executable, str(ROOT / "benchmarks" / "trl_baseline.py"), "--model", str(model),
-                      "--data", str(data), "--template", str(template), "--output", str(out), "--result", str(result),
-                      "--batch", str(batch), "--epochs", "1", "--max-length", str(max_length),
-                      "--learning-rate", str(SETTINGS["learning_rate"]), "--seed", str(SETTINGS["seed"])],
-                     out.parent / f"{out.name}.log")
+    usage = measured(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "trl_baseline.py"),
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--template",
+            str(template),
+            "--output",
+            str(out),
+            "--result",
+            str(result),
+            "--batch",
+            str(batch),
+            "--epochs",
+            "1",
+            "--max-length",
+            str(max_length),
+            "--learning-rate",
+            str(SETTINGS["learning_rate"]),
+            "--seed",
+            str(SETTINGS["seed"]),
+        ],
+        out.parent / f"{out.name}.log",
+    )
     return {**usage, **json.loads(result.read_text())}
 
 
@@ -117,8 +153,12 @@ def main() -> None:
     words = word_list(tokenizer)
     train = write_jsonl(chat_rows(args.examples, words, seed=0, max_tokens=args.max_length), work / "train.jsonl")
     held = write_jsonl(chat_rows(args.eval_examples, words, seed=1, max_tokens=args.max_length), work / "eval.jsonl")
-    prepared = prepare(DataConfig(train=str(train), eval=str(held), chat_template=str(template),
-                                  max_length=args.max_length), tokenizer, 0, use_cache=False)
+    prepared = prepare(
+        DataConfig(train=str(train), eval=str(held), chat_template=str(template), max_length=args.max_length),
+        tokenizer,
+        0,
+        use_cache=False,
+    )
     tokens = prepared.train.tokens  # the non-padding tokens of one epoch, the same for both
 
     runs = {"lorakit": [], "baseline": []}
@@ -126,35 +166,54 @@ def main() -> None:
         for name in ("lorakit", "baseline"):
             out = work / f"{name}-{repeat}"
             run = (lorakit_run if name == "lorakit" else baseline_run)(
-                model, train, template, out, args.lorakit_batch if name == "lorakit" else args.baseline_batch,
-                args.max_length)
+                model,
+                train,
+                template,
+                out,
+                args.lorakit_batch if name == "lorakit" else args.baseline_batch,
+                args.max_length,
+            )
             run["tokens_per_s"] = tokens / run["train_runtime_s"]
             runs[name].append(run)
-            print(f"{name} {repeat}: {run['train_runtime_s']:.1f} s, {run['tokens_per_s']:.0f} tok/s, "
-                  f"{run['peak_rss_mib']:.0f} MiB, {run['steps']} steps", flush=True)
+            print(
+                f"{name} {repeat}: {run['train_runtime_s']:.1f} s, {run['tokens_per_s']:.0f} tok/s, "
+                f"{run['peak_rss_mib']:.0f} MiB, {run['steps']} steps",
+                flush=True,
+            )
     losses = {name: held_out_loss(model, work / f"{name}-0", prepared.eval, tokenizer) for name in runs}
 
     speed = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["lorakit"], runs["baseline"])]
     memory = [a["peak_rss_mib"] / b["peak_rss_mib"] for a, b in zip(runs["lorakit"], runs["baseline"])]
     table = {
-        "examples": args.examples, "tokens": tokens, "cpus": os.cpu_count(),
+        "examples": args.examples,
+        "tokens": tokens,
+        "cpus": os.cpu_count(),
         "speed_ratio": {"median": statistics.median(speed), "min": min(speed), "max": max(speed)},
         "memory_ratio": {"median": statistics.median(memory), "min": min(memory), "max": max(memory)},
-        "held_out_loss": losses, "runs": runs,
+        "held_out_loss": losses,
+        "runs": runs,
     }
-    print(f"\n{args.examples} examples, {tokens:,} non-padding tokens, one epoch, {os.cpu_count()} CPUs, "
-          f"median of {args.repeats} alternating runs (min-max)\n")
+    print(
+        f"\n{args.examples} examples, {tokens:,} non-padding tokens, one epoch, {os.cpu_count()} CPUs, "
+        f"median of {args.repeats} alternating runs (min-max)\n"
+    )
     print("| | lorakit (defaults) | TRL baseline | lorakit / baseline |")
     print("|---|---|---|---|")
-    for key, label, fmt in (("tokens_per_s", "effective tokens/s", "{:,.0f}"), ("train_runtime_s", "train time (s)", "{:.1f}"),
-                            ("peak_rss_mib", "peak RSS (MiB)", "{:,.0f}"), ("steps", "optimizer steps", "{:.0f}")):
+    for key, label, fmt in (
+        ("tokens_per_s", "effective tokens/s", "{:,.0f}"),
+        ("train_runtime_s", "train time (s)", "{:.1f}"),
+        ("peak_rss_mib", "peak RSS (MiB)", "{:,.0f}"),
+        ("steps", "optimizer steps", "{:.0f}"),
+    ):
         ours = statistics.median(r[key] for r in runs["lorakit"])
         theirs = statistics.median(r[key] for r in runs["baseline"])
         ratio = {"tokens_per_s": speed, "peak_rss_mib": memory}.get(key)
         spread = f" ({min(ratio):.2f}-{max(ratio):.2f})" if ratio else ""
         print(f"| {label} | {fmt.format(ours)} | {fmt.format(theirs)} | {ours / theirs:.2f}{spread} |")
-    print(f"| held-out loss (same evaluator) | {losses['lorakit']:.4f} | {losses['baseline']:.4f} | "
-          f"{losses['lorakit'] / losses['baseline']:.3f} |")
+    print(
+        f"| held-out loss (same evaluator) | {losses['lorakit']:.4f} | {losses['baseline']:.4f} | "
+        f"{losses['lorakit'] / losses['baseline']:.3f} |"
+    )
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
 

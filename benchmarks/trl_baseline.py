@@ -19,10 +19,28 @@ import json
 from pathlib import Path
 
 
-def build(model: str, data: str, template: str, output: str, *, batch: int, epochs: float = 1.0,
-          max_steps: int = -1, learning_rate: float = 2e-4, scheduler: str = "cosine", warmup_steps: float = 0,
-          optim: str = "paged_adamw_8bit", seed: int = 0, max_length: int = 1024, r: int = 16, alpha: int = 32,
-          four_bit: bool = True, gradient_checkpointing: bool = True, logging_steps: int = 10, callbacks=()):
+def build(
+    model: str,
+    data: str,
+    template: str,
+    output: str,
+    *,
+    batch: int,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 2e-4,
+    scheduler: str = "cosine",
+    warmup_steps: float = 0,
+    optim: str = "paged_adamw_8bit",
+    seed: int = 0,
+    max_length: int = 1024,
+    r: int = 16,
+    alpha: int = 32,
+    four_bit: bool = True,
+    gradient_checkpointing: bool = True,
+    logging_steps: int = 10,
+    callbacks=(),
+):
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -34,21 +52,49 @@ def build(model: str, data: str, template: str, output: str, *, batch: int, epoc
     dtype = torch.bfloat16 if bf16 else (torch.float16 if cuda else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.chat_template = Path(template).read_text()
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype) if four_bit else None
-    base = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization, dtype=dtype,
-                                                device_map={"": 0 if cuda else "cpu"})
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        if four_bit
+        else None
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        model, quantization_config=quantization, dtype=dtype, device_map={"": 0 if cuda else "cpu"}
+    )
     args = SFTConfig(
-        output_dir=output, per_device_train_batch_size=batch, num_train_epochs=epochs, max_steps=max_steps,
-        learning_rate=learning_rate, lr_scheduler_type=scheduler, warmup_steps=warmup_steps, optim=optim, seed=seed,
-        max_length=max_length, assistant_only_loss=True, gradient_checkpointing=gradient_checkpointing,
-        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, logging_steps=logging_steps, save_strategy="no",
-        report_to="none", disable_tqdm=True)
-    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
+        output_dir=output,
+        per_device_train_batch_size=batch,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps,
+        optim=optim,
+        seed=seed,
+        max_length=max_length,
+        assistant_only_loss=True,
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     dataset = load_dataset("json", data_files=data, split="train")
-    return SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=list(callbacks))
+    return SFTTrainer(
+        model=base,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
 
 
 def run(model: str, data: str, template: str, output: str, **settings) -> dict:
@@ -56,8 +102,12 @@ def run(model: str, data: str, template: str, output: str, **settings) -> dict:
     result = trainer.train()
     trainer.save_model(output)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"train_runtime_s": result.metrics["train_runtime"], "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    return {
+        "train_runtime_s": result.metrics["train_runtime"],
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
 
 
 def main() -> None:
@@ -74,10 +124,21 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--logging-steps", type=int, default=10)
     args = parser.parse_args()
-    result = run(args.model, args.data, args.template, args.output, batch=args.batch, epochs=args.epochs,
-                 max_steps=args.max_steps, learning_rate=args.learning_rate, scheduler=args.scheduler,
-                 optim=args.optim, seed=args.seed,
-                 max_length=args.max_length, logging_steps=args.logging_steps)
+    result = run(
+        args.model,
+        args.data,
+        args.template,
+        args.output,
+        batch=args.batch,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        scheduler=args.scheduler,
+        optim=args.optim,
+        seed=args.seed,
+        max_length=args.max_length,
+        logging_steps=args.logging_steps,
+    )
     Path(args.result).write_text(json.dumps(result))
 
 

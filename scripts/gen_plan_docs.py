@@ -55,11 +55,14 @@ gradient checkpointing on, paged 8-bit AdamW, max_length 2048, micro-batch 1, bf
 def _recipe(name: str):
     from lorakit.recipe.schema import Recipe
 
-    return Recipe.model_validate({
-        "model": {"name_or_path": str(ROOT / "tests" / "fixtures" / "configs" / name), "load_in_4bit": True},
-        "lora": {"r": 16, "target_modules": "all-linear"},
-        "data": {"train": str(ROOT / "examples" / "reverse" / "train.jsonl"), "max_length": 2048},
-        "train": {"per_device_train_batch_size": 1}})
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": str(ROOT / "tests" / "fixtures" / "configs" / name), "load_in_4bit": True},
+            "lora": {"r": 16, "target_modules": "all-linear"},
+            "data": {"train": str(ROOT / "examples" / "reverse" / "train.jsonl"), "max_length": 2048},
+            "train": {"per_device_train_batch_size": 1},
+        }
+    )
 
 
 def render() -> str:
@@ -76,7 +79,9 @@ def render() -> str:
         out.append(f"{counts.total:,} parameters; LoRA adds {counts.lora:,}.\n")
         out.append("| memory | GiB | how |\n|---|---|---|")
         for line in plan.lines:
-            out.append(f"| {line.name} | {line.bytes / plan_mod.GIB:.2f} | {'exact: ' if line.exact else ''}{line.note} |")
+            out.append(
+                f"| {line.name} | {line.bytes / plan_mod.GIB:.2f} | {'exact: ' if line.exact else ''}{line.note} |"
+            )
         out.append(f"| **total** | **{plan.total / plan_mod.GIB:.2f}** | |\n")
         out.append("| GPU memory | verdict | largest micro-batch | what makes it fit |\n|---|---|---|---|")
         for memory in MEMORIES:

@@ -72,8 +72,14 @@ def _limits(field) -> str:
 
 
 def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
-    out += [f"## `{prefix}`", "", (cls.__doc__ or "").strip(), "",
-            "| key | type | default | description |", "|---|---|---|---|"]
+    out += [
+        f"## `{prefix}`",
+        "",
+        (cls.__doc__ or "").strip(),
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
     nested = []
     for name, field in cls.model_fields.items():
         annotation = field.annotation
@@ -88,22 +94,31 @@ def _section(prefix: str, cls: type[BaseModel], out: list[str]) -> None:
             kind = f"{item.__name__} \\| list of {item.__name__}" + (" \\| null" if _optional(annotation) else "")
             out.append(f"| `{name}` | {kind} | {_default(field)} | {field.description or ''}{_limits(field)} |")
             continue
-        out.append(f"| `{name}` | {_type_name(annotation)} | {_default(field)} | "
-                   f"{field.description or ''}{_limits(field)} |")
+        out.append(
+            f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {field.description or ''}{_limits(field)} |"
+        )
     out.append("")
     for sub_prefix, sub in nested:
         _section(sub_prefix, sub, out)
 
 
 def render() -> str:
-    out = ["# Recipe reference", "",
-           "Generated from `lorakit/recipe/schema.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
-           "", "A recipe needs `model` and `data`; every other section is optional. `method` picks the PEFT method "
-           "and with it the section that configures it (`lora`, `adalora`, `ia3`, `prompt_tuning`, `prefix_tuning`). "
-           "Unknown keys are errors (with the line and a suggestion); "
-           "values are checked for type and range before anything is loaded. Any value can be overridden "
-           "on the command line with `--set section.key=value` (parsed as YAML, so `1e-4` is a float).", "",
-           "## Top level", "", "| key | type | default | description |", "|---|---|---|---|"]
+    out = [
+        "# Recipe reference",
+        "",
+        "Generated from `lorakit/recipe/schema.py` by `scripts/gen_recipe_docs.py` (`make docs`); do not edit by hand.",
+        "",
+        "A recipe needs `model` and `data`; every other section is optional. `method` picks the PEFT method "
+        "and with it the section that configures it (`lora`, `adalora`, `ia3`, `prompt_tuning`, `prefix_tuning`). "
+        "Unknown keys are errors (with the line and a suggestion); "
+        "values are checked for type and range before anything is loaded. Any value can be overridden "
+        "on the command line with `--set section.key=value` (parsed as YAML, so `1e-4` is a float).",
+        "",
+        "## Top level",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
     for name, field in Recipe.model_fields.items():
         if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             out.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {field.description} |")

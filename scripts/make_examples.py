@@ -20,10 +20,46 @@ N_TRAIN, N_EVAL, N_TRAIN_PC, N_EVAL_PC = 1600, 64, 400, 32
 SYSTEM = "Reverse the order of the words."
 SYSTEM_FRACTION = 0.25  # share of chat rows that carry the system message
 WORDS = (
-    "red", "blue", "green", "cat", "dog", "sun", "moon", "star", "tree", "fish",
-    "bird", "cake", "milk", "book", "door", "hat", "cup", "box", "car", "bus",
-    "road", "hill", "lake", "rain", "snow", "wind", "fire", "rock", "sand", "leaf",
-    "rose", "bell", "coin", "ring", "key", "egg", "pen", "map", "ship", "frog",
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "fish",
+    "bird",
+    "cake",
+    "milk",
+    "book",
+    "door",
+    "hat",
+    "cup",
+    "box",
+    "car",
+    "bus",
+    "road",
+    "hill",
+    "lake",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "rock",
+    "sand",
+    "leaf",
+    "rose",
+    "bell",
+    "coin",
+    "ring",
+    "key",
+    "egg",
+    "pen",
+    "map",
+    "ship",
+    "frog",
 )
 
 
@@ -51,8 +87,7 @@ def answer_text(words) -> str:
 
 def chat_row(words, system: bool) -> dict:
     msgs = [{"role": "system", "content": SYSTEM}] if system else []
-    msgs += [{"role": "user", "content": user_text(words)},
-             {"role": "assistant", "content": answer_text(words)}]
+    msgs += [{"role": "user", "content": user_text(words)}, {"role": "assistant", "content": answer_text(words)}]
     return {"messages": msgs}
 
 

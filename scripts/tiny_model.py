@@ -37,9 +37,17 @@ CHAT_TEMPLATE = (
 # initializer_range 0.1 (not Llama's 0.02): lm_head is frozen under LoRA, and with std 0.02 its rows are
 # too short for any hidden state to give a confident next token, so a random model could not learn.
 # vocab_size is the trainer's target; it stops at 429 once every word of the corpus is one token.
-PARAMS = {"version": 1, "vocab_size": 448, "hidden_size": 256, "intermediate_size": 512,
-          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "max_position_embeddings": 512, "initializer_range": 0.1}
+PARAMS = {
+    "version": 1,
+    "vocab_size": 448,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.1,
+}
 MARKER = "tiny_model_build.json"  # written last: its presence means the build is complete
 
 
@@ -51,19 +59,31 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=PARAMS["vocab_size"], special_tokens=[BOS, IM_START, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=PARAMS["vocab_size"],
+        special_tokens=[BOS, IM_START, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(all_texts(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
-                                      special_tokens=[(BOS, bos_id)]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-        additional_special_tokens=[IM_START], model_max_length=PARAMS["max_position_embeddings"],
-        chat_template=CHAT_TEMPLATE, padding_side="right")
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        additional_special_tokens=[IM_START],
+        model_max_length=PARAMS["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="right",
+    )
 
 
 def _build(out: Path, seed: int) -> None:
@@ -74,8 +94,15 @@ def _build(out: Path, seed: int) -> None:
     tokenizer.save_pretrained(out)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     p = {k: v for k, v in PARAMS.items() if k not in ("version", "vocab_size")}
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos, torch_dtype="float32", **p)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        torch_dtype="float32",
+        **p,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)

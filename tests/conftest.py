@@ -55,9 +55,17 @@ def tiny_recipe(model_dir: Path, out_dir: Path, *, four_bit: bool = True, steps:
         "model": {"name_or_path": str(model_dir), "load_in_4bit": four_bit},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
         "data": {"train": str(EXAMPLES / "train.jsonl"), "eval": str(EXAMPLES / "eval.jsonl"), "max_length": 48},
-        "train": {"output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": 8,
-                  "learning_rate": 2e-3, "logging_steps": 2, "warmup_steps": 0, "save_steps": 1000,
-                  "gradient_checkpointing": False, **train},
+        "train": {
+            "output_dir": str(out_dir),
+            "max_steps": steps,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 2e-3,
+            "logging_steps": 2,
+            "warmup_steps": 0,
+            "save_steps": 1000,
+            "gradient_checkpointing": False,
+            **train,
+        },
     }
 
 

@@ -25,8 +25,9 @@ from lorakit.recipe.schema import LoraSection, ModelConfig
 def build(model_dir: str, version: int, storage: str, dtype: str, upcast_norms: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    cfg = ModelConfig(name_or_path=model_dir, load_in_4bit=True, dtype=dtype,
-                      quantization={"bnb_4bit_quant_storage": storage})
+    cfg = ModelConfig(
+        name_or_path=model_dir, load_in_4bit=True, dtype=dtype, quantization={"bnb_4bit_quant_storage": storage}
+    )
     engine = engines.Engine("fsdp", fsdp_version=version)
     base = model_mod.load_base(cfg, model_mod.resolve_precision(cfg), engine)
     base = model_mod.prepare_for_training(base, cfg, False, engine)
@@ -40,8 +41,9 @@ def shard(model, version: int):
         from peft.utils.other import fsdp_auto_wrap_policy
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
-                                        device_id=torch.device("cpu"))
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False, device_id=torch.device("cpu")
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

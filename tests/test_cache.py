@@ -11,8 +11,10 @@ from lorakit.data import prepare
 from lorakit.data.templates import CHATML_EOS
 from lorakit.recipe.schema import DataConfig
 
-ROWS = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"n{i}"}]}
-        for i in range(12)]
+ROWS = [
+    {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"n{i}"}]}
+    for i in range(12)
+]
 
 
 @pytest.fixture
@@ -52,12 +54,16 @@ def test_num_proc_shares_the_entry(cache, tokenizer, tmp_path):
     assert prepare(DataConfig(train=path, num_proc=2), tokenizer, seed=0).cached
 
 
-@pytest.mark.parametrize("change", ["file content", "data section", "seed with eval split", "template choice",
-                                    "template file content", "tokenizer"])
+@pytest.mark.parametrize(
+    "change",
+    ["file content", "data section", "seed with eval split", "template choice", "template file content", "tokenizer"],
+)
 def test_any_change_misses(cache, tokenizer, tmp_path, tiny_model, change):
     path = write(tmp_path / "t.jsonl", ROWS)
     jinja = tmp_path / "chat.jinja"
-    jinja.write_text(CHATML_EOS.replace("eos_token + '\n'", "eos_token + '\n\n'"))  # ChatML with a blank line between turns
+    jinja.write_text(
+        CHATML_EOS.replace("eos_token + '\n'", "eos_token + '\n\n'")
+    )  # ChatML with a blank line between turns
     cfg = DataConfig(train=path, eval_fraction=0.25, chat_template=str(jinja))
     base = prepare(cfg, tokenizer, seed=0)
     assert prepare(cfg, tokenizer, seed=0).cached

@@ -17,14 +17,20 @@ from lorakit.train.trainer import run as train
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model, tmp_path_factory):
-    recipe = tiny_recipe(tiny_model, tmp_path_factory.mktemp("chat") / "run", four_bit=False, steps=40,
-                         learning_rate=3e-3)
+    recipe = tiny_recipe(
+        tiny_model, tmp_path_factory.mktemp("chat") / "run", four_bit=False, steps=40, learning_rate=3e-3
+    )
     return train(Recipe.model_validate(recipe)).run_dir
 
 
 def chat(run_dir, lines: list[str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "chat", str(run_dir), "--max-new-tokens", "12", *args],
-                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "chat", str(run_dir), "--max-new-tokens", "12", *args],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def reply(run_dir, conversation, base=False) -> str:
@@ -35,15 +41,29 @@ def reply(run_dir, conversation, base=False) -> str:
 
 def test_chat_streams_the_same_replies_as_generate_and_switches_models(run_dir, tmp_path):
     saved = tmp_path / "talk.jsonl"
-    out = chat(run_dir, ["reverse: cat dog sun", "/base", "reverse: red blue green", "/reset", "/compare",
-                         "reverse: one two three", f"/save {saved}", "/quit"])
+    out = chat(
+        run_dir,
+        [
+            "reverse: cat dog sun",
+            "/base",
+            "reverse: red blue green",
+            "/reset",
+            "/compare",
+            "reverse: one two three",
+            f"/save {saved}",
+            "/quit",
+        ],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     tuned_first = reply(run_dir, [{"role": "user", "content": "reverse: cat dog sun"}])
     assert f"tuned> {tuned_first}" in text
     # the base answers the second message with the first exchange still in the conversation
-    history = [{"role": "user", "content": "reverse: cat dog sun"}, {"role": "assistant", "content": tuned_first},
-               {"role": "user", "content": "reverse: red blue green"}]
+    history = [
+        {"role": "user", "content": "reverse: cat dog sun"},
+        {"role": "assistant", "content": tuned_first},
+        {"role": "user", "content": "reverse: red blue green"},
+    ]
     assert f"base> {reply(run_dir, history, base=True)}" in text
     assert "conversation cleared" in text
     fresh = [{"role": "user", "content": "reverse: one two three"}]
@@ -55,8 +75,12 @@ def test_chat_streams_the_same_replies_as_generate_and_switches_models(run_dir, 
 
 
 def test_chat_commands_and_end_of_input(run_dir, tmp_path):
-    out = chat(run_dir, ["/help", "/nonsense", f"/save {tmp_path / 'nothing.jsonl'}",
-                         f"/save {tmp_path / 'no' / 'dir.jsonl'}"], "--system", "Reverse the order of the words.")
+    out = chat(
+        run_dir,
+        ["/help", "/nonsense", f"/save {tmp_path / 'nothing.jsonl'}", f"/save {tmp_path / 'no' / 'dir.jsonl'}"],
+        "--system",
+        "Reverse the order of the words.",
+    )
     assert out.returncode == 0, out.stderr[-2000:]  # end of input ends the chat
     assert "/compare" in out.stdout and "unknown command /nonsense" in out.stdout
     assert "nothing to save yet" in out.stdout

@@ -30,19 +30,34 @@ def test_a_good_recipe_passes_every_check(tiny_model, tmp_path):
     findings = findings_of(tiny_model, tmp_path)
     assert [f for f in findings if f.level != "ok"] == []
     names = {f.check for f in findings}
-    assert {"precision", "engine", "optimizer", "target modules", "packing", "data", "end of turn", "padding",
-            "memory"} <= names
+    assert {
+        "precision",
+        "engine",
+        "optimizer",
+        "target modules",
+        "packing",
+        "data",
+        "end of turn",
+        "padding",
+        "memory",
+    } <= names
     targets = next(f.message for f in findings if f.check == "target modules")
     assert "q_proj x4" in targets and "down_proj x4" in targets  # 4 layers of the tiny model, each counted
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusals")
-@pytest.mark.parametrize("sections, check, words", [
-    ({"model": {"dtype": "float16"}}, "precision", "float16 training needs a CUDA GPU"),
-    ({"distributed": {"accelerate_config": str(ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml")}}, "engine",
-     "needs CUDA GPUs and none was found"),
-    ({"train": {"use_liger_kernel": True}}, "liger", "Triton kernels for CUDA GPUs"),
-])
+@pytest.mark.parametrize(
+    "sections, check, words",
+    [
+        ({"model": {"dtype": "float16"}}, "precision", "float16 training needs a CUDA GPU"),
+        (
+            {"distributed": {"accelerate_config": str(ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml")}},
+            "engine",
+            "needs CUDA GPUs and none was found",
+        ),
+        ({"train": {"use_liger_kernel": True}}, "liger", "Triton kernels for CUDA GPUs"),
+    ],
+)
 def test_hardware_checks_fire_without_a_gpu(tiny_model, tmp_path, sections, check, words):
     findings = findings_of(tiny_model, tmp_path, **sections)
     errors = [f for f in findings if f.level == "error"]
@@ -50,10 +65,13 @@ def test_hardware_checks_fire_without_a_gpu(tiny_model, tmp_path, sections, chec
     assert levels(findings, "data") == ["ok"]  # the other checks still ran
 
 
-@pytest.mark.parametrize("sections, check, words", [
-    ({"train": {"optim": "adamw_8bits"}}, "optimizer", "did you mean"),
-    ({"lora": {"target_modules": ["q_proj", "qkv_proj"]}}, "target modules", "'qkv_proj' matches no module"),
-])
+@pytest.mark.parametrize(
+    "sections, check, words",
+    [
+        ({"train": {"optim": "adamw_8bits"}}, "optimizer", "did you mean"),
+        ({"lora": {"target_modules": ["q_proj", "qkv_proj"]}}, "target modules", "'qkv_proj' matches no module"),
+    ],
+)
 def test_recipe_checks_fire(tiny_model, tmp_path, sections, check, words):
     errors = [f for f in findings_of(tiny_model, tmp_path, **sections) if f.level == "error"]
     assert [f.check for f in errors] == [check] and words in errors[0].message
@@ -68,8 +86,10 @@ def test_the_length_policy_is_a_warning_and_keeps_the_end_of_turn_trained(tiny_m
 
 def test_a_template_whose_turns_never_end_is_an_error(tiny_model, tmp_path):
     template = tmp_path / "no-end.jinja"
-    template.write_text("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n"
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template.write_text(
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     findings = findings_of(tiny_model, tmp_path, data={"chat_template": str(template)})
     error = [f for f in findings if f.level == "error"]
     assert [f.check for f in error] == ["data"] and "would never learn to stop" in error[0].message
@@ -86,13 +106,17 @@ def test_malformed_rows_skipped_are_a_warning(tiny_model, tmp_path):
 
 def test_memory_that_does_not_fit_is_an_error(tiny_model, tmp_path, write_recipe):
     path = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "1MiB", "--json"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "1MiB", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     memory = [f for f in json.loads(out.stdout) if f["check"] == "memory"]
     assert memory[0]["level"] == "error" and "GiB available" in memory[0]["message"]
-    fine = subprocess.run([sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "8GiB"],
-                          capture_output=True, text=True)
+    fine = subprocess.run(
+        [sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "8GiB"], capture_output=True, text=True
+    )
     assert fine.returncode == 0 and "error" not in fine.stdout
 
 
@@ -104,15 +128,19 @@ def test_train_runs_the_preflight_first(tiny_model, tmp_path, write_recipe):
     out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
     assert out.returncode == 2 and "the preflight found problems" in out.stderr and "qkv_proj" in out.stderr
     assert not run_dir.exists()
-    skipped = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--no-check"],
-                             capture_output=True, text=True)
+    skipped = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path), "--no-check"], capture_output=True, text=True
+    )
     assert skipped.returncode == 2 and "preflight" not in skipped.stderr and "qkv_proj" in skipped.stderr
 
 
 def test_float16_on_a_model_trained_in_bfloat16_is_a_warning(tmp_path):
-    recipe = Recipe.model_validate({"model": {"name_or_path": str(ROOT / "tests" / "fixtures" / "configs" / "llama-3-8b"),
-                                              "dtype": "float16"},
-                                    "data": {"train": str(ROOT / "examples" / "reverse" / "train.jsonl")}})
+    recipe = Recipe.model_validate(
+        {
+            "model": {"name_or_path": str(ROOT / "tests" / "fixtures" / "configs" / "llama-3-8b"), "dtype": "float16"},
+            "data": {"train": str(ROOT / "examples" / "reverse" / "train.jsonl")},
+        }
+    )
     findings: list = []
     check_mod._model_dtype(recipe, findings)
     assert [f.level for f in findings] == ["warning"] and "trained in bfloat16" in findings[0].message

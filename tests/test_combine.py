@@ -33,8 +33,12 @@ def runs(tiny_model, tmp_path_factory):
     """Two LoRA runs of rank 16 (different seeds and learning rates), one of rank 8, one QLoRA run."""
     root = tmp_path_factory.mktemp("combine-runs")
     made = {}
-    for name, r, four_bit, train_args in (("one", 16, False, {"seed": 1}), ("two", 16, False, {"seed": 2, "learning_rate": 4e-3}),
-                                          ("eight", 8, False, {"seed": 3}), ("qlora", 16, True, {"seed": 4})):
+    for name, r, four_bit, train_args in (
+        ("one", 16, False, {"seed": 1}),
+        ("two", 16, False, {"seed": 2, "learning_rate": 4e-3}),
+        ("eight", 8, False, {"seed": 3}),
+        ("qlora", 16, True, {"seed": 4}),
+    ):
         recipe = tiny_recipe(tiny_model, root / name, four_bit=four_bit, steps=6, **train_args)
         recipe["lora"].update({"r": r, "lora_alpha": 2 * r})
         made[name] = train(Recipe.model_validate(recipe)).run_dir
@@ -55,8 +59,11 @@ def deltas(folder) -> dict:
     config = json.loads((folder / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
     state = load_file(folder / "adapter_model.safetensors")
-    return {k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")] @ state[k] * scale
-            for k in state if k.endswith("lora_A.weight")}
+    return {
+        k.removesuffix(".lora_A.weight"): state[k.replace("lora_A", "lora_B")] @ state[k] * scale
+        for k in state
+        if k.endswith("lora_A.weight")
+    }
 
 
 def relative(a, b) -> float:
@@ -64,8 +71,16 @@ def relative(a, b) -> float:
 
 
 def plan(paths, tmp_path, combination="cat", weights="0.7,0.3", density=None, adapter_only=True, seed=None, **kw):
-    return combine.plan(paths, combination=combination, weights=weights, density=density, seed=seed,
-                        output=str(tmp_path / "out"), adapter_only=adapter_only, **kw)
+    return combine.plan(
+        paths,
+        combination=combination,
+        weights=weights,
+        density=density,
+        seed=seed,
+        output=str(tmp_path / "out"),
+        adapter_only=adapter_only,
+        **kw,
+    )
 
 
 def test_cat_of_different_ranks_is_the_weighted_sum_and_the_adapter_equals_the_merge(runs, tiny_model, tmp_path):
@@ -100,11 +115,14 @@ def test_linear_is_peft_rule_not_the_sum_of_updates(runs, tmp_path):
     worst_rule = worst_sum = 0.0
     for key, update in ours.items():
         wa, wb = math.sqrt(0.7 * scale), math.sqrt(0.3 * scale)
-        rule = (wa * a[f"{key}.lora_B.weight"] + wb * b[f"{key}.lora_B.weight"]) @ \
-               (wa * a[f"{key}.lora_A.weight"] + wb * b[f"{key}.lora_A.weight"])
+        rule = (wa * a[f"{key}.lora_B.weight"] + wb * b[f"{key}.lora_B.weight"]) @ (
+            wa * a[f"{key}.lora_A.weight"] + wb * b[f"{key}.lora_A.weight"]
+        )
         worst_rule = max(worst_rule, relative(update, rule))
-        weighted = 0.7 * scale * a[f"{key}.lora_B.weight"] @ a[f"{key}.lora_A.weight"] \
+        weighted = (
+            0.7 * scale * a[f"{key}.lora_B.weight"] @ a[f"{key}.lora_A.weight"]
             + 0.3 * scale * b[f"{key}.lora_B.weight"] @ b[f"{key}.lora_A.weight"]
+        )
         worst_sum = max(worst_sum, relative(update, weighted))
     assert worst_rule < 1e-5 and worst_sum > 0.1
     figures = json.loads((tmp_path / "manifest.json").read_text())["combination"]
@@ -119,7 +137,9 @@ def test_combinations_merge_and_pass_verification(runs, tiny_model, tmp_path, co
     assert check["passed"] and check["merged_vs_reference"]["max_abs_diff"] < 1e-4
     assert check["reference"] == "full-precision base + combined adapter"
     assert report["combination"]["density"] == density and report["lora_layers_merged"] == 28
-    assert max_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(base_model(tiny_model))) > 1e-2
+    assert (
+        max_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), logits(base_model(tiny_model))) > 1e-2
+    )
 
 
 def test_dare_is_seeded_and_the_seed_recorded(runs, tmp_path):
@@ -168,25 +188,77 @@ def test_refusals_name_the_run_and_the_setting(runs, tiny_model, tmp_path):
     out = tmp_path / "out"
     other_base = shutil.copytree(tiny_model, tmp_path / "other-base")
     cases = [
-        ((one, edited_copy(two, tmp_path, "elsewhere", "recipe.yaml",
-                           lambda r: {**r, "model": {**r["model"], "name_or_path": str(other_base)}})),
-         [], "run elsewhere (", "trained on model.name_or_path"),
-        ((one, edited_copy(two, tmp_path, "template", "manifest.json", lambda m: {**m, "chat_template_sha256": "ab"})),
-         [], "run template", "another chat template"),
+        (
+            (
+                one,
+                edited_copy(
+                    two,
+                    tmp_path,
+                    "elsewhere",
+                    "recipe.yaml",
+                    lambda r: {**r, "model": {**r["model"], "name_or_path": str(other_base)}},
+                ),
+            ),
+            [],
+            "run elsewhere (",
+            "trained on model.name_or_path",
+        ),
+        (
+            (
+                one,
+                edited_copy(two, tmp_path, "template", "manifest.json", lambda m: {**m, "chat_template_sha256": "ab"}),
+            ),
+            [],
+            "run template",
+            "another chat template",
+        ),
         ((one, runs["qlora"]), [], "run qlora trained on a 4-bit (QLoRA) base", "pass --merge-into original"),
         ((one, runs["qlora"]), ["--adapter-only"], "run qlora trained on a 4-bit (QLoRA) base", "served on one base"),
-        ((runs["qlora"], edited_copy(runs["qlora"], tmp_path, "q2", "manifest.json",
-                                     lambda m: {**m, "quantization": {**m["quantization"], "blocksize": 128}})),
-         [], "run q2 trained on a base quantized differently", "(manifest quantization)"),
-        ((one, edited_copy(two, tmp_path, "ia3", "adapter_config.json", lambda c: {**c, "peft_type": "IA3"})),
-         [], "run ia3", "holds a IA3 adapter (adapter_config.json peft_type); combining is for LoRA adapters"),
-        ((one, edited_copy(two, tmp_path, "dora", "adapter_config.json", lambda c: {**c, "use_dora": True})),
-         [], "run dora", "trains DoRA magnitude vectors (use_dora"),
-        ((one, edited_copy(two, tmp_path, "saves", "adapter_config.json",
-                           lambda c: {**c, "modules_to_save": ["lm_head"]})),
-         [], "run saves", "whole trained modules (modules_to_save)"),
-        ((one, runs["eight"]), ["--combination", "linear"], "run eight has r=[8]",
-         "needs every adapter at one rank", "use --combination cat (exact) or svd"),
+        (
+            (
+                runs["qlora"],
+                edited_copy(
+                    runs["qlora"],
+                    tmp_path,
+                    "q2",
+                    "manifest.json",
+                    lambda m: {**m, "quantization": {**m["quantization"], "blocksize": 128}},
+                ),
+            ),
+            [],
+            "run q2 trained on a base quantized differently",
+            "(manifest quantization)",
+        ),
+        (
+            (one, edited_copy(two, tmp_path, "ia3", "adapter_config.json", lambda c: {**c, "peft_type": "IA3"})),
+            [],
+            "run ia3",
+            "holds a IA3 adapter (adapter_config.json peft_type); combining is for LoRA adapters",
+        ),
+        (
+            (one, edited_copy(two, tmp_path, "dora", "adapter_config.json", lambda c: {**c, "use_dora": True})),
+            [],
+            "run dora",
+            "trains DoRA magnitude vectors (use_dora",
+        ),
+        (
+            (
+                one,
+                edited_copy(
+                    two, tmp_path, "saves", "adapter_config.json", lambda c: {**c, "modules_to_save": ["lm_head"]}
+                ),
+            ),
+            [],
+            "run saves",
+            "whole trained modules (modules_to_save)",
+        ),
+        (
+            (one, runs["eight"]),
+            ["--combination", "linear"],
+            "run eight has r=[8]",
+            "needs every adapter at one rank",
+            "use --combination cat (exact) or svd",
+        ),
         ((one, two), ["--weights", "0.5,0.3,0.2"], "--weights has 3 values for 2 runs"),
         ((one, two), ["--combination", "ties", "--density", "1.5"], "--density: expected a value in (0, 1], got 1.5"),
         ((one, two), ["--combination", "ties"], "--combination ties needs --density"),
@@ -218,8 +290,9 @@ def test_eval_of_two_adapters_gives_each_its_single_run_figures(runs, side_by_si
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     assert "| metric | one | two | base |" in (folder / "report.md").read_text()
     for name in ("one", "two"):
-        alone = evaluate.run(evaluate.resolve(runs[name]), settings=SETTINGS, compare_base=False,
-                             output=tmp_path / name)
+        alone = evaluate.run(
+            evaluate.resolve(runs[name]), settings=SETTINGS, compare_base=False, output=tmp_path / name
+        )
         assert alone["metrics"]["tuned"] == report["metrics"][name]
         mine = [json.loads(line)["tuned"] for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
         assert mine == [s[name] for s in samples]
@@ -240,16 +313,44 @@ def test_gates_apply_to_every_adapter_and_generate_names_each_reply(runs, side_b
     report, _ = side_by_side
     losses = sorted(report["metrics"][n]["loss"] for n in ("one", "two"))
     worse = next(n for n in ("one", "two") if report["metrics"][n]["loss"] == losses[1])
-    code, err = cli("eval", runs["one"], runs["two"], "--max-examples", "2", "--max-new-tokens", "4",
-                    "--compare", "none", "--fail-over", f"loss={sum(losses) / 2}", "--output", tmp_path / "e")
+    code, err = cli(
+        "eval",
+        runs["one"],
+        runs["two"],
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--compare",
+        "none",
+        "--fail-over",
+        f"loss={sum(losses) / 2}",
+        "--output",
+        tmp_path / "e",
+    )
     assert code == 3 and f"gate missed: {worse}: loss = " in err and err.count("loss = ") == 1
-    result = CliRunner().invoke(app, ["generate", str(runs["one"]), str(runs["two"]), "-p", "reverse: red blue",
-                                      "--base", "--json", "--max-new-tokens", "6"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            str(runs["one"]),
+            str(runs["two"]),
+            "-p",
+            "reverse: red blue",
+            "--base",
+            "--json",
+            "--max-new-tokens",
+            "6",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     replies = json.loads(result.stdout)["replies"]
     assert list(replies) == ["one", "two", "base"]
-    alone = evaluate.reply(evaluate.resolve(runs["two"]), [[{"role": "user", "content": "reverse: red blue"}]],
-                           settings=EvalConfig(max_new_tokens=6))[0]
+    alone = evaluate.reply(
+        evaluate.resolve(runs["two"]),
+        [[{"role": "user", "content": "reverse: red blue"}]],
+        settings=EvalConfig(max_new_tokens=6),
+    )[0]
     assert replies["two"]["reply"] == alone.text
     code, err = cli("eval", runs["one"], runs["qlora"])
     assert code == 2 and "run qlora" in err and "model.load_in_4bit" in err

@@ -29,13 +29,17 @@ def trained_text(tokenizer, ids, labels) -> str:
 
 
 def test_messages_train_only_assistant_turns_and_their_end_of_turn(tokenizer, tmp_path):
-    rows = [{"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "reverse: a b c"},
-        {"role": "assistant", "content": "c b a"},
-        {"role": "user", "content": "reverse: d e f"},
-        {"role": "assistant", "content": "f e d"},
-    ]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "reverse: a b c"},
+                {"role": "assistant", "content": "c b a"},
+                {"role": "user", "content": "reverse: d e f"},
+                {"role": "assistant", "content": "f e d"},
+            ]
+        }
+    ]
     data = prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), tokenizer, seed=0)
     ids, labels = data.train.input_ids[0], data.train.labels[0]
     assert trained_text(tokenizer, ids, labels) == "c b a<|im_end|>f e d<|im_end|>"
@@ -58,18 +62,27 @@ def test_prompt_completion_trains_completion_and_eos(tokenizer, tmp_path):
 
 
 def test_conversational_prompt_completion_trains_only_completion(tokenizer, tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
-                        {"role": "user", "content": "again"}],
-             "completion": [{"role": "assistant", "content": "new"}]}]
+    rows = [
+        {
+            "prompt": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "old"},
+                {"role": "user", "content": "again"},
+            ],
+            "completion": [{"role": "assistant", "content": "new"}],
+        }
+    ]
     data = prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), tokenizer, seed=0)
     assert trained_text(tokenizer, data.train.input_ids[0], data.train.labels[0]) == "new<|im_end|>"
 
 
 def test_truncation_counted_and_fully_masked_rows_dropped(tokenizer, tmp_path):
     long_user = " ".join(["word"] * 80)
-    rows = [{"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "x"}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_user}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_user}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
     data = prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows), max_length=24), tokenizer, seed=0)
     assert data.train.truncated == 1 and data.train.drops == {"nothing left to train on after truncation": 1}
     assert len(data.train.input_ids) == 2
@@ -85,23 +98,31 @@ def test_eval_fraction_split_is_seeded_and_disjoint(tokenizer, tmp_path):
     assert not {tuple(x) for x in first.eval.input_ids} & {tuple(x) for x in first.train.input_ids}
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"messages": [}\n', "t.jsonl:1: invalid JSON"),
-    ('[1, 2]\n', "t.jsonl:1: each line must be a JSON object, got list"),
-    ('{"foo": "x"}\n', "t.jsonl:1: cannot tell the data format from the keys ['foo']"),
-    ('{"text": "x", "prompt": "a", "completion": "b"}\n', "t.jsonl:1: the keys ['completion', 'prompt', 'text'] "
-     "fit several formats (prompt_completion, text); set `data.format`"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}\n',
-     "t.jsonl:1: messages[1].content is empty"),
-    ('{"messages": [{"role": "user", "content": 5}]}\n', "t.jsonl:1: messages[0].content must be a string"),
-    ('{"instruction": "a", "output": 3}\n', "t.jsonl:1: `output` must be a string, got a int"),
-    ('{"conversations": [{"from": "robot", "value": "x"}]}\n', "t.jsonl:1: conversations[0].from must be one of"),
-    ('{"messages": [{"role": "user", "content": "q"}]}\n', "t.jsonl:1: `messages` has no assistant message"),
-    ('{"messages": [{"role": "bot", "content": "q"}]}\n', "t.jsonl:1: messages[0].role must be one of"),
-    ('{"prompt": "a", "completion": ""}\n', "t.jsonl:1: `completion` is empty"),
-    ('{"prompt": "a"}\n', "t.jsonl:1: cannot tell the data format"),
-    ("", "t.jsonl: no examples"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"messages": [}\n', "t.jsonl:1: invalid JSON"),
+        ("[1, 2]\n", "t.jsonl:1: each line must be a JSON object, got list"),
+        ('{"foo": "x"}\n', "t.jsonl:1: cannot tell the data format from the keys ['foo']"),
+        (
+            '{"text": "x", "prompt": "a", "completion": "b"}\n',
+            "t.jsonl:1: the keys ['completion', 'prompt', 'text'] "
+            "fit several formats (prompt_completion, text); set `data.format`",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}\n',
+            "t.jsonl:1: messages[1].content is empty",
+        ),
+        ('{"messages": [{"role": "user", "content": 5}]}\n', "t.jsonl:1: messages[0].content must be a string"),
+        ('{"instruction": "a", "output": 3}\n', "t.jsonl:1: `output` must be a string, got a int"),
+        ('{"conversations": [{"from": "robot", "value": "x"}]}\n', "t.jsonl:1: conversations[0].from must be one of"),
+        ('{"messages": [{"role": "user", "content": "q"}]}\n', "t.jsonl:1: `messages` has no assistant message"),
+        ('{"messages": [{"role": "bot", "content": "q"}]}\n', "t.jsonl:1: messages[0].role must be one of"),
+        ('{"prompt": "a", "completion": ""}\n', "t.jsonl:1: `completion` is empty"),
+        ('{"prompt": "a"}\n', "t.jsonl:1: cannot tell the data format"),
+        ("", "t.jsonl: no examples"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tokenizer, tmp_path, content, message):
     path = tmp_path / "t.jsonl"
     path.write_text(content)
@@ -120,8 +141,10 @@ def test_bad_row_later_in_file_names_its_line(tokenizer, tmp_path):
 
 def test_template_without_special_turn_end_is_refused(tokenizer, tmp_path):
     plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    plain.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     with pytest.raises(DataError, match="never learn to stop"):
         prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), plain, seed=0)

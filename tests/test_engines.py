@@ -29,13 +29,16 @@ def engine_of(name: str) -> engines.Engine:
     return engines.from_accelerate_config(str(ACCELERATE / name))[0]
 
 
-@pytest.mark.parametrize("name, kind, detail, processes", [
-    ("ddp.yaml", "DDP", {}, 8),
-    ("fsdp_qlora.yaml", "FSDP1", {"offload": True}, 2),
-    ("fsdp_lora.yaml", "FSDP2", {"offload": False}, 8),
-    ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", {"shards_parameters": False}, 8),
-    ("deepspeed_zero3.yaml", "DeepSpeed ZeRO-3", {"shards_parameters": True}, 8),
-])
+@pytest.mark.parametrize(
+    "name, kind, detail, processes",
+    [
+        ("ddp.yaml", "DDP", {}, 8),
+        ("fsdp_qlora.yaml", "FSDP1", {"offload": True}, 2),
+        ("fsdp_lora.yaml", "FSDP2", {"offload": False}, 8),
+        ("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", {"shards_parameters": False}, 8),
+        ("deepspeed_zero3.yaml", "DeepSpeed ZeRO-3", {"shards_parameters": True}, 8),
+    ],
+)
 def test_shipped_accelerate_configs_read_by_accelerate(name, kind, detail, processes, monkeypatch):
     monkeypatch.chdir(ROOT)  # their DeepSpeed JSON paths are relative to the repository root
     engine, count = engines.from_accelerate_config(str(ACCELERATE / name))
@@ -43,8 +46,10 @@ def test_shipped_accelerate_configs_read_by_accelerate(name, kind, detail, proce
     for key, value in detail.items():
         assert getattr(engine, key) == value
     if engine.kind == "deepspeed":  # every batch and clipping value is left to the recipe
-        assert all(engine.deepspeed_config[k] == "auto" for k in ("train_micro_batch_size_per_gpu",
-                                                                 "gradient_accumulation_steps", "gradient_clipping"))
+        assert all(
+            engine.deepspeed_config[k] == "auto"
+            for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+        )
 
 
 def test_70b_recipe_is_fsdp_qlora_over_two_gpus(monkeypatch):
@@ -75,11 +80,14 @@ def test_quant_storage_follows_the_engine(tiny_model, tmp_path):
     assert engines.quant_storage(cfg, engines.Engine("fsdp", fsdp_version=2), "float32") == "float32"
 
 
-@pytest.mark.parametrize("engine, message", [
-    (engines.Engine("fsdp", fsdp_version=1), "\"Cannot flatten integer dtype tensors\""),
-    (engines.Engine("fsdp", fsdp_version=2), "every GPU holds the whole 4-bit base"),
-    (engines.Engine("deepspeed", zero_stage=3), "cannot hold integer-packed weights"),
-])
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        (engines.Engine("fsdp", fsdp_version=1), '"Cannot flatten integer dtype tensors"'),
+        (engines.Engine("fsdp", fsdp_version=2), "every GPU holds the whole 4-bit base"),
+        (engines.Engine("deepspeed", zero_stage=3), "cannot hold integer-packed weights"),
+    ],
+)
 def test_integer_quant_storage_is_refused_where_parameters_are_sharded(tiny_model, tmp_path, engine, message):
     plan = recipe(tiny_model, tmp_path)
     plan.model.quantization.bnb_4bit_quant_storage = "uint8"
@@ -109,10 +117,16 @@ def test_fsdp_activation_checkpointing_and_gradient_checkpointing_are_refused_to
 
 def test_deepspeed_json_contradicting_the_recipe_is_refused(tiny_model, tmp_path):
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({
-        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto",
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": "auto",
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+            }
+        )
+    )
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config), "WORLD_SIZE": "2"}
     engine = engines.from_environment(env)
     assert engine.name == "DeepSpeed ZeRO-2" and engine.offload
@@ -122,14 +136,22 @@ def test_deepspeed_json_contradicting_the_recipe_is_refused(tiny_model, tmp_path
     text = str(err.value)
     assert "offloads to the CPU, which needs DeepSpeed's own CPU Adam" in text  # every problem at once
     assert "defines its own optimizer (AdamW), which would be used instead" in text
-    assert "train.per_device_train_batch_size is 8 but the DeepSpeed config sets train_micro_batch_size_per_gpu: 2" in text
+    assert (
+        "train.per_device_train_batch_size is 8 but the DeepSpeed config sets train_micro_batch_size_per_gpu: 2" in text
+    )
 
 
 def test_environment_set_by_accelerate_launch_is_read(tmp_path):
     assert engines.from_environment({}).name == "single process"
     assert engines.from_environment({"WORLD_SIZE": "4"}).name == "DDP"
-    fsdp = engines.from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-                                     "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_OFFLOAD_PARAMS": "false"})
+    fsdp = engines.from_environment(
+        {
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "2",
+            "FSDP_ACTIVATION_CHECKPOINTING": "true",
+            "FSDP_OFFLOAD_PARAMS": "false",
+        }
+    )
     assert fsdp.name == "FSDP2" and fsdp.fsdp_activation_checkpointing and not fsdp.offload
     stage = engines.from_environment({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     assert stage.name == "DeepSpeed ZeRO-3"
@@ -143,16 +165,31 @@ def test_environment_set_by_accelerate_launch_is_read(tmp_path):
 def test_fsdp_on_a_machine_without_gpus_is_refused_before_launch(tiny_model, tmp_path, write_recipe):
     run_dir = tmp_path / "run"
     path = write_recipe(tiny_recipe(tiny_model, run_dir))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--nproc", "2", "--set",
-                          f"distributed.accelerate_config={ACCELERATE / 'fsdp_qlora.yaml'}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            str(path),
+            "--nproc",
+            "2",
+            "--set",
+            f"distributed.accelerate_config={ACCELERATE / 'fsdp_qlora.yaml'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "FSDP1 needs CUDA GPUs and none was found" in out.stderr and "plain DDP" in out.stderr
     assert "Traceback" not in out.stderr and not run_dir.exists()
     # the same recipe started by `accelerate launch` itself: each process reads the engine from its environment
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 2 and "FSDP1 needs CUDA GPUs" in out.stderr and not run_dir.exists()
 
 
@@ -165,8 +202,9 @@ def test_deepspeed_without_the_package_is_refused(tiny_model, tmp_path, monkeypa
 
 
 def test_a_missing_or_broken_accelerate_config_names_the_file(tiny_model, tmp_path, write_recipe):
-    path = write_recipe({**tiny_recipe(tiny_model, tmp_path / "run"),
-                         "distributed": {"accelerate_config": "no/such.yaml"}})
+    path = write_recipe(
+        {**tiny_recipe(tiny_model, tmp_path / "run"), "distributed": {"accelerate_config": "no/such.yaml"}}
+    )
     with pytest.raises(LorakitError, match=r"recipe.yaml:\d+: distributed.accelerate_config: file not found"):
         load_recipe(path)
     broken = tmp_path / "acc.yaml"
@@ -179,11 +217,29 @@ def test_lorakit_fsdp_base_shards_and_trains_where_the_refused_settings_fail(tin
     """Two CPU processes run torch's FSDP on the tiny 4-bit base as lorakit loads it for FSDP (quant storage
     `auto`, no upcast norms): FSDP1 and FSDP2 train. uint8 storage and upcast norms, both refused or
     skipped by lorakit, fail with the errors the refusal quotes."""
-    cases = {"fsdp1": [1, "auto", "bfloat16", False], "fsdp2": [2, "auto", "bfloat16", False],
-             "uint8": [1, "uint8", "bfloat16", False], "upcast_norms": [1, "auto", "bfloat16", True]}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "fsdp_worker.py"), str(tiny_model), json.dumps(cases), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    cases = {
+        "fsdp1": [1, "auto", "bfloat16", False],
+        "fsdp2": [2, "auto", "bfloat16", False],
+        "uint8": [1, "uint8", "bfloat16", False],
+        "upcast_norms": [1, "auto", "bfloat16", True],
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "fsdp_worker.py"),
+            str(tiny_model),
+            json.dumps(cases),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = {}
     for log in sorted(tmp_path.glob("rank*.jsonl")):
@@ -212,10 +268,15 @@ def test_recipe_starts_accelerate_launch_with_its_config(tiny_model, tmp_path, w
     """`distributed:` in the recipe, no command-line flag: lorakit execs `accelerate launch --config_file`
     (the shipped DDP config; accelerate runs it on CPU processes here) and the run is one DDP run."""
     run_dir = tmp_path / "run"
-    path = write_recipe({**tiny_recipe(tiny_model, run_dir, steps=4, per_device_train_batch_size=4),
-                         "distributed": {"nproc": 2, "accelerate_config": str(ACCELERATE / "ddp.yaml")}})
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True,
-                         timeout=600)
+    path = write_recipe(
+        {
+            **tiny_recipe(tiny_model, run_dir, steps=4, per_device_train_batch_size=4),
+            "distributed": {"nproc": 2, "accelerate_config": str(ACCELERATE / "ddp.yaml")},
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["engine"] == "DDP" and manifest["precision"] == "float32"
@@ -223,9 +284,15 @@ def test_recipe_starts_accelerate_launch_with_its_config(tiny_model, tmp_path, w
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config, four_bit, engine", [
-    ("fsdp_qlora.yaml", True, "FSDP1"), ("fsdp_lora.yaml", False, "FSDP2"),
-    ("deepspeed_zero2.yaml", True, "DeepSpeed"), ("deepspeed_zero3.yaml", True, "DeepSpeed")])
+@pytest.mark.parametrize(
+    "config, four_bit, engine",
+    [
+        ("fsdp_qlora.yaml", True, "FSDP1"),
+        ("fsdp_lora.yaml", False, "FSDP2"),
+        ("deepspeed_zero2.yaml", True, "DeepSpeed"),
+        ("deepspeed_zero3.yaml", True, "DeepSpeed"),
+    ],
+)
 def test_engine_trains_through_accelerate_on_gpus(tiny_model, tmp_path, write_recipe, config, four_bit, engine):
     """The whole path on GPUs: lorakit starts accelerate launch with the shipped config; the run trains and
     leaves one standard PEFT adapter."""
@@ -238,12 +305,27 @@ def test_engine_trains_through_accelerate_on_gpus(tiny_model, tmp_path, write_re
     if "deepspeed" in config and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
     run_dir = tmp_path / "run"
-    path = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=four_bit, steps=8, per_device_train_batch_size=4,
-                                    save_steps=4))
+    path = write_recipe(
+        tiny_recipe(tiny_model, run_dir, four_bit=four_bit, steps=8, per_device_train_batch_size=4, save_steps=4)
+    )
     nproc = str(min(2, torch.cuda.device_count()))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--nproc", nproc, "--set",
-                          f"distributed.accelerate_config={ACCELERATE / config}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            str(path),
+            "--nproc",
+            nproc,
+            "--set",
+            f"distributed.accelerate_config={ACCELERATE / config}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["engine"].startswith(engine), manifest["engine"]
@@ -259,15 +341,20 @@ def test_new_tokens_under_fsdp1_need_original_parameters(tiny_model, tmp_path):
         engines.check(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
     engines.check(plan, engines.Engine("fsdp", fsdp_version=1, fsdp_use_orig_params=True), cuda=True)
     engines.check(plan, engines.Engine("fsdp", fsdp_version=2), cuda=True)
-    assert engines.from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true"}).fsdp_use_orig_params
+    assert engines.from_environment(
+        {"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true"}
+    ).fsdp_use_orig_params
 
 
 def test_adalora_is_refused_where_parameters_are_sharded(tiny_model, tmp_path):
     raw = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False)
     raw.pop("lora")
     plan = Recipe.model_validate({**raw, "method": "adalora"})
-    for engine in (engines.Engine("fsdp", fsdp_version=1), engines.Engine("fsdp", fsdp_version=2),
-                   engines.Engine("deepspeed", zero_stage=3)):
+    for engine in (
+        engines.Engine("fsdp", fsdp_version=1),
+        engines.Engine("fsdp", fsdp_version=2),
+        engines.Engine("deepspeed", zero_stage=3),
+    ):
         with pytest.raises(LorakitError, match="method: adalora scores every singular value"):
             engines.check(plan, engine, cuda=True)
     engines.check(plan, engines.Engine("ddp"), cuda=True)
@@ -277,8 +364,11 @@ def test_processes_beyond_the_gpus_are_refused_unless_gloo_shares_them(tiny_mode
     """NCCL refuses two processes on one GPU ("Duplicate GPU detected") after N processes have loaded the model;
     lorakit refuses before launch, and lets gloo DDP share a GPU when asked."""
     plan = recipe(tiny_model, tmp_path)
-    with pytest.raises(LorakitError, match=r"2 processes on this machine's 1 GPU: NCCL cannot put two processes "
-                                           r"on one GPU .*--nproc 1.*train.ddp_backend: gloo"):
+    with pytest.raises(
+        LorakitError,
+        match=r"2 processes on this machine's 1 GPU: NCCL cannot put two processes "
+        r"on one GPU .*--nproc 1.*train.ddp_backend: gloo",
+    ):
         engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
     engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=2)
     engines.check(plan, engines.Engine("ddp"), cuda=False, processes=2, gpus=None)  # gloo on CPUs

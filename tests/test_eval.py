@@ -31,8 +31,9 @@ def lorakit(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model, tmp_path_factory):
-    recipe = tiny_recipe(tiny_model, tmp_path_factory.mktemp("eval") / "run", four_bit=False, steps=40,
-                         learning_rate=3e-3)
+    recipe = tiny_recipe(
+        tiny_model, tmp_path_factory.mktemp("eval") / "run", four_bit=False, steps=40, learning_rate=3e-3
+    )
     return train(Recipe.model_validate(recipe)).run_dir
 
 
@@ -48,12 +49,16 @@ def test_report_compares_tuned_and_base_and_writes_its_files(run_dir, report):
     assert tuned["loss"] < base["loss"] - 1 and tuned["perplexity"] < base["perplexity"]
     assert tuned["stop_rate"] > base["stop_rate"]  # trained to stop on <|im_end|>
     assert report["data"]["loss_examples"] == 64 and report["data"]["generation_prompts"] == 8
-    assert report["gates"] == [{"metric": "loss", "op": "<=", "threshold": 100.0, "value": tuned["loss"], "passed": True}]
+    assert report["gates"] == [
+        {"metric": "loss", "op": "<=", "threshold": 100.0, "value": tuned["loss"], "passed": True}
+    ]
     assert report["settings"]["stop_token_ids"] == [2] and report["passed"]
     folder = run_dir / "eval"
     assert json.loads((folder / "report.json").read_text())["metrics"] == report["metrics"]
     samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and {"prompt", "reference", "tuned", "base", "tuned_stopped", "base_stopped"} <= set(samples[0])
+    assert len(samples) == 8 and {"prompt", "reference", "tuned", "base", "tuned_stopped", "base_stopped"} <= set(
+        samples[0]
+    )
     assert samples[0]["prompt"].endswith("<|im_start|>assistant\n") and samples[0]["reference"]
     markdown = (folder / "report.md").read_text()
     assert "| exact_match |" in markdown and "reference:" in markdown
@@ -83,8 +88,9 @@ def test_loss_is_the_token_mean_over_the_training_masks(run_dir, report, tiny_mo
 def test_stop_rate_counts_outputs_that_stop_and_outputs_that_do_not(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "reverse: a b c"}], add_generation_prompt=True,
-                                     return_dict=True)["input_ids"]
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "reverse: a b c"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     greedy = []  # five greedy tokens, step by step, for reference
     with torch.no_grad():
         for _ in range(5):
@@ -97,8 +103,12 @@ def test_stop_rate_counts_outputs_that_stop_and_outputs_that_do_not(tiny_model):
     assert not runaway.stopped and runaway.tokens == 5
     assert runaway.text == tok.decode(greedy, skip_special_tokens=True).strip()
     outs = stopping + [runaway]
-    assert metrics_mod.score([o.text for o in outs], ["x"] * 3, [o.tokens for o in outs],
-                             [o.stopped for o in outs])["stop_rate"] == 2 / 3
+    assert (
+        metrics_mod.score([o.text for o in outs], ["x"] * 3, [o.tokens for o in outs], [o.stopped for o in outs])[
+            "stop_rate"
+        ]
+        == 2 / 3
+    )
 
 
 def test_metrics_on_known_strings():
@@ -134,13 +144,22 @@ def test_merged_model_evaluates_like_base_plus_adapter(run_dir, report, tmp_path
 
 def test_generate_with_the_runs_template_and_stop_tokens(run_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "reverse: cat dog sun"}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "reverse: a b c"}]}) + "\n")
-    out = lorakit("generate", str(run_dir), "-p", "reverse: red blue", "--file", str(prompts), "--json",
-                  "--max-new-tokens", "8")
+    prompts.write_text(
+        json.dumps({"prompt": "reverse: cat dog sun"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "reverse: a b c"}]})
+        + "\n"
+    )
+    out = lorakit(
+        "generate", str(run_dir), "-p", "reverse: red blue", "--file", str(prompts), "--json", "--max-new-tokens", "8"
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["messages"][-1]["content"] for r in rows] == ["reverse: red blue", "reverse: cat dog sun", "reverse: a b c"]
+    assert [r["messages"][-1]["content"] for r in rows] == [
+        "reverse: red blue",
+        "reverse: cat dog sun",
+        "reverse: a b c",
+    ]
     assert all(r["tokens"] <= 8 for r in rows)
     base = lorakit("generate", str(run_dir), "-p", "reverse: red blue", "--base", "--json", "--max-new-tokens", "8")
     assert base.returncode == 0 and json.loads(base.stdout)["reply"] != rows[0]["reply"]
@@ -156,8 +175,16 @@ def test_refusals_name_the_cause(run_dir, tiny_model, tmp_path, write_recipe):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other-base"
-    LlamaForCausalLM(LlamaConfig(vocab_size=429, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=429,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other)
     recipe = write_recipe(tiny_recipe(other, tmp_path / "unused", four_bit=False))
     with pytest.raises(ModelError, match="does not fit"):
@@ -201,28 +228,42 @@ def test_lm_eval_harness_on_a_local_task(run_dir, tmp_path):
 
     rows = [json.loads(line)["messages"] for line in (EXAMPLES / "eval.jsonl").read_text().splitlines()[:6]]
     data = tmp_path / "reverse.jsonl"
-    data.write_text("".join(json.dumps({"question": m[-2]["content"], "answer": m[-1]["content"]}) + "\n"
-                            for m in rows))
+    data.write_text(
+        "".join(json.dumps({"question": m[-2]["content"], "answer": m[-1]["content"]}) + "\n" for m in rows)
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "lorakit_reverse.yaml").write_text(LM_EVAL_TASK.format(data=data))
-    report = evaluate.run(evaluate.resolve(run_dir), settings=EvalConfig(max_new_tokens=6, max_examples=2),
-                          output=tmp_path / "e", lm_eval={"tasks": ["lorakit_reverse"], "include": tasks, "limit": 6})
+    report = evaluate.run(
+        evaluate.resolve(run_dir),
+        settings=EvalConfig(max_new_tokens=6, max_examples=2),
+        output=tmp_path / "e",
+        lm_eval={"tasks": ["lorakit_reverse"], "include": tasks, "limit": 6},
+    )
     for name in ("tuned", "base"):
         score = report["metrics"][name]["lm_eval"]["lorakit_reverse"]["exact_match"]
         assert 0 <= score <= 1
     assert report["metrics"]["base"]["lm_eval"]["lorakit_reverse"]["exact_match"] == 0  # a random base
     assert "lm-eval lorakit_reverse exact_match" in (tmp_path / "e" / "report.md").read_text()
     with pytest.raises(LorakitError, match="unknown task 'no_such_task'"):
-        evaluate.run(evaluate.resolve(run_dir), settings=SETTINGS, output=tmp_path / "e2",
-                     lm_eval={"tasks": ["no_such_task"], "include": tasks, "limit": 2})
+        evaluate.run(
+            evaluate.resolve(run_dir),
+            settings=SETTINGS,
+            output=tmp_path / "e2",
+            lm_eval={"tasks": ["no_such_task"], "include": tasks, "limit": 2},
+        )
 
 
 def test_contains_reference_matches_whole_words_and_gates_fail_on_missing_metrics():
-    assert metrics_mod.score(["42", "yes", "the cat sat"], ["4", "The", "cat"], [1, 1, 3], [True] * 3)[
-        "contains_reference"] == 1 / 3
+    assert (
+        metrics_mod.score(["42", "yes", "the cat sat"], ["4", "The", "cat"], [1, 1, 3], [True] * 3)[
+            "contains_reference"
+        ]
+        == 1 / 3
+    )
     assert metrics_mod.check_gates([("exact_match", ">=", 0.5)], {"loss": 1.0}) == [
-        {"metric": "exact_match", "op": ">=", "threshold": 0.5, "value": None, "passed": False}]
+        {"metric": "exact_match", "op": ">=", "threshold": 0.5, "value": None, "passed": False}
+    ]
     with pytest.raises(ValueError, match="finite"):
         metrics_mod.parse_gates([], ["loss=inf"])
 

@@ -45,8 +45,15 @@ def trained(tokenizer, data, i=0) -> str:
 
 
 def test_sharegpt(tokenizer, tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                               {"from": "gpt", "value": "answer"}]}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "s"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "answer"},
+            ]
+        }
+    ]
     data = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0)
     assert data.format == "sharegpt"
     assert trained(tokenizer, data) == "answer<|im_end|>"
@@ -81,13 +88,24 @@ def test_stated_format_overrides_detection(tokenizer, tmp_path):
     assert trained(tokenizer, data) == "plain words<|im_end|>"
 
 
-@pytest.mark.parametrize("train_on, expected", [
-    ("assistant", "one<|im_end|>two<|im_end|>"),
-    ("last_assistant", "two<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "train_on, expected",
+    [
+        ("assistant", "one<|im_end|>two<|im_end|>"),
+        ("last_assistant", "two<|im_end|>"),
+    ],
+)
 def test_train_on_modes(tokenizer, tmp_path, train_on, expected):
-    rows = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "one"},
-                          {"role": "user", "content": "q2"}, {"role": "assistant", "content": "two"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "one"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "two"},
+            ]
+        }
+    ]
     data = prepare(DataConfig(train=write(tmp_path, rows), train_on=train_on), tokenizer, seed=0)
     assert trained(tokenizer, data) == expected
 
@@ -98,12 +116,18 @@ def test_train_on_all(tokenizer, tmp_path):
     assert labels[:-1] == ids[:-1] and labels[-1] == IGNORE  # all but the newline after the last <|im_end|>
 
 
-@pytest.mark.parametrize("template, eot", [
-    (LLAMA3, "<|eot_id|>"), (CHATML_GENERATION, "<|im_end|>"), (INST, "<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "template, eot",
+    [
+        (LLAMA3, "<|eot_id|>"),
+        (CHATML_GENERATION, "<|im_end|>"),
+        (INST, "<|im_end|>"),
+    ],
+)
 def test_masks_across_template_styles(tokenizer, tmp_path, template, eot):
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
-                                                                 "<|eot_id|>"]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
     jinja = tmp_path / "t.jinja"
     jinja.write_text(template)
     rows = [{"messages": QA + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "x y"}]}]
@@ -132,8 +156,10 @@ def test_unknown_template_name(tokenizer, tmp_path):
         prepare(DataConfig(train=write(tmp_path, [{"messages": QA}]), chat_template="vicuna"), tokenizer, seed=0)
 
 
-LONG = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " ".join(["word"] * 60)}]},
-        {"messages": QA}]
+LONG = [
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " ".join(["word"] * 60)}]},
+    {"messages": QA},
+]
 
 
 def test_overflow_truncate_keeps_end_of_turn(tokenizer, tmp_path):
@@ -176,15 +202,20 @@ def test_bad_rows_skipped_and_counted(tokenizer, tmp_path):
     cfg = DataConfig(train=str(path), on_bad_rows="skip", max_bad_fraction=0.25)
     data = prepare(cfg, tokenizer, seed=0)
     assert data.rows["train"] == 8
-    assert data.bad_rows == [f"{path}:9: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
-                             f"{path}:10: `messages` must be a non-empty list of {{role, content}} objects"]
+    assert data.bad_rows == [
+        f"{path}:9: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{path}:10: `messages` must be a non-empty list of {{role, content}} objects",
+    ]
 
 
 def test_too_many_bad_rows_is_an_error(tokenizer, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join([GOOD] * 8 + ["{broken", "[1]"]) + "\n")
-    with pytest.raises(DataError, match=r"2 of 10 rows are malformed, more than data.max_bad_fraction=0.1; "
-                                        r"first: .*t\.jsonl:9: invalid JSON"):
+    with pytest.raises(
+        DataError,
+        match=r"2 of 10 rows are malformed, more than data.max_bad_fraction=0.1; "
+        r"first: .*t\.jsonl:9: invalid JSON",
+    ):
         prepare(DataConfig(train=str(path), on_bad_rows="skip", max_bad_fraction=0.1), tokenizer, seed=0)
 
 
@@ -208,8 +239,10 @@ def test_json_csv_and_parquet_sources(tokenizer, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": "reverse: a b\nanswer:", "completion": " b a"}, {"prompt": "reverse: c d\nanswer:",
-                                                                         "completion": " d c"}]
+    rows = [
+        {"prompt": "reverse: a b\nanswer:", "completion": " b a"},
+        {"prompt": "reverse: c d\nanswer:", "completion": " d c"},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     with open(tmp_path / "d.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["prompt", "completion"])
@@ -239,8 +272,9 @@ def test_unsupported_file_type(tokenizer, tmp_path):
 def test_a_reply_cut_down_to_nothing_is_not_trained_as_an_empty_reply(tokenizer, tmp_path):
     long = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello world"}]}
     short = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    header = len(tokenizer.apply_chat_template(long["messages"][:1], add_generation_prompt=True,
-                                               return_dict=True)["input_ids"])
+    header = len(
+        tokenizer.apply_chat_template(long["messages"][:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
     assert len(prepare(DataConfig(train=write(tmp_path, [short])), tokenizer, seed=0).train.input_ids[0]) <= header + 1
     # the cut leaves one token of the reply: it would become a bare end-of-turn token, so nothing is trained
     cut = prepare(DataConfig(train=write(tmp_path, [long, short]), max_length=header + 1), tokenizer, seed=0)
@@ -264,17 +298,28 @@ def test_a_conversation_the_template_refuses_is_a_bad_row(tokenizer, tmp_path):
     jinja.write_text(RAISES_ON_SYSTEM)
     rows = [{"messages": QA}, {"messages": [{"role": "system", "content": "s"}] + QA}] + [{"messages": QA}] * 8
     path = write(tmp_path, rows)
-    with pytest.raises(DataError, match=r"t.jsonl:2: the chat template refuses this conversation: System role not "
-                                        "supported"):
+    with pytest.raises(
+        DataError,
+        match=r"t.jsonl:2: the chat template refuses this conversation: System role not "
+        "supported",
+    ):
         prepare(DataConfig(train=path, chat_template=str(jinja)), tokenizer, seed=0)
-    data = prepare(DataConfig(train=path, chat_template=str(jinja), on_bad_rows="skip", max_bad_fraction=0.2),
-                   tokenizer, seed=0)
+    data = prepare(
+        DataConfig(train=path, chat_template=str(jinja), on_bad_rows="skip", max_bad_fraction=0.2), tokenizer, seed=0
+    )
     assert data.rows["train"] == 9 and len(data.bad_rows) == 1 and "t.jsonl:2:" in data.bad_rows[0]
 
 
 def test_a_conversation_opening_with_the_assistant_trains_its_reply_only(tokenizer, tmp_path):
-    rows = [{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "x"},
-                          {"role": "assistant", "content": "y"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": "y"},
+            ]
+        }
+    ]
     data = prepare(DataConfig(train=write(tmp_path, rows)), tokenizer, seed=0)
     assert trained(tokenizer, data) == "Hi!<|im_end|>y<|im_end|>"
 

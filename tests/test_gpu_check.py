@@ -24,9 +24,14 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, `ma
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-check")
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(root / "out"), "--work",
-                          str(root / "work")], capture_output=True, text=True, timeout=1500, cwd=ROOT,
-                         env={**os.environ, "PYTHON": sys.executable})
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(root / "out"), "--work", str(root / "work")],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     return root, out
 
 
@@ -102,12 +107,15 @@ def test_a_stage_past_its_cap_is_stopped_and_the_rest_still_report(tmp_path):
     def quick(ctx: Context) -> None:
         ctx.figures["headline"] = {"ran": True}
 
-    stages = [Stage("a", "slow", cap=1, reduced_cap=2, body=slow, minimum=0),
-              Stage("b", "quick", cap=1, body=quick, minimum=0),
-              Stage("c", "late", cap=1, body=quick, minimum=1e6)]
+    stages = [
+        Stage("a", "slow", cap=1, reduced_cap=2, body=slow, minimum=0),
+        Stage("b", "quick", cap=1, body=quick, minimum=0),
+        Stage("c", "late", cap=1, body=quick, minimum=1e6),
+    ]
     started = time.monotonic()
-    results = run_stages(stages, tmp_path / "out", tmp_path / "work", reduced=True, cuda=False, budget=30,
-                         env=dict(os.environ))
+    results = run_stages(
+        stages, tmp_path / "out", tmp_path / "work", reduced=True, cuda=False, budget=30, env=dict(os.environ)
+    )
     assert time.monotonic() - started < 20  # the sleeper's process group was stopped at the cap
     assert [r["status"] for r in results] == ["timed out", "passed", "skipped"]
     assert "ran past" in results[0]["reason"] and results[2]["reason"].startswith("out of time")

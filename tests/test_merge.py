@@ -32,8 +32,12 @@ def runs(tiny_model, tmp_path_factory):
     """Short training runs whose adapters differ clearly from zero."""
     root = tmp_path_factory.mktemp("merge-runs")
     made = {}
-    for name, four_bit, lora in (("lora", False, {}), ("qlora", True, {}), ("dora", False, {"use_dora": True}),
-                                 ("rslora", False, {"use_rslora": True})):
+    for name, four_bit, lora in (
+        ("lora", False, {}),
+        ("qlora", True, {}),
+        ("dora", False, {"use_dora": True}),
+        ("rslora", False, {"use_rslora": True}),
+    ):
         recipe = tiny_recipe(tiny_model, root / name, four_bit=four_bit, steps=8)
         recipe["lora"].update(lora)
         made[name] = train(Recipe.model_validate(recipe)).run_dir
@@ -127,8 +131,14 @@ def test_adapter_for_another_base_is_refused(runs, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other-base"
-    config = LlamaConfig(vocab_size=429, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=429,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(other)
     with pytest.raises(ModelError, match=r"the adapter does not fit .*other-base"):
         merge_mod.run(merge_mod.plan(runs["lora"], output=str(tmp_path / "m"), base=str(other)))
@@ -138,8 +148,9 @@ def test_adapter_for_another_base_is_refused(runs, tmp_path):
 def test_an_adapter_that_changes_nothing_fails_verification_and_keeps_nothing(runs, tmp_path):
     zero = copy_run(runs["lora"], tmp_path)
     state = load_file(zero / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()},
-              zero / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}, zero / "adapter_model.safetensors"
+    )
     with pytest.raises(RunFailed, match="the merged model equals the base"):
         merge_mod.run(merge_mod.plan(zero))
     assert not (zero / "merged").exists() and not list(zero.glob(".merged.partial-*"))
@@ -167,8 +178,16 @@ def test_tokens_added_in_training_merge_with_the_resized_embeddings(tiny_model, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     base.resize_token_embeddings(len(tok))
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                            modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["embed_tokens", "lm_head"],
+            init_lora_weights=False,
+        ),
+    )
     with torch.no_grad():  # trained rows for the new tokens
         model.base_model.model.model.embed_tokens.modules_to_save["default"].weight[-2:].normal_()
     model.save_pretrained(run_dir)
@@ -211,8 +230,10 @@ def test_trained_biases_merge(tiny_model, tmp_path):
     base_dir = tmp_path / "biased-base"
     LlamaForCausalLM(config).save_pretrained(base_dir)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"], bias="all", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj"], bias="all", init_lora_weights=False),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):

@@ -57,14 +57,22 @@ def test_variant_reloads_on_the_original_base_evaluates_and_merges(runs, tiny_mo
     assert (trained - base).abs().max() > 1e-2  # training moved the model
     assert (reloaded - trained).abs().max() < 1e-3, name
     assert not (result.run_dir / "initial-adapter").exists()
-    report = evaluate.run(evaluate.resolve(result.run_dir), compare_base=False,
-                          settings=load_recipe(result.run_dir / "recipe.yaml").eval.model_copy(
-                              update={"max_examples": 4, "max_new_tokens": 8}))
+    report = evaluate.run(
+        evaluate.resolve(result.run_dir),
+        compare_base=False,
+        settings=load_recipe(result.run_dir / "recipe.yaml").eval.model_copy(
+            update={"max_examples": 4, "max_new_tokens": 8}
+        ),
+    )
     # the trainer's eval loss averages per batch of packed rows, lorakit's per token: close, not equal
     trained_eval = json.loads((result.run_dir / "manifest.json").read_text())["results"]["eval_loss"]
     assert report["metrics"]["tuned"]["loss"] == pytest.approx(trained_eval, rel=0.02)
-    merged = subprocess.run([sys.executable, "-m", "lorakit", "merge", str(result.run_dir), "--json"],
-                            capture_output=True, text=True, timeout=300)
+    merged = subprocess.run(
+        [sys.executable, "-m", "lorakit", "merge", str(result.run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert json.loads(merged.stdout)["verification"]["passed"]
 
@@ -96,8 +104,9 @@ def test_loraplus_moves_b_faster(runs):
 def test_a_pattern_that_matches_nothing_is_refused(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, tmp_path / "run")
     recipe["lora"]["rank_pattern"] = {"mlp": 4}  # names the container, which holds no LoRA layer itself
-    out = subprocess.run([sys.executable, "-m", "lorakit", "check", str(write_recipe(recipe))],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "check", str(write_recipe(recipe))], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "lora.rank_pattern: 'mlp' matches no module" in out.stdout
 
 

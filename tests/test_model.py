@@ -20,8 +20,10 @@ def base(tiny_model):
 def test_unmatched_target_module_lists_linear_modules(base):
     with pytest.raises(ModelError) as info:
         model_mod.check_target_modules(base, LoraSection(target_modules=["q_proj", "query_key_value"]))
-    assert str(info.value) == ("lora.target_modules: 'query_key_value' matches no module of the model; its linear "
-                               "modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert str(info.value) == (
+        "lora.target_modules: 'query_key_value' matches no module of the model; its linear "
+        "modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
 
 
 def test_regex_target_must_match(base):
@@ -80,7 +82,9 @@ def test_packing_auto_where_masks_follow_positions(tiny_model):
     llama, model_type = model_mod.model_class_for(cfg)
     assert (llama.__name__, model_type) == ("LlamaForCausalLM", "llama")
     assert model_mod.packing_supported(llama, "llama") is True
-    assert model_mod.use_packing("auto", llama, "llama") is True and model_mod.use_packing(False, llama, "llama") is False
+    assert (
+        model_mod.use_packing("auto", llama, "llama") is True and model_mod.use_packing(False, llama, "llama") is False
+    )
     # code that builds its own masks, and hybrids whose recurrent layers carry state across packed examples
     for cls, kind in ((_OwnAttention, "own"), (JambaForCausalLM, "jamba"), (Qwen3NextForCausalLM, "qwen3_next")):
         assert model_mod.packing_supported(cls, kind) is False

@@ -18,8 +18,9 @@ def token_losses(model, batch) -> torch.Tensor:
     """Per-token cross-entropy of the trained tokens, in order."""
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none",
-                                               ignore_index=-100)
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels, reduction="none", ignore_index=-100
+    )
     return losses[labels != -100]
 
 

@@ -26,8 +26,15 @@ ADALORA = {"init_r": 8, "target_r": 4, "tinit": 0.25, "tfinal": 0.25}
 METHODS = {  # name: (method, section, 4-bit base)
     "adalora": ("adalora", ADALORA, True),
     "ia3": ("ia3", {}, False),
-    "prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 8, "prompt_tuning_init": "TEXT",
-                                        "prompt_tuning_init_text": "Reverse the order of the words."}, True),
+    "prompt_tuning": (
+        "prompt_tuning",
+        {
+            "num_virtual_tokens": 8,
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": "Reverse the order of the words.",
+        },
+        True,
+    ),
     "prefix_tuning": ("prefix_tuning", {"num_virtual_tokens": 8}, False),
 }
 NEW_TOKENS = ["<rev>", "</rev>"]
@@ -70,7 +77,7 @@ def token_run(tiny_model, tmp_path_factory):
 
 def logits(model, ids):
     with torch.no_grad():
-        return model.eval()(input_ids=ids).logits[:, -ids.shape[1]:]  # prompt tuning: drop the virtual positions
+        return model.eval()(input_ids=ids).logits[:, -ids.shape[1] :]  # prompt tuning: drop the virtual positions
 
 
 def load_like_training(run_dir):
@@ -79,8 +86,9 @@ def load_like_training(run_dir):
 
 
 def merge(run_dir):
-    return subprocess.run([sys.executable, "-m", "lorakit", "merge", str(run_dir), "--json"],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "merge", str(run_dir), "--json"], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -94,9 +102,13 @@ def test_method_trains_reloads_with_plain_peft_and_evaluates(runs, name):
     assert (reloaded - trained).abs().max() < 1e-3, name
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["method"] == name
-    report = evaluate.run(evaluate.resolve(result.run_dir), compare_base=True,
-                          settings=load_recipe(result.run_dir / "recipe.yaml").eval.model_copy(
-                              update={"max_examples": 4, "max_new_tokens": 8}))
+    report = evaluate.run(
+        evaluate.resolve(result.run_dir),
+        compare_base=True,
+        settings=load_recipe(result.run_dir / "recipe.yaml").eval.model_copy(
+            update={"max_examples": 4, "max_new_tokens": 8}
+        ),
+    )
     tuned, untouched = report["metrics"]["tuned"]["loss"], report["metrics"]["base"]["loss"]
     assert tuned != pytest.approx(untouched, abs=1e-4)
     if name in ("prompt_tuning", "prefix_tuning"):  # no packing: the trainer's eval loss is the same mean
@@ -137,8 +149,14 @@ def test_adalora_reallocates_ranks_to_the_budget(runs):
 def test_adalora_penalty_is_peft_orthogonality_term(tiny_model):
     """The penalty lorakit adds to trl's loss is the term peft's AdaLoRA adds to the model's own loss."""
     torch.manual_seed(0)
-    config = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=6, target_r=3,
-                           total_step=10, orth_reg_weight=0.7)
+    config = AdaLoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj"],
+        init_r=6,
+        target_r=3,
+        total_step=10,
+        orth_reg_weight=0.7,
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config)
     ids = torch.randint(3, 200, (1, 12))
     with_penalty = model(input_ids=ids, labels=ids).loss
@@ -172,11 +190,14 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
     assert not torch.allclose(embedded[:2], started)  # the new rows trained away from where the run started
     assert torch.equal(embedded[2:], old_rows)  # the old rows did not move
     # the model learned to emit the new token first
-    report = evaluate.run(evaluate.resolve(run_dir), compare_base=False,
-                          settings=load_recipe(run_dir / "recipe.yaml").eval.model_copy(
-                              update={"max_examples": 4, "max_new_tokens": 4}))
+    report = evaluate.run(
+        evaluate.resolve(run_dir),
+        compare_base=False,
+        settings=load_recipe(run_dir / "recipe.yaml").eval.model_copy(update={"max_examples": 4, "max_new_tokens": 4}),
+    )
     assert report["metrics"]["tuned"]["loss"] == pytest.approx(
-        json.loads((run_dir / "manifest.json").read_text())["results"]["eval_loss"], rel=0.05)
+        json.loads((run_dir / "manifest.json").read_text())["results"]["eval_loss"], rel=0.05
+    )
     replies = [json.loads(line)["tuned"] for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
     assert any(reply.startswith(NEW_TOKENS[0]) for reply in replies), replies  # shown, not stripped as special
     out = merge(run_dir)
@@ -193,24 +214,31 @@ def test_new_tokens_already_in_the_vocabulary_are_refused(tiny_model, tmp_path, 
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False)
     known = AutoTokenizer.from_pretrained(tiny_model).eos_token
     recipe["model"]["new_special_tokens"] = [known, "<fresh>"] if known_first else ["<fresh>", known]
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and f"model.new_special_tokens: {known} already in the tokenizer" in out.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"ia3": {"target_modules": ["q_proj"]}}, "`ia3:` settings are given but `method` is lora"),
-    ({"method": "ia3", "lora": {"r": 4}}, "`method: ia3` uses no `lora:` settings; lora.r would be ignored"),
-    ({"method": "adalora", "lora": {"r": 4}}, "set the rank in adalora.init_r"),
-    ({"method": "adalora", "lora": {"use_dora": True}}, "lora.use_dora would be ignored"),
-    ({"method": "prompt_tuning", "train": {"packing": True}}, "packed examples would share one prompt"),
-    ({"method": "ia3", "model": {"new_special_tokens": ["<x>"]}}, "need `method: lora`"),
-    ({"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}}, "AdaLoRA only removes rank"),
-    ({"method": "adalora", "adalora": {"tinit": 0.6, "tfinal": 0.5}}, "leave no steps for the budget"),
-    ({"method": "prompt_tuning", "prompt_tuning": {"prompt_tuning_init": "TEXT"}}, "needs prompt_tuning_init_text"),
-    ({"method": "prefix_tuning", "prefix_tuning": {"encoder_hidden_size": 64}}, "set prefix_projection: true"),
-    ({"lora": {"init_lora_weights": "loftq"}}, "`loftq` starts the adapter from the quantization error"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"ia3": {"target_modules": ["q_proj"]}}, "`ia3:` settings are given but `method` is lora"),
+        ({"method": "ia3", "lora": {"r": 4}}, "`method: ia3` uses no `lora:` settings; lora.r would be ignored"),
+        ({"method": "adalora", "lora": {"r": 4}}, "set the rank in adalora.init_r"),
+        ({"method": "adalora", "lora": {"use_dora": True}}, "lora.use_dora would be ignored"),
+        ({"method": "prompt_tuning", "train": {"packing": True}}, "packed examples would share one prompt"),
+        ({"method": "ia3", "model": {"new_special_tokens": ["<x>"]}}, "need `method: lora`"),
+        ({"method": "adalora", "adalora": {"init_r": 4, "target_r": 8}}, "AdaLoRA only removes rank"),
+        ({"method": "adalora", "adalora": {"tinit": 0.6, "tfinal": 0.5}}, "leave no steps for the budget"),
+        ({"method": "prompt_tuning", "prompt_tuning": {"prompt_tuning_init": "TEXT"}}, "needs prompt_tuning_init_text"),
+        ({"method": "prefix_tuning", "prefix_tuning": {"encoder_hidden_size": 64}}, "set prefix_projection: true"),
+        ({"lora": {"init_lora_weights": "loftq"}}, "`loftq` starts the adapter from the quantization error"),
+    ],
+)
 def test_method_rules(change, message):
     recipe = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
     for key, value in change.items():
@@ -229,8 +257,12 @@ def test_saved_recipe_keeps_only_the_chosen_method(runs):
 def test_loftq_without_cuda_is_refused_before_loading(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=True)
     recipe["lora"]["init_lora_weights"] = "loftq"
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "loftq needs a CUDA GPU" in out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -280,9 +312,12 @@ def test_prompt_learning_generates_each_prompt_as_if_alone(runs):
 
     result = runs["prompt_tuning"]
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
-               for text in ("reverse: a", "reverse: cup coin bell lamp", "reverse: snow fire")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for text in ("reverse: a", "reverse: cup coin bell lamp", "reverse: snow fire")
+    ]
     settings = EvalConfig(max_new_tokens=6)
     stops = [tokenizer.eos_token_id]
     batched = generation.generate(result.model, tokenizer, prompts, stops, settings, batch_size=3)
@@ -304,13 +339,19 @@ def test_a_loftq_adapter_is_not_merged_into_the_published_weights(tiny_model, tm
     """LoftQ cannot run here (CUDA only), so a QLoRA run's recipe is marked LoftQ: the refusal reads the recipe."""
     import yaml
 
-    run_dir = train(Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run", four_bit=True, steps=2)),
-                    console=Console(stderr=True, quiet=True)).run_dir
+    run_dir = train(
+        Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run", four_bit=True, steps=2)),
+        console=Console(stderr=True, quiet=True),
+    ).run_dir
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     saved["lora"]["init_lora_weights"] = "loftq"
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "merge", str(run_dir), "--merge-into", "original"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "merge", str(run_dir), "--merge-into", "original"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "would count that correction twice" in out.stderr
     assert not (run_dir / "merged").exists()
 
@@ -325,9 +366,18 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
     from lorakit.model import shards as checkpoint
 
     def base_with(name, **config):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, tie_word_embeddings=False, **config))
+        model = AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+                **config,
+            )
+        )
         model.save_pretrained(tmp_path / name)
         return model, tmp_path / name
 
@@ -337,8 +387,14 @@ def test_streaming_merge_refuses_ia3_on_biased_layers_and_keeps_adalora_saved_mo
         adapter.on_skeleton(tmp_path / "ia3", biased, "biased", checkpoint.Checkpoint.open(biased))
 
     model, plain = base_with("plain")
-    config = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=4, target_r=2,
-                           total_step=10, modules_to_save=["lm_head"])
+    config = AdaLoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj"],
+        init_r=4,
+        target_r=2,
+        total_step=10,
+        modules_to_save=["lm_head"],
+    )
     get_peft_model(model, config).save_pretrained(tmp_path / "ada")
     skeleton = adapter.on_skeleton(tmp_path / "ada", plain, "plain", checkpoint.Checkpoint.open(plain))
     assert skeleton.saved["lm_head.weight"].shape == (64, 32) and len(skeleton.layers) == 2

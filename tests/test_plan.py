@@ -21,16 +21,23 @@ from lorakit.recipe.schema import Recipe
 
 FIXTURES = ROOT / "tests" / "fixtures" / "configs"
 # published parameter counts, and LoRA r=16 on all linear layers computed from the shapes by hand
-PUBLISHED = {"llama-3-8b": 8_030_261_248, "llama-2-70b": 68_976_648_192, "mistral-7b": 7_241_732_096,
-             "qwen2.5-7b": 7_615_616_512}
+PUBLISHED = {
+    "llama-3-8b": 8_030_261_248,
+    "llama-2-70b": 68_976_648_192,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-7b": 7_615_616_512,
+}
 
 
 def fixture_recipe(name: str, **model) -> Recipe:
-    return Recipe.model_validate({
-        "model": {"name_or_path": str(FIXTURES / name), "load_in_4bit": True, **model},
-        "lora": {"r": 16, "target_modules": "all-linear"},
-        "data": {"train": str(EXAMPLES / "train.jsonl"), "max_length": 2048},
-        "train": {"per_device_train_batch_size": 1}})
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": str(FIXTURES / name), "load_in_4bit": True, **model},
+            "lora": {"r": 16, "target_modules": "all-linear"},
+            "data": {"train": str(EXAMPLES / "train.jsonl"), "max_length": 2048},
+            "train": {"per_device_train_batch_size": 1},
+        }
+    )
 
 
 def lora_by_hand(config: dict, r: int = 16) -> int:
@@ -43,8 +50,9 @@ def lora_by_hand(config: dict, r: int = 16) -> int:
 @pytest.mark.parametrize("shape", [(256, 512), (4096, 1024), (100, 33)])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_bytes_match_bitsandbytes(shape, double_quant):
-    packed, state = bnb_functional.quantize_4bit(torch.randn(shape, dtype=torch.bfloat16), blocksize=64,
-                                                 compress_statistics=double_quant, quant_type="nf4")
+    packed, state = bnb_functional.quantize_4bit(
+        torch.randn(shape, dtype=torch.bfloat16), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
     tensors = [packed, state.absmax, state.code]
     if double_quant:
         tensors += [state.state2.absmax, state.state2.code, state.offset]
@@ -88,10 +96,17 @@ def test_counts_match_published_configs(name):
     assert counts.total == PUBLISHED[name]
     config = json.loads((FIXTURES / name / "config.json").read_text())
     assert counts.lora == lora_by_hand(config)
-    assert counts.total - sum(counts.quantized) == 2 * config["vocab_size"] * config["hidden_size"] + \
-        (2 * config["num_hidden_layers"] + 1) * config["hidden_size"] + \
-        (config["num_hidden_layers"] * (config["hidden_size"] + 2 * config["hidden_size"] * config[
-            "num_key_value_heads"] // config["num_attention_heads"]) if name == "qwen2.5-7b" else 0)  # q/k/v biases
+    assert counts.total - sum(counts.quantized) == 2 * config["vocab_size"] * config["hidden_size"] + (
+        2 * config["num_hidden_layers"] + 1
+    ) * config["hidden_size"] + (
+        config["num_hidden_layers"]
+        * (
+            config["hidden_size"]
+            + 2 * config["hidden_size"] * config["num_key_value_heads"] // config["num_attention_heads"]
+        )
+        if name == "qwen2.5-7b"
+        else 0
+    )  # q/k/v biases
 
 
 def plan_for(name: str, memory_gib: float, **changes) -> plan_mod.MemoryPlan:
@@ -125,12 +140,22 @@ def test_engines_divide_what_they_shard():
     recipe = fixture_recipe("llama-3-8b")
     counts = plan_mod.count(recipe)
     common = {"dtype": "bfloat16", "fused_loss": True}
-    one = {ln.name: ln.bytes for ln in plan_mod.estimate(recipe, counts, engine=engines.Engine(), processes=1,
-                                                         **common).lines}
-    fsdp = {ln.name: ln.bytes for ln in plan_mod.estimate(recipe, counts, engine=engines.Engine("fsdp", fsdp_version=2),
-                                                          processes=4, **common).lines}
-    zero2 = {ln.name: ln.bytes for ln in plan_mod.estimate(recipe, counts, engine=engines.Engine("deepspeed", zero_stage=2),
-                                                           processes=4, **common).lines}
+    one = {
+        ln.name: ln.bytes
+        for ln in plan_mod.estimate(recipe, counts, engine=engines.Engine(), processes=1, **common).lines
+    }
+    fsdp = {
+        ln.name: ln.bytes
+        for ln in plan_mod.estimate(
+            recipe, counts, engine=engines.Engine("fsdp", fsdp_version=2), processes=4, **common
+        ).lines
+    }
+    zero2 = {
+        ln.name: ln.bytes
+        for ln in plan_mod.estimate(
+            recipe, counts, engine=engines.Engine("deepspeed", zero_stage=2), processes=4, **common
+        ).lines
+    }
     assert fsdp["base weights (NF4)"] == pytest.approx(one["base weights (NF4)"] / 4, rel=1e-6)
     assert fsdp["activations"] == one["activations"]  # activations are per process
     assert zero2["base weights (NF4)"] == one["base weights (NF4)"]
@@ -139,16 +164,36 @@ def test_engines_divide_what_they_shard():
 
 def test_plan_command_json_and_exit_code(tiny_model, tmp_path, write_recipe):
     path = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "8GiB", "--json",
-                          "--tokens-per-s", "1000"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "plan",
+            str(path),
+            "--gpu-memory",
+            "8GiB",
+            "--json",
+            "--tokens-per-s",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["fits"] is True and report["parameters"]["lora"] == 262_144
     assert report["time"]["seconds"] > 0 and "1,000 tokens/s per GPU (given)" in report["time"]["basis"]
-    tight = subprocess.run([sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "1MiB", "--no-time"],
-                           capture_output=True, text=True)
+    tight = subprocess.run(
+        [sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "1MiB", "--no-time"],
+        capture_output=True,
+        text=True,
+    )
     assert tight.returncode == 3 and "does not fit" in tight.stdout
-    bad = subprocess.run([sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "24 parsecs"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "24 parsecs"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
     assert not (tmp_path / "run").exists()  # planning writes nothing

@@ -12,8 +12,9 @@ from conftest import EXAMPLES
 
 
 def preview(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "data", "preview", *args], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "data", "preview", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.fixture
@@ -27,18 +28,34 @@ def weightless_model(tiny_model, tmp_path):
 
 @pytest.fixture
 def recipe(write_recipe, weightless_model, tmp_path):
-    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: a b c"},
-                          {"role": "assistant", "content": "c b a"}]},
-            {"messages": [{"role": "user", "content": "hello " * 40}, {"role": "assistant", "content": "hi"}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "reverse: a b c"},
+                {"role": "assistant", "content": "c b a"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hello " * 40}, {"role": "assistant", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}]},
+    ]
     data = tmp_path / "t.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n" + "\n".join(
-        json.dumps({"messages": [{"role": "user", "content": f"r{i}"}, {"role": "assistant", "content": f"s{i}"}]})
-        for i in range(200)) + "\n")
-    return write_recipe({"model": {"name_or_path": str(weightless_model)},
-                         "data": {"train": str(data), "eval": str(EXAMPLES / "eval.jsonl"), "max_length": 40,
-                                  "on_bad_rows": "skip"},
-                         "train": {"output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 4}})
+    data.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+        + "{broken\n"
+        + "\n".join(
+            json.dumps({"messages": [{"role": "user", "content": f"r{i}"}, {"role": "assistant", "content": f"s{i}"}]})
+            for i in range(200)
+        )
+        + "\n"
+    )
+    return write_recipe(
+        {
+            "model": {"name_or_path": str(weightless_model)},
+            "data": {"train": str(data), "eval": str(EXAMPLES / "eval.jsonl"), "max_length": 40, "on_bad_rows": "skip"},
+            "train": {"output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 4},
+        }
+    )
 
 
 def test_json_report_counts_and_masks(recipe):
@@ -47,8 +64,9 @@ def test_json_report_counts_and_masks(recipe):
     report = json.loads(out.stdout)
     stats = report["stats"]
     assert report["rows"] == {"train": 202, "eval": 64} and report["bad_rows_skipped"] == 1
-    assert report["first_bad_row"].endswith("t.jsonl:4: invalid JSON: Expecting property name enclosed in double "
-                                            "quotes (column 2)")
+    assert report["first_bad_row"].endswith(
+        "t.jsonl:4: invalid JSON: Expecting property name enclosed in double quotes (column 2)"
+    )
     assert stats["truncated"] == 0 and stats["dropped"] == {"nothing left to train on after truncation": 1}
     assert report["end_of_turn_token"] == "<|im_end|>" and report["packing"] is True
     first = report["examples"][0]

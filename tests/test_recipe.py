@@ -17,8 +17,8 @@ TRAIN = EXAMPLES / "train.jsonl"
 
 def base_text(extra_model: str = "", extra_lora: str = "", extra_train: str = "") -> str:
     return (  # line numbers below are those of a recipe without extras
-        "model:\n"                                  # 1
-        "  name_or_path: org/some-model\n"          # 2
+        "model:\n"  # 1
+        "  name_or_path: org/some-model\n"  # 2
         f"{extra_model}"
         "lora:\n"
         "  r: 8\n"
@@ -66,13 +66,16 @@ def test_unknown_section(write_recipe):
     assert error_of(path) == f"{path}:9: unknown key 'trainer'; did you mean 'train'?"
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("  r: 0\n", "lora.r: input should be greater than 0 (got 0)"),
-    ("  r: -3\n", "lora.r: input should be greater than 0 (got -3)"),
-    ("  lora_dropout: 1.0\n", "lora.lora_dropout: input should be less than 1 (got 1.0)"),
-    ("  lora_dropout: -0.1\n", "lora.lora_dropout: input should be greater than or equal to 0 (got -0.1)"),
-    ("  bias: some\n", "lora.bias: input should be 'none', 'all' or 'lora_only' (got 'some')"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("  r: 0\n", "lora.r: input should be greater than 0 (got 0)"),
+        ("  r: -3\n", "lora.r: input should be greater than 0 (got -3)"),
+        ("  lora_dropout: 1.0\n", "lora.lora_dropout: input should be less than 1 (got 1.0)"),
+        ("  lora_dropout: -0.1\n", "lora.lora_dropout: input should be greater than or equal to 0 (got -0.1)"),
+        ("  bias: some\n", "lora.bias: input should be 'none', 'all' or 'lora_only' (got 'some')"),
+    ],
+)
 def test_out_of_range_lora_values(write_recipe, line, expected):
     text = base_text().replace("  r: 8\n", line if line.startswith("  r:") else "  r: 8\n" + line)
     path = write_recipe(text)
@@ -86,8 +89,9 @@ def test_learning_rate_must_be_positive(write_recipe):
 
 def test_wrong_type(write_recipe):
     path = write_recipe(base_text().replace("r: 8", "r: eight"))
-    assert error_of(path) == (f"{path}:4: lora.r: input should be a valid integer, unable to parse string as an "
-                              "integer (got 'eight')")
+    assert error_of(path) == (
+        f"{path}:4: lora.r: input should be a valid integer, unable to parse string as an integer (got 'eight')"
+    )
 
 
 def test_all_problems_reported_at_once(write_recipe):
@@ -129,8 +133,9 @@ def test_missing_data_file_names_key_and_line(write_recipe, tmp_path):
 
 def test_override_parsed_as_yaml_scalar(write_recipe):
     path = write_recipe(base_text())
-    recipe = load_recipe(path, ["train.learning_rate=3e-5", "lora.target_modules=[q_proj, v_proj]",
-                                "model.load_in_4bit=true"])
+    recipe = load_recipe(
+        path, ["train.learning_rate=3e-5", "lora.target_modules=[q_proj, v_proj]", "model.load_in_4bit=true"]
+    )
     assert recipe.train.learning_rate == 3e-5 and isinstance(recipe.train.learning_rate, float)
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.model.load_in_4bit is True
@@ -139,8 +144,9 @@ def test_override_parsed_as_yaml_scalar(write_recipe):
 def test_override_wins_over_yaml_and_is_validated(write_recipe):
     path = write_recipe(base_text())
     assert error_of(path, ["lora.r=0"]) == "--set lora.r=0: lora.r: input should be greater than 0 (got 0)"
-    assert error_of(path, ["lora.lora_alhpa=4"]) == ("--set lora.lora_alhpa=4: unknown key 'lora.lora_alhpa'; "
-                                                   "did you mean 'lora.lora_alpha'?")
+    assert error_of(path, ["lora.lora_alhpa=4"]) == (
+        "--set lora.lora_alhpa=4: unknown key 'lora.lora_alhpa'; did you mean 'lora.lora_alpha'?"
+    )
 
 
 def test_malformed_override(write_recipe):
@@ -151,8 +157,10 @@ def test_malformed_override(write_recipe):
 
 def test_quantization_without_4bit_refused(write_recipe):
     path = write_recipe(base_text(extra_model="  quantization:\n    bnb_4bit_quant_type: nf4\n"))
-    assert error_of(path) == (f"{path}:1: model: `quantization` settings are given but `load_in_4bit` is false; "
-                              "set `load_in_4bit: true` for QLoRA or remove `quantization`")
+    assert error_of(path) == (
+        f"{path}:1: model: `quantization` settings are given but `load_in_4bit` is false; "
+        "set `load_in_4bit: true` for QLoRA or remove `quantization`"
+    )
 
 
 def test_loftq_without_4bit_refused(write_recipe):
@@ -182,8 +190,11 @@ def test_cli_bad_recipe_exit_2_without_traceback(write_recipe):
 
 def test_cli_dry_run_prints_resolved_recipe(write_recipe):
     path = write_recipe(base_text())
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--dry-run", "--set", "lora.r=4"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path), "--dry-run", "--set", "lora.r=4"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "r: 4" in out.stdout and "learning_rate: 0.0001" in out.stdout
 
@@ -210,9 +221,15 @@ def test_lora_keys_exist_in_lora_config():
     assert set(section.model_fields) - lora_fields == set(section.LORAKIT_ONLY)
 
 
-@pytest.mark.parametrize("section, config", [("adalora", "AdaLoraConfig"), ("ia3", "IA3Config"),
-                                             ("prompt_tuning", "PromptTuningConfig"),
-                                             ("prefix_tuning", "PrefixTuningConfig")])
+@pytest.mark.parametrize(
+    "section, config",
+    [
+        ("adalora", "AdaLoraConfig"),
+        ("ia3", "IA3Config"),
+        ("prompt_tuning", "PromptTuningConfig"),
+        ("prefix_tuning", "PrefixTuningConfig"),
+    ],
+)
 def test_method_keys_exist_in_peft_configs(section, config):
     import dataclasses
 

@@ -35,8 +35,12 @@ def test_a_canary_secret_reaches_no_file_and_no_output(tiny_model, tmp_path, wri
     env_secret, recipe_secret = "hf_canaryENV1234567890", "hf_canaryRECIPE0987654321"
     recipe = tiny_recipe(tiny_model, tmp_path / "run", steps=4, save_steps=2, hub_token=recipe_secret)
     path = write_recipe(recipe)
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True,
-                         env={**os.environ, "HF_TOKEN": env_secret, "WANDB_API_KEY": env_secret})
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_TOKEN": env_secret, "WANDB_API_KEY": env_secret},
+    )
     assert out.returncode == 0, out.stderr
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any("checkpoint-" in str(p) for p in written)  # checkpoints (with pickled trainer state) are searched too
@@ -84,16 +88,18 @@ class PoisonGradients:
 
         class Callback(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                outer.before[state.global_step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()
-                                                       if p.requires_grad}
+                outer.before[state.global_step + 1] = {
+                    n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+                }
                 if state.global_step + 1 in steps:
                     for p in model.parameters():
                         if p.grad is not None:
                             p.grad.fill_(float("nan"))
 
             def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-                outer.after[state.global_step + 1] = {n: p.detach().clone() for n, p in model.named_parameters()
-                                                      if p.requires_grad}
+                outer.after[state.global_step + 1] = {
+                    n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+                }
 
         self.before, self.after, self.callback = {}, {}, Callback()
 
@@ -112,8 +118,11 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tiny_model, tmp_path, c
 
     poison = PoisonGradients({3, 4, 5})
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "three", four_bit=False, steps=8, save_steps=2))
-    with pytest.raises(RunFailed, match=r"3 steps in a row ended with non-finite gradients \(the last at step 5\).*"
-                                        r"checkpoint-4 is the last good checkpoint"):
+    with pytest.raises(
+        RunFailed,
+        match=r"3 steps in a row ended with non-finite gradients \(the last at step 5\).*"
+        r"checkpoint-4 is the last good checkpoint",
+    ):
         train(recipe, callbacks=(poison.callback,))
     run_dir = tmp_path / "three"
     assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "manifest.json").exists()

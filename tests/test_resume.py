@@ -25,8 +25,13 @@ ENV = {**os.environ, "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
 
 
 def start(recipe_path, *args):
-    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(recipe_path), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", str(recipe_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -51,8 +56,11 @@ def straight(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("straight")
     path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model, root / "run", four_bit=False, steps=STEPS, logging_steps=1,
-                                               save_steps=10)))
+    path.write_text(
+        yaml.safe_dump(
+            tiny_recipe(tiny_model, root / "run", four_bit=False, steps=STEPS, logging_steps=1, save_steps=10)
+        )
+    )
     proc = start(path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -61,8 +69,9 @@ def straight(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupt_saves_and_resume_is_exact(straight, tiny_model, tmp_path, write_recipe, sig, code):
-    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=STEPS, logging_steps=1,
-                                      save_steps=10))
+    recipe = write_recipe(
+        tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=STEPS, logging_steps=1, save_steps=10)
+    )
     run_dir = tmp_path / "run"
     proc = start(recipe)
     wait_for_step(run_dir, 13, proc)
@@ -91,8 +100,9 @@ def test_resume_refuses_a_changed_recipe_and_damaged_checkpoints(straight, tiny_
     shutil.copytree(straight, run_dir)
     (run_dir / "manifest.json").unlink()  # as if it had been interrupted after its last checkpoint
     (run_dir / "adapter_model.safetensors").unlink()
-    changed = tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10,
-                          learning_rate=1e-3)
+    changed = tiny_recipe(
+        tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10, learning_rate=1e-3
+    )
     changed["lora"]["r"] = 8
     out = start(write_recipe(changed), "--resume")
     _, err = out.communicate(timeout=120)
@@ -101,8 +111,9 @@ def test_resume_refuses_a_changed_recipe_and_damaged_checkpoints(straight, tiny_
     # the newest checkpoint loses its last bytes: detected, and the one before is used
     newest = run_dir / "checkpoints" / "checkpoint-40" / "optimizer.pt"
     newest.write_bytes(newest.read_bytes()[:-100])
-    same = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10),
-                        name="same")
+    same = write_recipe(
+        tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10), name="same"
+    )
     proc = start(same, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -118,8 +129,7 @@ def test_a_save_killed_midway_is_ignored(straight, tiny_model, tmp_path, write_r
     partial = run_dir / "checkpoints" / "checkpoint-40"
     (partial / MARKER).unlink()  # what kill -9 during the save leaves: files, no marker
     (partial / "optimizer.pt").write_bytes(b"half")
-    recipe = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1,
-                                      save_steps=10))
+    recipe = write_recipe(tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10))
     proc = start(recipe, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -131,18 +141,23 @@ def test_a_save_killed_midway_is_ignored(straight, tiny_model, tmp_path, write_r
 
 def test_resume_needs_a_run_and_a_checkpoint(tiny_model, tmp_path, write_recipe):
     recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "none", four_bit=False))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--resume"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(recipe), "--resume"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "holds no lorakit run to resume" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(recipe), "--resume", "--overwrite"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(recipe), "--resume", "--overwrite"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "contradict" in out.stderr
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, tmp_path, write_recipe):
     """SIGKILL the moment the trainer starts writing a checkpoint (in checkpoints/.incoming/)."""
-    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1,
-                                      save_steps=5))
+    recipe = write_recipe(
+        tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1, save_steps=5)
+    )
     checkpoints = tmp_path / "run" / "checkpoints"
     proc = start(recipe)
     snapshot, killed_at = {}, None
@@ -171,8 +186,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_intact(tiny_model, 
 
 
 def test_a_second_sigint_stops_at_once_and_keeps_the_last_checkpoint(tiny_model, tmp_path, write_recipe):
-    recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1,
-                                      save_steps=10))
+    recipe = write_recipe(
+        tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=400, logging_steps=1, save_steps=10)
+    )
     run_dir = tmp_path / "run"
     proc = start(recipe)
     wait_for_step(run_dir, 12, proc)
@@ -196,8 +212,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_
     disk = tmp_path / "small-disk"
     disk.mkdir()
     size = int(checkpoint * 1.6) + (256 << 10)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         path = write_recipe(tiny_recipe(tiny_model, disk / "run", four_bit=False, steps=8, save_steps=2), name="full")

@@ -65,27 +65,35 @@ def dataset_repo(root):
     """A dataset repository laid out as on the hub: two configurations, each with train and test splits."""
     for subset in ("easy", "hard"):
         for split, numbers in (("train", range(4)), ("test", range(10, 12))):
-            write(root / subset / f"{split}.jsonl", [{"instruction": f"{subset} {i}", "output": f"o{i}"}
-                                                     for i in numbers])
+            write(
+                root / subset / f"{split}.jsonl", [{"instruction": f"{subset} {i}", "output": f"o{i}"} for i in numbers]
+            )
     (root / "README.md").write_text(
-        "---\nconfigs:\n" + "".join(
+        "---\nconfigs:\n"
+        + "".join(
             f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
-            f"  - split: test\n    path: {s}/test.jsonl\n" for s in ("easy", "hard")) + "---\n")
+            f"  - split: test\n    path: {s}/test.jsonl\n"
+            for s in ("easy", "hard")
+        )
+        + "---\n"
+    )
     return str(root)
 
 
 def test_dataset_repository_through_datasets_with_subset_and_split(tokenizer, tmp_path):
     repo = dataset_repo(tmp_path / "repo")
-    cfg = DataConfig(train={"path": repo, "subset": "hard", "split": "train"},
-                     eval={"path": repo, "subset": "hard", "split": "test"})
+    cfg = DataConfig(
+        train={"path": repo, "subset": "hard", "split": "train"}, eval={"path": repo, "subset": "hard", "split": "test"}
+    )
     data = prepare(cfg, tokenizer, seed=0)
     assert data.rows == {"train": 4, "eval": 2}
     assert data.format == "alpaca"
     assert all("hard" in t for t in decoded(tokenizer, data.train))
     assert "o11" in decoded(tokenizer, data.eval)[1]
     assert list(data.fingerprints) == [f"{repo}[train] (hard)", f"{repo}[test] (hard)"]
-    capped = prepare(DataConfig(train={"path": repo, "subset": "easy", "split": "train", "max_rows": 3}),
-                     tokenizer, seed=0)
+    capped = prepare(
+        DataConfig(train={"path": repo, "subset": "easy", "split": "train", "max_rows": 3}), tokenizer, seed=0
+    )
     assert capped.rows["train"] == 3
 
 
@@ -107,10 +115,12 @@ def test_bad_row_in_a_dataset_names_its_row(tokenizer, tmp_path):
 def test_several_sources_each_with_format_columns_cap_and_weight(tokenizer, tmp_path):
     chats = write(tmp_path / "chat.jsonl", [chat(i) for i in range(10)])
     qa = write(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(6)])
-    cfg = DataConfig(train=[
-        {"path": chats, "max_rows": 8, "weight": 0.5},
-        {"path": qa, "format": "alpaca", "columns": {"instruction": "question", "output": "answer"}, "weight": 2},
-    ])
+    cfg = DataConfig(
+        train=[
+            {"path": chats, "max_rows": 8, "weight": 0.5},
+            {"path": qa, "format": "alpaca", "columns": {"instruction": "question", "output": "answer"}, "weight": 2},
+        ]
+    )
     data = prepare(cfg, tokenizer, seed=3)
     assert data.formats == {chats: "messages", qa: "alpaca"}
     assert [(s["examples"], s["used"]) for s in data.sources] == [(8, 4), (6, 12)]
@@ -152,28 +162,41 @@ def test_first_error_in_data_order_whatever_the_processes(tokenizer, tmp_path):
 def test_recipe_resolves_sources_and_refuses_what_cannot_work(tmp_path, write_recipe, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "data" / "a.jsonl", [chat(1)])
-    recipe = {"model": {"name_or_path": str(tiny_model)},
-              "data": {"train": ["data/a.jsonl", {"path": "data/*.jsonl", "weight": 2}, "org/some-dataset"]}}
+    recipe = {
+        "model": {"name_or_path": str(tiny_model)},
+        "data": {"train": ["data/a.jsonl", {"path": "data/*.jsonl", "weight": 2}, "org/some-dataset"]},
+    }
     loaded = load_recipe(write_recipe(recipe))
-    assert [s.path for s in loaded.data.train] == [str(tmp_path / "data/a.jsonl"), str(tmp_path / "data/*.jsonl"),
-                                                    "org/some-dataset"]
+    assert [s.path for s in loaded.data.train] == [
+        str(tmp_path / "data/a.jsonl"),
+        str(tmp_path / "data/*.jsonl"),
+        "org/some-dataset",
+    ]
     saved = loaded.to_saved_dict()["data"]["train"]
-    assert saved[0] == str(tmp_path / "data/a.jsonl") and saved[1] == {"path": str(tmp_path / "data/*.jsonl"),
-                                                                      "weight": 2.0}
-    recipe["data"]["train"] = ["data/a.jsonl", {"path": "data/a.jsonl", "split": "train"}, "data/*.csv",
-                               {"path": "data/a.jsonl", "wieght": 2}]
+    assert saved[0] == str(tmp_path / "data/a.jsonl") and saved[1] == {
+        "path": str(tmp_path / "data/*.jsonl"),
+        "weight": 2.0,
+    }
+    recipe["data"]["train"] = [
+        "data/a.jsonl",
+        {"path": "data/a.jsonl", "split": "train"},
+        "data/*.csv",
+        {"path": "data/a.jsonl", "wieght": 2},
+    ]
     path = write_recipe(recipe)
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
-    assert str(err.value).splitlines() == [f"{path}:10: unknown key 'data.train[3].wieght'; did you mean "
-                                           "'data.train[3].weight'?"]
+    assert str(err.value).splitlines() == [
+        f"{path}:10: unknown key 'data.train[3].wieght'; did you mean 'data.train[3].weight'?"
+    ]
     del recipe["data"]["train"][3]
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe(recipe))
     assert str(err.value).splitlines() == [
         f"{path}:6: data.train[1]: `split`, `subset` and `revision` are for hub datasets and dataset directories, "
         "not for local files",
-        f"{path}:8: data.train[2]: no file matches the pattern data/*.csv"]
+        f"{path}:8: data.train[2]: no file matches the pattern data/*.csv",
+    ]
     recipe["data"] = {"train": "data/a.jsonl", "eval": {"path": "data/a.jsonl", "weight": 2}}
     with pytest.raises(RecipeError, match="`weight` applies to training sources only"):
         load_recipe(write_recipe(recipe))
@@ -185,17 +208,26 @@ def test_null_message_fields_render_as_absent(tokenizer, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"messages": [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "content": "yo"}]},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")  # unifies: every message gets `name`
     template = tmp_path / "named.jinja"
-    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m.role }}{% if m.name is defined %}"
-                        "{{ ' (' + m.name + ')' }}{% endif %}{{ '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
-                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    from_parquet = prepare(DataConfig(train=str(tmp_path / "t.parquet"), chat_template=str(template)), tokenizer,
-                           seed=0, use_cache=False)
-    from_jsonl = prepare(DataConfig(train=write(tmp_path / "t.jsonl", rows), chat_template=str(template)),
-                         tokenizer, seed=0, use_cache=False)
+    template.write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m.role }}{% if m.name is defined %}"
+        "{{ ' (' + m.name + ')' }}{% endif %}{{ '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    from_parquet = prepare(
+        DataConfig(train=str(tmp_path / "t.parquet"), chat_template=str(template)), tokenizer, seed=0, use_cache=False
+    )
+    from_jsonl = prepare(
+        DataConfig(train=write(tmp_path / "t.jsonl", rows), chat_template=str(template)),
+        tokenizer,
+        seed=0,
+        use_cache=False,
+    )
     assert from_parquet.train.input_ids == from_jsonl.train.input_ids
     texts = decoded(tokenizer, from_parquet.train)
     assert "user (ann)" in texts[0] and "None" not in texts[1]
@@ -223,5 +255,6 @@ def test_every_row_malformed_is_reported_per_source(tokenizer, tmp_path):
     second = tmp_path / "b.jsonl"
     second.write_text("[1]\n[2]\n")
     with pytest.raises(DataError, match=rf"data.train\[1\]: {second}: every row is malformed; first: {second}:1:"):
-        prepare(DataConfig(train=[str(first), str(second)], on_bad_rows="skip", max_bad_fraction=0.5), tokenizer,
-                seed=0)
+        prepare(
+            DataConfig(train=[str(first), str(second)], on_bad_rows="skip", max_bad_fraction=0.5), tokenizer, seed=0
+        )

@@ -20,16 +20,26 @@ from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run
 
-RUN_FILES = {"recipe.yaml", "manifest.json", "metrics.jsonl", "README.md", "adapter_config.json",
-             "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "generation_config.json"}
+RUN_FILES = {
+    "recipe.yaml",
+    "manifest.json",
+    "metrics.jsonl",
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+}
 
 
 def train_tiny(tiny_model, tmp_path_factory, four_bit: bool):
     out = tmp_path_factory.mktemp("runs") / ("qlora" if four_bit else "lora")
     # the QLoRA run also exercises gradient checkpointing (the default for real models)
-    recipe = Recipe.model_validate(tiny_recipe(tiny_model, out, four_bit=four_bit, steps=8,
-                                               gradient_checkpointing=four_bit))
+    recipe = Recipe.model_validate(
+        tiny_recipe(tiny_model, out, four_bit=four_bit, steps=8, gradient_checkpointing=four_bit)
+    )
     return recipe, run(recipe, console=Console(stderr=True, force_terminal=False))
 
 
@@ -41,8 +51,9 @@ def trained(request, tiny_model, tmp_path_factory):
 
 def sample_batch(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    text = tok.apply_chat_template([{"role": "user", "content": "reverse: cat dog sun"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "reverse: cat dog sun"}], tokenize=False, add_generation_prompt=True
+    )
     return tok(text, add_special_tokens=False, return_tensors="pt")
 
 
@@ -57,9 +68,13 @@ def test_run_directory_complete(trained, tiny_model):
     assert set(manifest["data"]["fingerprints"]) == {recipe.data.train[0].path, recipe.data.eval[0].path}
     assert manifest["data"]["packing"] is True  # auto: Llama builds its masks from position ids
     # the speed settings the run took: on CPU no Liger (CUDA only) and transformers' sdpa
-    assert manifest["kernels"] == {"attention": "sdpa", "liger": False, "packing": True,
-                                   "gradient_checkpointing": recipe.train.gradient_checkpointing,
-                                   "torch_compile": False}
+    assert manifest["kernels"] == {
+        "attention": "sdpa",
+        "liger": False,
+        "packing": True,
+        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        "torch_compile": False,
+    }
     assert manifest["libraries"]["transformers"] and manifest["libraries"]["peft"]
     saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert Recipe.model_validate(saved) == Recipe.model_validate(recipe.to_saved_dict())
@@ -168,8 +183,9 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model, tmp_path, w
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("keep me")
     path = write_recipe(tiny_recipe(tiny_model, out_dir))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path), "--overwrite"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", str(path), "--overwrite"], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "is not a lorakit run" in out.stderr
     assert (out_dir / "notes.txt").read_text() == "keep me"
@@ -187,8 +203,16 @@ def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
     from conftest import EXAMPLES
     from transformers import GenerationConfig
 
-    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "stop", steps=250, learning_rate=1e-3,
-                                               logging_steps=50, per_device_train_batch_size=16))
+    recipe = Recipe.model_validate(
+        tiny_recipe(
+            tiny_model,
+            tmp_path / "stop",
+            steps=250,
+            learning_rate=1e-3,
+            logging_steps=50,
+            per_device_train_batch_size=16,
+        )
+    )
     result = run(recipe, console=Console(stderr=True, force_terminal=False))
     tok = AutoTokenizer.from_pretrained(result.run_dir)
     generation = GenerationConfig.from_pretrained(result.run_dir)
@@ -197,11 +221,12 @@ def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
     model = result.model.eval()
     stopped = 0
     for row in rows:
-        batch = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+        batch = tok.apply_chat_template(
+            row["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             out = model.generate(**batch, generation_config=generation)
-        new = out[0, batch["input_ids"].shape[1]:].tolist()
+        new = out[0, batch["input_ids"].shape[1] :].tolist()
         stopped += new[-1] in generation.eos_token_id and len(new) < 16
     assert stopped >= 14, f"only {stopped} of {len(rows)} generations stopped"
 
@@ -222,12 +247,16 @@ def test_liger_fused_loss_matches_the_plain_loss(tiny_model, tmp_path):
     pytest.importorskip("liger_kernel")
     losses = {}
     for liger in (False, True):
-        recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / f"liger-{liger}", four_bit=False, steps=6,
-                                                   use_liger_kernel=liger))
+        recipe = Recipe.model_validate(
+            tiny_recipe(tiny_model, tmp_path / f"liger-{liger}", four_bit=False, steps=6, use_liger_kernel=liger)
+        )
         result = run(recipe, console=Console(stderr=True, force_terminal=False))
         assert result.details["kernels"]["liger"] is liger
-        losses[liger] = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
-                         if "loss" in r]
+        losses[liger] = [
+            r["loss"]
+            for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
     assert len(losses[True]) == len(losses[False]) > 1
     for plain, fused in zip(losses[False], losses[True]):
         assert abs(plain - fused) <= 2e-2 * plain, losses  # bf16 kernels: a few parts per thousand

@@ -12,21 +12,27 @@ import typer
 from lorakit import __version__
 
 app = typer.Typer(
-    name="lorakit", no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    name="lorakit",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
     help="Fine-tune causal language models with LoRA and QLoRA from one strict YAML recipe.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-NO_CACHE = typer.Option("--no-cache", help="Tokenize the data afresh instead of reading (and writing) the "
-                        "preprocessing cache.")
+NO_CACHE = typer.Option(
+    "--no-cache", help="Tokenize the data afresh instead of reading (and writing) the preprocessing cache."
+)
 RECIPE = typer.Argument(help="The recipe YAML file.", show_default=False)
 SET_TOO = typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe value (as for `lorakit train`).")
-GPU_MEMORY = typer.Option("--gpu-memory", help="Memory per GPU to plan for, e.g. 24GiB or 80GB (default: this "
-                          "machine's GPU, if any).")
+GPU_MEMORY = typer.Option(
+    "--gpu-memory", help="Memory per GPU to plan for, e.g. 24GiB or 80GB (default: this machine's GPU, if any)."
+)
 MAX_NEW = typer.Option("--max-new-tokens", help="Most tokens per generation (default: recipe eval.max_new_tokens).")
 BATCH = typer.Option("--batch-size", help="Batch size for loss and generation (default: recipe).")
-SAMPLE = typer.Option("--do-sample/--greedy", help="Sample instead of greedy decoding (default: recipe).",
-                      show_default=False)
+SAMPLE = typer.Option(
+    "--do-sample/--greedy", help="Sample instead of greedy decoding (default: recipe).", show_default=False
+)
 TEMP = typer.Option("--temperature", help="Sampling temperature.")
 TOP_P = typer.Option("--top-p", help="Nucleus sampling mass.")
 
@@ -46,8 +52,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Print the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
 ) -> None:
     """Fine-tune causal language models with LoRA and QLoRA from one strict YAML recipe."""
 

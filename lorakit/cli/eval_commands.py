@@ -15,33 +15,62 @@ from lorakit.cli.app import BATCH, MAX_NEW, SAMPLE, TEMP, TOP_P, app, error, gua
 
 @app.command(name="eval")
 def eval_(
-    targets: Annotated[list[Path], typer.Argument(
-        help="A run directory, a merged model directory (lorakit merge), or a recipe with --adapter; or several run "
-        "directories on one base, evaluated side by side.", show_default=False)],
+    targets: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A run directory, a merged model directory (lorakit merge), or a recipe with --adapter; or several run "
+            "directories on one base, evaluated side by side.",
+            show_default=False,
+        ),
+    ],
     adapter: Annotated[Optional[Path], typer.Option(help="With a recipe as TARGET: the adapter directory.")] = None,
-    compare: Annotated[str, typer.Option(help="`base` evaluates the base model too, side by side; `none` skips it.")] = "base",
+    compare: Annotated[
+        str, typer.Option(help="`base` evaluates the base model too, side by side; `none` skips it.")
+    ] = "base",
     split: Annotated[str, typer.Option(help="Which split to evaluate: eval or train.")] = "eval",
-    fail_under: Annotated[list[str], typer.Option(
-        "--fail-under", metavar="METRIC=VALUE", help="Gate: exit 3 unless the tuned model's METRIC >= VALUE "
-        "(every adapter's, with several runs; repeatable; e.g. exact_match=0.8).")] = [],
-    fail_over: Annotated[list[str], typer.Option(
-        "--fail-over", metavar="METRIC=VALUE", help="Gate: exit 3 unless METRIC <= VALUE (e.g. loss=1.2).")] = [],
-    max_loss: Annotated[Optional[float], typer.Option("--max-loss", help="Gate: shorthand for --fail-over loss=X.")] = None,
+    fail_under: Annotated[
+        list[str],
+        typer.Option(
+            "--fail-under",
+            metavar="METRIC=VALUE",
+            help="Gate: exit 3 unless the tuned model's METRIC >= VALUE "
+            "(every adapter's, with several runs; repeatable; e.g. exact_match=0.8).",
+        ),
+    ] = [],
+    fail_over: Annotated[
+        list[str],
+        typer.Option(
+            "--fail-over", metavar="METRIC=VALUE", help="Gate: exit 3 unless METRIC <= VALUE (e.g. loss=1.2)."
+        ),
+    ] = [],
+    max_loss: Annotated[
+        Optional[float], typer.Option("--max-loss", help="Gate: shorthand for --fail-over loss=X.")
+    ] = None,
     max_new_tokens: Annotated[Optional[int], MAX_NEW] = None,
     batch_size: Annotated[Optional[int], BATCH] = None,
-    max_examples: Annotated[Optional[int], typer.Option(
-        "--max-examples", help="Generate for at most N eval examples (the loss uses all).")] = None,
+    max_examples: Annotated[
+        Optional[int], typer.Option("--max-examples", help="Generate for at most N eval examples (the loss uses all).")
+    ] = None,
     do_sample: Annotated[Optional[bool], SAMPLE] = None,
     temperature: Annotated[Optional[float], TEMP] = None,
     top_p: Annotated[Optional[float], TOP_P] = None,
-    lm_eval_tasks: Annotated[Optional[str], typer.Option(
-        "--lm-eval-tasks", help="Also run lm-evaluation-harness tasks (comma-separated) on both models; needs "
-        "the lm-eval extra.")] = None,
-    lm_eval_include: Annotated[Optional[Path], typer.Option(
-        "--lm-eval-include", help="A directory of your own lm-eval task YAML files.")] = None,
-    lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="At most N documents per task.")] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        help="Report directory (default: TARGET/eval; with several runs, FIRST_RUN/eval-compare).")] = None,
+    lm_eval_tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--lm-eval-tasks",
+            help="Also run lm-evaluation-harness tasks (comma-separated) on both models; needs the lm-eval extra.",
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Optional[Path], typer.Option("--lm-eval-include", help="A directory of your own lm-eval task YAML files.")
+    ] = None,
+    lm_eval_limit: Annotated[
+        Optional[int], typer.Option("--lm-eval-limit", help="At most N documents per task.")
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(help="Report directory (default: TARGET/eval; with several runs, FIRST_RUN/eval-compare)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Evaluate a tuned model and its base on the eval data: loss, perplexity, exact match, ROUGE-L, stop
@@ -56,12 +85,27 @@ def eval_(
 
         console = Console(stderr=True)
         report = command.evaluate(
-            targets, adapter=adapter, compare_with=compare, split=split, fail_under=fail_under, fail_over=fail_over,
-            max_loss=max_loss, settings=dict(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                             max_examples=max_examples, do_sample=do_sample,
-                                             temperature=temperature, top_p=top_p),
-            lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit,
-            output=output, console=console)
+            targets,
+            adapter=adapter,
+            compare_with=compare,
+            split=split,
+            fail_under=fail_under,
+            fail_over=fail_over,
+            max_loss=max_loss,
+            settings=dict(
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                max_examples=max_examples,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+            ),
+            lm_eval_tasks=lm_eval_tasks,
+            lm_eval_include=lm_eval_include,
+            lm_eval_limit=lm_eval_limit,
+            output=output,
+            console=console,
+        )
         console.print(eval_report.table(report))
         if as_json:
             json_out(report)
@@ -75,14 +119,24 @@ def eval_(
 
 @app.command()
 def generate(
-    targets: Annotated[list[Path], typer.Argument(
-        help="A run directory or a merged model directory; or several run directories on one base.",
-        show_default=False)],
+    targets: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A run directory or a merged model directory; or several run directories on one base.",
+            show_default=False,
+        ),
+    ],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A user message (repeatable).")] = [],
-    file: Annotated[Optional[Path], typer.Option(
-        "--file", help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line.")] = None,
-    base: Annotated[bool, typer.Option(
-        "--base", help="Run the base model instead of the tuned one (with several runs: as well as each adapter).")] = False,
+    file: Annotated[
+        Optional[Path],
+        typer.Option("--file", help='JSONL of prompts: {"prompt": ...} or {"messages": [...]} per line.'),
+    ] = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base", help="Run the base model instead of the tuned one (with several runs: as well as each adapter)."
+        ),
+    ] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message put before each prompt.")] = None,
     max_new_tokens: Annotated[Optional[int], MAX_NEW] = None,
     batch_size: Annotated[Optional[int], BATCH] = None,
@@ -98,9 +152,18 @@ def generate(
         from lorakit.evaluate import command
 
         conversations = command.conversations(prompt, file, system)
-        replies, settings = command.generate(targets, conversations, base=base, settings=dict(
-            max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample, temperature=temperature,
-            top_p=top_p))
+        replies, settings = command.generate(
+            targets,
+            conversations,
+            base=base,
+            settings=dict(
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+            ),
+        )
         if isinstance(replies, dict):
             _print_side_by_side(conversations, replies, settings.max_new_tokens, as_json)
         else:
@@ -118,29 +181,39 @@ def _print_replies(conversations: list, replies: list, max_new_tokens: int, as_j
         if as_json:
             typer.echo(json.dumps({"messages": conversation, **_said(out)}, ensure_ascii=False))
         else:
-            typer.echo(f"> {conversation[-1]['content']}\n{out.text}"
-                       + ("" if out.stopped else f"\n[did not stop within {max_new_tokens} tokens]") + "\n")
+            typer.echo(
+                f"> {conversation[-1]['content']}\n{out.text}"
+                + ("" if out.stopped else f"\n[did not stop within {max_new_tokens} tokens]")
+                + "\n"
+            )
 
 
 def _print_side_by_side(conversations: list, replies: dict, max_new_tokens: int, as_json: bool) -> None:
     """Each prompt with every model's reply, named: text, or one JSON object per prompt."""
     for i, conversation in enumerate(conversations):
         if as_json:
-            typer.echo(json.dumps({"messages": conversation,
-                                   "replies": {name: _said(outs[i]) for name, outs in replies.items()}},
-                                  ensure_ascii=False))
+            typer.echo(
+                json.dumps(
+                    {"messages": conversation, "replies": {name: _said(outs[i]) for name, outs in replies.items()}},
+                    ensure_ascii=False,
+                )
+            )
             continue
         typer.echo(f"> {conversation[-1]['content']}")
         for name, outs in replies.items():
-            typer.echo(f"[{name}] {outs[i].text}"
-                       + ("" if outs[i].stopped else f" [did not stop within {max_new_tokens} tokens]"))
+            typer.echo(
+                f"[{name}] {outs[i].text}"
+                + ("" if outs[i].stopped else f" [did not stop within {max_new_tokens} tokens]")
+            )
         typer.echo("")
 
 
 @app.command()
 def chat(
     target: Annotated[Path, typer.Argument(help="A run directory or a merged model directory.", show_default=False)],
-    base: Annotated[bool, typer.Option("--base", help="Start with the base model answering (/tuned switches).")] = False,
+    base: Annotated[
+        bool, typer.Option("--base", help="Start with the base model answering (/tuned switches).")
+    ] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message at the start of the conversation.")] = None,
     max_new_tokens: Annotated[Optional[int], MAX_NEW] = None,
     do_sample: Annotated[Optional[bool], SAMPLE] = None,
@@ -157,8 +230,13 @@ def chat(
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        command.chat(target, settings=dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p),
-                     system=system, start_with="base" if base else "tuned", read=input, write=write)
+        command.chat(
+            target,
+            settings=dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p),
+            system=system,
+            start_with="base" if base else "tuned",
+            read=input,
+            write=write,
+        )
 
     guarded(work)

@@ -88,14 +88,24 @@ def plan(
     recipe: Annotated[Path, RECIPE],
     set_: Annotated[list[str], SET_TOO] = [],
     gpu_memory: Annotated[Optional[str], GPU_MEMORY] = None,
-    gpus: Annotated[Optional[int], typer.Option(
-        "--gpus", min=1, help="GPUs (processes) the run uses (default: distributed.nproc, else 1).")] = None,
-    largest_batch: Annotated[bool, typer.Option(
-        "--suggest", help="Also find the largest micro-batch that fits.")] = False,
-    gpu_kind: Annotated[Optional[str], typer.Option(
-        "--gpu-kind", help="GPU name for the time estimate, e.g. H100 or A100 (default: this machine's).")] = None,
-    tokens_per_s: Annotated[Optional[float], typer.Option(
-        "--tokens-per-s", help="Measured tokens/s per GPU for the time estimate (e.g. from benchmarks/gpu_train.py).")] = None,
+    gpus: Annotated[
+        Optional[int],
+        typer.Option("--gpus", min=1, help="GPUs (processes) the run uses (default: distributed.nproc, else 1)."),
+    ] = None,
+    largest_batch: Annotated[
+        bool, typer.Option("--suggest", help="Also find the largest micro-batch that fits.")
+    ] = False,
+    gpu_kind: Annotated[
+        Optional[str],
+        typer.Option("--gpu-kind", help="GPU name for the time estimate, e.g. H100 or A100 (default: this machine's)."),
+    ] = None,
+    tokens_per_s: Annotated[
+        Optional[float],
+        typer.Option(
+            "--tokens-per-s",
+            help="Measured tokens/s per GPU for the time estimate (e.g. from benchmarks/gpu_train.py).",
+        ),
+    ] = None,
     no_time: Annotated[bool, typer.Option("--no-time", help="Skip the time estimate (it tokenizes the data).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON on stdout.")] = False,
 ) -> None:
@@ -110,9 +120,15 @@ def plan(
         from lorakit.recipe.loading import load_recipe
 
         resolved = load_recipe(recipe, set_)
-        result = plan_mod.run(resolved, gpu_memory=plan_mod.gpu_memory_option(gpu_memory), gpus=gpus,
-                              largest_batch=largest_batch, tokens_per_s=tokens_per_s, gpu_kind=gpu_kind,
-                              with_time=not no_time)
+        result = plan_mod.run(
+            resolved,
+            gpu_memory=plan_mod.gpu_memory_option(gpu_memory),
+            gpus=gpus,
+            largest_batch=largest_batch,
+            tokens_per_s=tokens_per_s,
+            gpu_kind=gpu_kind,
+            with_time=not no_time,
+        )
         if as_json:
             json_out(result.to_dict())
         else:

@@ -45,8 +45,9 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) ->
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("lorakit needs a fast tokenizer (offset mapping) to build loss masks")
     opened = _open(cfg)
-    fingerprints = {name: digest for source in opened["train"] + opened["eval"]
-                    for name, digest in source.fingerprints().items()}
+    fingerprints = {
+        name: digest for source in opened["train"] + opened["eval"] for name, digest in source.fingerprints().items()
+    }
     key = cache_mod.cache_key(cfg, fingerprints, tokenizer, seed) if use_cache else None
     hit = cache_mod.load(key) if key else None
     if hit is not None:
@@ -90,8 +91,10 @@ def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[
 
 
 def _open(cfg: DataConfig) -> dict[str, list[Opened]]:
-    return {key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
-            for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))}
+    return {
+        key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]
+        for key, sources in (("train", cfg.train), ("eval", cfg.eval or []))
+    }
 
 
 def _canonical(cfg: DataConfig, opened: dict[str, list[Opened]], seed: int):
@@ -123,28 +126,43 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
     counts = [sum(1 for *_, s in train if s == i) for i in range(len(opened["train"]))]
     splits["train"], used = _mix(splits["train"], [s.source.weight for s in opened["train"]], seed)
     meta = {
-        "needs_template": needs_template, "template": template, "formats": formats,
-        "end_of_turn_id": end_of_turn_id(splits["train"], tokenizer), "bad_rows": bad or [],
-        "truncated": {k: s.truncated for k, s in splits.items()}, "drops": {k: s.drops for k, s in splits.items()},
-        "sources": [{"source": o.name, "examples": counts[i], "used": used[i], "weight": o.source.weight}
-                    for i, o in enumerate(opened["train"])],
+        "needs_template": needs_template,
+        "template": template,
+        "formats": formats,
+        "end_of_turn_id": end_of_turn_id(splits["train"], tokenizer),
+        "bad_rows": bad or [],
+        "truncated": {k: s.truncated for k, s in splits.items()},
+        "drops": {k: s.drops for k, s in splits.items()},
+        "sources": [
+            {"source": o.name, "examples": counts[i], "used": used[i], "weight": o.source.weight}
+            for i, o in enumerate(opened["train"])
+        ],
     }
     return meta, {k: s.dataset for k, s in splits.items()}
 
 
 def _check_bad_share(bad: list[str], total: int, cfg: DataConfig) -> None:
     if len(bad) > cfg.max_bad_fraction * total or len(bad) >= total:
-        raise DataError(f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
-                        f"{cfg.max_bad_fraction}; first: {bad[0]}")
+        raise DataError(
+            f"{len(bad)} of {total} rows are malformed, more than data.max_bad_fraction="
+            f"{cfg.max_bad_fraction}; first: {bad[0]}"
+        )
 
 
 def _prepared(meta: dict, datasets: dict, fingerprints: dict, cached: bool = False) -> PreparedData:
     splits = {k: Split(d, truncated=meta["truncated"][k], drops=meta["drops"][k]) for k, d in datasets.items()}
     return PreparedData(
-        train=splits["train"], eval=splits.get("eval"), formats=meta["formats"], template=meta["template"],
-        end_of_turn_id=meta["end_of_turn_id"], fingerprints=fingerprints,
+        train=splits["train"],
+        eval=splits.get("eval"),
+        formats=meta["formats"],
+        template=meta["template"],
+        end_of_turn_id=meta["end_of_turn_id"],
+        fingerprints=fingerprints,
         rows={"train": len(datasets["train"]), "eval": len(datasets["eval"]) if "eval" in datasets else 0},
-        bad_rows=meta["bad_rows"], sources=meta["sources"], cached=cached)
+        bad_rows=meta["bad_rows"],
+        sources=meta["sources"],
+        cached=cached,
+    )
 
 
 def _label(key: str, index: int, sources: list) -> str:

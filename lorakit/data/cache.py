@@ -49,7 +49,10 @@ def cache_key(cfg: DataConfig, fingerprints: dict[str, str], tokenizer, seed: in
     seeded = cfg.eval_fraction is not None or any(s.weight != 1 for s in cfg.train)
     template = chosen_template(tokenizer, cfg.chat_template)
     parts = {
-        "format": FORMAT, "lorakit": __version__, "data": section, "sources": fingerprints,
+        "format": FORMAT,
+        "lorakit": __version__,
+        "data": section,
+        "sources": fingerprints,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template,  # the text, so an edited file misses
         "seed": seed if seeded else None,

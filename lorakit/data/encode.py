@@ -25,9 +25,13 @@ IGNORE = -100
 
 class RowError(DataError):
     """A problem with one row under this template (skipped with `on_bad_rows: skip`), not with the data."""
+
+
 KEPT, TRUNCATED, DROPPED_LONG, DROPPED_MASKED, FAILED, REFUSED = range(6)  # REFUSED: a bad row
-DROP_REASONS = {DROPPED_LONG: "longer than max_length (on_overflow: drop)",
-                DROPPED_MASKED: "nothing left to train on after truncation"}
+DROP_REASONS = {
+    DROPPED_LONG: "longer than max_length (on_overflow: drop)",
+    DROPPED_MASKED: "nothing left to train on after truncation",
+}
 
 
 @dataclass
@@ -108,8 +112,14 @@ class Encoder:
         Text is tokenized without the tokenizer's special tokens (so every token covers characters of the
         text); plain text gets the post-processor's prefix (bos) and an eos token id added here."""
         n = len(batch["where"])
-        out = {"input_ids": [[] for _ in range(n)], "labels": [[] for _ in range(n)], "status": [KEPT] * n,
-               "error": [""] * n, "end_of_turn": [-1] * n, "is_chat": [False] * n}
+        out = {
+            "input_ids": [[] for _ in range(n)],
+            "labels": [[] for _ in range(n)],
+            "status": [KEPT] * n,
+            "error": [""] * n,
+            "end_of_turn": [-1] * n,
+            "is_chat": [False] * n,
+        }
         items = []
         for i, (where, payload) in enumerate(zip(batch["where"], batch["example"])):
             example = _from_record(payload)
@@ -151,8 +161,9 @@ class Encoder:
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
-    def _finish(self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int],
-                ends: list[int]) -> None:
+    def _finish(
+        self, out: dict, i: int, where: str, text: str, ids: list[int], labels: list[int], ends: list[int]
+    ) -> None:
         """Check the end-of-turn token and apply the length policy to one tokenized example."""
         for token in ends:
             if token not in self.special:
@@ -160,20 +171,25 @@ class Encoder:
                 out["error"][i] = (
                     f"{where}: a trained turn ends in {self.tokenizer.decode([token])!r}, not in an end-of-turn/eos "
                     f"token (rendered tail: {text[-60:]!r}); the tuned model would never learn to stop. Use a chat "
-                    "template that closes assistant turns with a special token (data.chat_template)")
+                    "template that closes assistant turns with a special token (data.chat_template)"
+                )
                 return
             if token != ends[0]:
                 out["status"][i] = FAILED
-                out["error"][i] = (f"{where}: trained turns end in different tokens "
-                                   f"({self.tokenizer.decode([ends[0]])!r} and {self.tokenizer.decode([token])!r})")
+                out["error"][i] = (
+                    f"{where}: trained turns end in different tokens "
+                    f"({self.tokenizer.decode([ends[0]])!r} and {self.tokenizer.decode([token])!r})"
+                )
                 return
         end_of_turn = ends[0] if ends else -1
         out["end_of_turn"][i] = end_of_turn
         if len(ids) > self.max_length:
             if self.on_overflow == "error":
                 out["status"][i] = FAILED
-                out["error"][i] = (f"{where}: {len(ids)} tokens, longer than data.max_length={self.max_length} "
-                                   "(data.on_overflow: error)")
+                out["error"][i] = (
+                    f"{where}: {len(ids)} tokens, longer than data.max_length={self.max_length} "
+                    "(data.on_overflow: error)"
+                )
                 return
             if self.on_overflow == "drop":
                 out["status"][i] = DROPPED_LONG
@@ -201,12 +217,16 @@ class Encoder:
             through = full if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
             before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
-                raise DataError(f"{where}: the chat template renders earlier turns differently once later turns "
-                                "follow, so assistant turns cannot be located; lorakit cannot mask this template")
+                raise DataError(
+                    f"{where}: the chat template renders earlier turns differently once later turns "
+                    "follow, so assistant turns cannot be located; lorakit cannot mask this template"
+                )
             start = len(before) if i else through.find(messages[0]["content"])  # after bos and the turn's header
             if start < 0:
-                raise RowError(f"{where}: the conversation opens with an assistant turn whose text the template "
-                               "changes, so where it starts cannot be found")
+                raise RowError(
+                    f"{where}: the conversation opens with an assistant turn whose text the template "
+                    "changes, so where it starts cannot be found"
+                )
             spans.append((start, len(through.rstrip())))  # the end-of-turn token is trained, not the newline
         if self.train_on == "all" and spans:
             spans = [(0, spans[-1][1])]
@@ -260,7 +280,7 @@ def _post_processor_prefix(tokenizer) -> list[int]:
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     framed = tokenizer("x", add_special_tokens=True)["input_ids"]
     for k in range(len(framed) - len(plain) + 1):
-        if framed[k:k + len(plain)] == plain:
+        if framed[k : k + len(plain)] == plain:
             return framed[:k]
     return []
 
@@ -271,8 +291,13 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, ba
     from datasets import Dataset
 
     table = Dataset.from_list(records)
-    mapped = table.map(encoder.encode_batch, batched=True, batch_size=256, remove_columns=["example"],
-                       num_proc=num_proc if num_proc > 1 and len(records) >= 2 * num_proc else None)
+    mapped = table.map(
+        encoder.encode_batch,
+        batched=True,
+        batch_size=256,
+        remove_columns=["example"],
+        num_proc=num_proc if num_proc > 1 and len(records) >= 2 * num_proc else None,
+    )
     status = mapped["status"][:]
     fatal = (FAILED,) if bad is not None else (FAILED, REFUSED)
     first = next((i for i, code in enumerate(status) if code in fatal), None)
@@ -284,11 +309,16 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, ba
     drops = {reason: status.count(code) for code, reason in DROP_REASONS.items() if code in status}
     kept = [i for i, code in enumerate(status) if code in (KEPT, TRUNCATED)]
     if not kept:
-        raise DataError(f"{source}: no example is left to train on after the length policy "
-                        f"(data.max_length={encoder.max_length}, data.on_overflow={encoder.on_overflow})")
+        raise DataError(
+            f"{source}: no example is left to train on after the length policy "
+            f"(data.max_length={encoder.max_length}, data.on_overflow={encoder.on_overflow})"
+        )
     dataset = mapped.select(kept).flatten_indices() if len(kept) < len(status) else mapped
-    return Split(dataset.select_columns(["input_ids", "labels", "source", "end_of_turn", "is_chat"]),
-                 truncated=status.count(TRUNCATED), drops=drops)
+    return Split(
+        dataset.select_columns(["input_ids", "labels", "source", "end_of_turn", "is_chat"]),
+        truncated=status.count(TRUNCATED),
+        drops=drops,
+    )
 
 
 def _check_same_end_of_turn(mapped, status: list[int], encoder: Encoder) -> None:
@@ -301,9 +331,11 @@ def _check_same_end_of_turn(mapped, status: list[int], encoder: Encoder) -> None
     for i, token in enumerate(tokens):
         if chats[i] and token >= 0 and token != tokens[first] and status[i] != FAILED:
             decode = encoder.tokenizer.decode
-            raise DataError(f"{mapped[i]['where']}: trained turns end in {decode([token])!r}, but in "
-                            f"{decode([tokens[first]])!r} at {mapped[first]['where']}; every example must stop on "
-                            "the same end-of-turn token")
+            raise DataError(
+                f"{mapped[i]['where']}: trained turns end in {decode([token])!r}, but in "
+                f"{decode([tokens[first]])!r} at {mapped[first]['where']}; every example must stop on "
+                "the same end-of-turn token"
+            )
 
 
 def end_of_turn_id(split: Split, tokenizer) -> int:

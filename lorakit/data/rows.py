@@ -22,11 +22,22 @@ from pathlib import Path
 from lorakit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 FORMAT_KEYS = {  # format -> the keys whose presence identifies it
-    "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"), "text": ("text",),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
 }
 
 
@@ -123,11 +134,14 @@ def detect_format(row: dict, where: str) -> str:
     if len(found) == 1:
         return found[0]
     if found:
-        raise DataError(f"{where}: the keys {sorted(row)} fit several formats ({', '.join(found)}); "
-                        "set `data.format` to say which")
-    raise DataError(f"{where}: cannot tell the data format from the keys {sorted(row)}; expected one of "
-                    + "; ".join(f"{fmt} ({' + '.join(keys)})" for fmt, keys in FORMAT_KEYS.items())
-                    + " (set `data.format`, or map your columns with `data.columns`)")
+        raise DataError(
+            f"{where}: the keys {sorted(row)} fit several formats ({', '.join(found)}); set `data.format` to say which"
+        )
+    raise DataError(
+        f"{where}: cannot tell the data format from the keys {sorted(row)}; expected one of "
+        + "; ".join(f"{fmt} ({' + '.join(keys)})" for fmt, keys in FORMAT_KEYS.items())
+        + " (set `data.format`, or map your columns with `data.columns`)"
+    )
 
 
 def to_example(row: dict, fmt: str, where: str) -> Chat | Plain:
@@ -141,8 +155,10 @@ def to_example(row: dict, fmt: str, where: str) -> Chat | Plain:
         if not isinstance(extra, str):
             raise DataError(f"{where}: `input` must be a string")
         messages = [{"role": "system", "content": _text(row, "system", where)}] if row.get("system") else []
-        messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-                     {"role": "assistant", "content": _text(row, "output", where)}]
+        messages += [
+            {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": _text(row, "output", where)},
+        ]
         return Chat(messages)
     if fmt == "text":
         return Plain("", _text(row, "text", where))
@@ -172,8 +188,9 @@ def _from_sharegpt(turns, where: str) -> list[dict]:
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: conversations[{i}].from must be one of {', '.join(SHAREGPT_ROLES)} "
-                            f"(got {speaker!r})")
+            raise DataError(
+                f"{where}: conversations[{i}].from must be one of {', '.join(SHAREGPT_ROLES)} (got {speaker!r})"
+            )
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
     return messages
 
@@ -212,5 +229,5 @@ def read_prompts(path: Path) -> list[list[dict]]:
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):
             conversations.append(row["messages"])
         else:
-            raise DataError(f"{path}:{number}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}")
+            raise DataError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
     return conversations

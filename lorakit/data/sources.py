@@ -80,8 +80,11 @@ def open_source(source: DataSource, label: str) -> Opened:
 
 def _is_data_file(shown: Path, path: Path) -> bool:
     """A data file not hidden and not inside a hidden folder (.ipynb_checkpoints, .cache, .git)."""
-    return (path.suffix.lower() in DATA_SUFFIXES and not any(part.startswith(".") for part in shown.parts)
-            and path.is_file())
+    return (
+        path.suffix.lower() in DATA_SUFFIXES
+        and not any(part.startswith(".") for part in shown.parts)
+        and path.is_file()
+    )
 
 
 def _refuse_mixed_splits(files: list[str], directory: Path, label: str) -> None:
@@ -89,9 +92,11 @@ def _refuse_mixed_splits(files: list[str], directory: Path, label: str) -> None:
     named = {f: set(re.split(r"[-_./]", str(Path(f).relative_to(directory).with_suffix("")).lower())) for f in files}
     held_out = [f for f, words in named.items() if words & SPLIT_WORDS]
     if held_out and len(held_out) < len(files):
-        raise DataError(f"{label}: the directory {directory} holds what look like several splits (e.g. "
-                        f"{Path(held_out[0]).relative_to(directory)}); point at the training files with a glob, "
-                        "or give `split:` to load it as a dataset")
+        raise DataError(
+            f"{label}: the directory {directory} holds what look like several splits (e.g. "
+            f"{Path(held_out[0]).relative_to(directory)}); point at the training files with a glob, "
+            "or give `split:` to load it as a dataset"
+        )
 
 
 def _load_dataset(source: DataSource, label: str):
@@ -103,11 +108,16 @@ def _load_dataset(source: DataSource, label: str):
     try:
         loaded = datasets.load_dataset(source.path, name=source.subset, split=split, revision=source.revision)
     except Exception as exc:  # datasets raises many types (offline, not found, bad split or config names)
-        what = ", ".join(f"{k}={v}" for k, v in (("subset", source.subset), ("split", source.split or "train"),
-                                                   ("revision", source.revision)) if v)
+        what = ", ".join(
+            f"{k}={v}"
+            for k, v in (("subset", source.subset), ("split", source.split or "train"), ("revision", source.revision))
+            if v
+        )
         local = "" if Path(source.path).expanduser().exists() else " (there is no local file or directory of that name)"
-        raise DataError(f"{label}: cannot load the dataset {source.path!r}{local} ({what}): {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise DataError(
+            f"{label}: cannot load the dataset {source.path!r}{local} ({what}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     if len(loaded) == 0:
         raise DataError(f"{label}: the dataset {source.path!r} split {source.split or 'train'!r} is empty")
     return loaded

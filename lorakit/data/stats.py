@@ -22,8 +22,12 @@ def split_stats(split: Split, *, max_length: int, batch_size: int, seed: int) ->
         "tokens": tokens,
         "trained_tokens": split.trained_tokens,
         "trained_share": round(split.trained_tokens / tokens, 4) if tokens else 0.0,
-        "tokens_per_example": {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                               "mean": round(float(lengths.mean()), 1), "max": int(lengths.max())},
+        "tokens_per_example": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "mean": round(float(lengths.mean()), 1),
+            "max": int(lengths.max()),
+        },
         "truncated": split.truncated,
         "dropped": dict(split.drops),
         "padded": _padded(lengths, batch_size, seed),
@@ -44,6 +48,8 @@ def _padded(lengths: np.ndarray, batch_size: int, seed: int) -> dict:
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     shuffled = lengths[order]
-    positions = sum(int(chunk.max()) * len(chunk) for chunk in
-                    (shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)))
+    positions = sum(
+        int(chunk.max()) * len(chunk)
+        for chunk in (shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size))
+    )
     return {"batch_size": batch_size, "padding_share": round(1 - int(lengths.sum()) / positions, 4)}

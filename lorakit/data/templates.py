@@ -38,8 +38,10 @@ def apply_chat_template_choice(tokenizer, choice: str | None, needs_template: bo
         if tokenizer.chat_template:
             return "the tokenizer's own"
         if choice == "tokenizer" and needs_template:
-            raise DataError("data.chat_template: `tokenizer` was asked for, but the tokenizer has no chat template; "
-                            f"use one of {', '.join(BUILT_IN)} or a .jinja file")
+            raise DataError(
+                "data.chat_template: `tokenizer` was asked for, but the tokenizer has no chat template; "
+                f"use one of {', '.join(BUILT_IN)} or a .jinja file"
+            )
         tokenizer.chat_template = CHATML_EOS
         return "chatml (built-in fallback: the tokenizer has none)"
     if choice in BUILT_IN:
@@ -47,7 +49,9 @@ def apply_chat_template_choice(tokenizer, choice: str | None, needs_template: bo
         return choice
     path = Path(choice).expanduser()
     if path.suffix != ".jinja" or not path.is_file():
-        raise DataError(f"data.chat_template: {choice!r} is neither `tokenizer`, one of {', '.join(BUILT_IN)}, "
-                        "nor an existing .jinja file")
+        raise DataError(
+            f"data.chat_template: {choice!r} is neither `tokenizer`, one of {', '.join(BUILT_IN)}, "
+            "nor an existing .jinja file"
+        )
     tokenizer.chat_template = path.read_text(encoding="utf-8")
     return str(path)

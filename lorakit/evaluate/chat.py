@@ -18,9 +18,11 @@ from lorakit.evaluate import generation
 from lorakit.model import base as model_mod
 from lorakit.recipe.schema import EvalConfig
 
-HELP = ("/tuned  answer with the tuned model    /base  answer with the base model\n"
-        "/compare  answer with both             /reset  start the conversation again\n"
-        "/save FILE  append the conversation as a `messages` JSONL line    /quit  leave (or Ctrl-D)")
+HELP = (
+    "/tuned  answer with the tuned model    /base  answer with the base model\n"
+    "/compare  answer with both             /reset  start the conversation again\n"
+    "/save FILE  append the conversation as a `messages` JSONL line    /quit  leave (or Ctrl-D)"
+)
 
 
 class Models:
@@ -33,20 +35,21 @@ class Models:
 
     def tuned(self):
         if self._tuned is None:
-            (_, self._tuned), = evaluate.load_models(self.target, self.precision, ("tuned",))
+            ((_, self._tuned),) = evaluate.load_models(self.target, self.precision, ("tuned",))
         return self._tuned, nullcontext()
 
     def base(self):
         if self.target.kind == "merged":
             if self._base is None:
-                (_, self._base), = evaluate.load_models(self.target, self.precision, ("base",))
+                ((_, self._base),) = evaluate.load_models(self.target, self.precision, ("base",))
             return self._base, nullcontext()
         tuned, _ = self.tuned()
         return tuned, tuned.disable_adapter()
 
 
-def run(target: evaluate.Target, settings: EvalConfig, *, read, write, system: str | None = None,
-        start_with: str = "tuned") -> list[dict]:
+def run(
+    target: evaluate.Target, settings: EvalConfig, *, read, write, system: str | None = None, start_with: str = "tuned"
+) -> list[dict]:
     """The chat loop: `read(prompt)` returns a line (EOFError ends), `write(text)` shows text. Returns the
     conversation as it stands at the end."""
     tokenizer = evaluate.tokenizer_for(target)
@@ -85,7 +88,7 @@ def run(target: evaluate.Target, settings: EvalConfig, *, read, write, system: s
         messages.append({"role": "user", "content": text})
         prompt = generation.prompt_ids(tokenizer, messages)
         kept = None
-        for name in (("tuned", "base") if mode == "compare" else (mode,)):
+        for name in ("tuned", "base") if mode == "compare" else (mode,):
             model, context = getattr(models, name)()
             write(f"{name}> ")
             with context:

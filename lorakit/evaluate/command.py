@@ -14,13 +14,29 @@ def _target(targets: list[Path], adapter: Path | None = None):
 
     if len(targets) > 1 and adapter is not None:
         raise LorakitError("--adapter goes with one recipe; several targets are run directories")
-    return compare.resolve_several(targets) if len(targets) > 1 else compare.resolve(targets[0],
-                                                                                      str(adapter) if adapter else None)
+    return (
+        compare.resolve_several(targets)
+        if len(targets) > 1
+        else compare.resolve(targets[0], str(adapter) if adapter else None)
+    )
 
 
-def evaluate(targets: list[Path], *, adapter: Path | None, compare_with: str, split: str, fail_under: list[str],
-             fail_over: list[str], max_loss: float | None, settings: dict, lm_eval_tasks: str | None,
-             lm_eval_include: Path | None, lm_eval_limit: int | None, output: Path | None, console) -> dict:
+def evaluate(
+    targets: list[Path],
+    *,
+    adapter: Path | None,
+    compare_with: str,
+    split: str,
+    fail_under: list[str],
+    fail_over: list[str],
+    max_loss: float | None,
+    settings: dict,
+    lm_eval_tasks: str | None,
+    lm_eval_include: Path | None,
+    lm_eval_limit: int | None,
+    output: Path | None,
+    console,
+) -> dict:
     """The eval report (written under `output`); `settings` are eval: keys given on the command line."""
     from lorakit.evaluate import metrics
 
@@ -37,8 +53,11 @@ def evaluate(targets: list[Path], *, adapter: Path | None, compare_with: str, sp
         from lorakit.evaluate.harness import check_available
 
         check_available()
-        harness = {"tasks": [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
-                   "include": lm_eval_include, "limit": lm_eval_limit}
+        harness = {
+            "tasks": [t.strip() for t in lm_eval_tasks.split(",") if t.strip()],
+            "include": lm_eval_include,
+            "limit": lm_eval_limit,
+        }
     target = _target(targets, adapter)
     chosen = target.recipe.eval.updated(**settings)
     from lorakit.console import quiet_libraries
@@ -46,8 +65,16 @@ def evaluate(targets: list[Path], *, adapter: Path | None, compare_with: str, sp
     quiet_libraries()
     from lorakit.evaluate import compare
 
-    return compare.run(target, settings=chosen, compare_base=compare_with == "base", split=split, gates=gates,
-                       output=output, console=console, lm_eval=harness)
+    return compare.run(
+        target,
+        settings=chosen,
+        compare_base=compare_with == "base",
+        split=split,
+        gates=gates,
+        output=output,
+        console=console,
+        lm_eval=harness,
+    )
 
 
 def conversations(prompts: list[str], file: Path | None, system: str | None) -> list[list[dict]]:

@@ -74,8 +74,10 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
     if not (path / RECIPE).is_file():
         raise LorakitError(f"{target} is neither a lorakit run, a merged model, nor a recipe")
     if not (path / "adapter_config.json").is_file():
-        raise LorakitError(f"{target} holds no adapter (adapter_config.json): the run did not finish, so there is "
-                           "nothing tuned to evaluate")
+        raise LorakitError(
+            f"{target} holds no adapter (adapter_config.json): the run did not finish, so there is "
+            "nothing tuned to evaluate"
+        )
     if not (path / MANIFEST).is_file():
         raise LorakitError(f"{target} is an incomplete run (no {MANIFEST})")
     return Target("run", path, load_recipe(path / RECIPE), path)
@@ -91,23 +93,36 @@ def resolve_several(targets: list[str | Path]) -> Target:
     runset.check_same_loading(runs)
     for run in runs[1:]:
         if run.adapter.get("peft_type") != runs[0].adapter.get("peft_type"):
-            raise LorakitError(f"run {run.name} holds a {run.adapter.get('peft_type')} adapter, run {runs[0].name} a "
-                               f"{runs[0].adapter.get('peft_type')} one: adapters switched on one base must be of one kind")
+            raise LorakitError(
+                f"run {run.name} holds a {run.adapter.get('peft_type')} adapter, run {runs[0].name} a "
+                f"{runs[0].adapter.get('peft_type')} one: adapters switched on one base must be of one kind"
+            )
     return Target("runs", runs[0].path, runs[0].recipe, None, {r.name: r.path for r in runs})
 
 
-def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, split: str = "eval",
-        gates: list | None = None, output: Path | None = None, console=None, lm_eval: dict | None = None) -> dict:
+def run(
+    target: Target,
+    *,
+    settings: EvalConfig,
+    compare_base: bool = True,
+    split: str = "eval",
+    gates: list | None = None,
+    output: Path | None = None,
+    console=None,
+    lm_eval: dict | None = None,
+) -> dict:
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
     if lm_eval:
         from lorakit.model import peft_methods as methods
 
         learned = [a for a in target.adapter_dirs() if methods.peft_type(a) in methods.NOT_MERGEABLE]
         if learned:
-            raise LorakitError(f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
-                               "harness reads the continuation's logits at fixed positions and pads batches on the "
-                               "left, which the virtual tokens and peft's dropped position ids both shift, so its "
-                               "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics")
+            raise LorakitError(
+                f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
+                "harness reads the continuation's logits at fixed positions and pads batches on the "
+                "left, which the virtual tokens and peft's dropped position ids both shift, so its "
+                "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics"
+            )
     output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
     check_output(output)
     started = time.perf_counter()
@@ -132,32 +147,56 @@ def run(target: Target, *, settings: EvalConfig, compare_base: bool = True, spli
     results, samples = {}, {}
     for name, model in load_models(target, precision, (*target.tuned(), "base") if compare_base else target.tuned()):
         if console:
-            console.print(f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on "
-                          f"{len(prompts)} prompts", highlight=False)
+            console.print(
+                f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on {len(prompts)} prompts",
+                highlight=False,
+            )
         loss, tokens = token_loss(model, scored, tokenizer, batch)
         outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
-        results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens,
-                         **metrics_mod.score([o.text for o in outs], [p.reference for p in prompts],
-                                             [o.tokens for o in outs], [o.stopped for o in outs])}
+        results[name] = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50)),
+            "loss_tokens": tokens,
+            **metrics_mod.score(
+                [o.text for o in outs],
+                [p.reference for p in prompts],
+                [o.tokens for o in outs],
+                [o.stopped for o in outs],
+            ),
+        }
         samples[name] = outs
         if lm_eval:
-            results[name]["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval["tasks"], manager,
-                                                         limit=lm_eval.get("limit"), batch_size=batch)
+            results[name]["lm_eval"] = harness.run_tasks(
+                model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
+            )
     if target.adapters:  # every adapter must pass every gate
-        gate_results = [{"model": name, **g} for name in target.tuned()
-                        for g in metrics_mod.check_gates(gates or [], results[name])]
+        gate_results = [
+            {"model": name, **g} for name in target.tuned() for g in metrics_mod.check_gates(gates or [], results[name])
+        ]
     else:
         gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
     tuned = {n: str(p) for n, p in target.adapters.items()} if target.adapters else {"tuned": str(target.path)}
     report = {
-        "target": str(target.path), "kind": target.kind,
+        "target": str(target.path),
+        "kind": target.kind,
         "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
-        "data": {"split": split, "loss_examples": len(scored.dataset), "generation_prompts": len(prompts),
-                 "fingerprints": prepared.fingerprints, "chat_template": prepared.template},
-        "settings": {**settings.model_dump(), "batch_size": batch, "stop_token_ids": stops,
-                     "precision": precision.dtype, "4bit_base": target.kind != "merged"
-                     and target.recipe.model.load_in_4bit},
-        "metrics": results, "gates": gate_results, "passed": all(g["passed"] for g in gate_results),
+        "data": {
+            "split": split,
+            "loss_examples": len(scored.dataset),
+            "generation_prompts": len(prompts),
+            "fingerprints": prepared.fingerprints,
+            "chat_template": prepared.template,
+        },
+        "settings": {
+            **settings.model_dump(),
+            "batch_size": batch,
+            "stop_token_ids": stops,
+            "precision": precision.dtype,
+            "4bit_base": target.kind != "merged" and target.recipe.model.load_in_4bit,
+        },
+        "metrics": results,
+        "gates": gate_results,
+        "passed": all(g["passed"] for g in gate_results),
         "seconds": round(time.perf_counter() - started, 1),
     }
     eval_report.write(report, prompts, samples, target.run_dir, output)
@@ -187,8 +226,12 @@ def load_models(target: Target, precision, names: tuple[str, ...]):
 
     if target.kind == "merged":
         if "tuned" in names:
-            yield "tuned", AutoModelForCausalLM.from_pretrained(target.path, dtype=precision.torch_dtype,
-                                                               device_map=model_mod.device_map(precision))
+            yield (
+                "tuned",
+                AutoModelForCausalLM.from_pretrained(
+                    target.path, dtype=precision.torch_dtype, device_map=model_mod.device_map(precision)
+                ),
+            )
         if "base" in names:
             cfg = target.recipe.model.model_copy(update={"load_in_4bit": False})
             yield "base", model_mod.load_base(cfg, precision)
@@ -205,8 +248,10 @@ def load_models(target: Target, precision, names: tuple[str, ...]):
     try:
         tuned = PeftModel.from_pretrained(base, target.path)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"the adapter in {target.path} does not fit {target.recipe.model.name_or_path}: "
-                         f"{str(exc).strip().splitlines()[-1].strip()}") from None
+        raise ModelError(
+            f"the adapter in {target.path} does not fit {target.recipe.model.name_or_path}: "
+            f"{str(exc).strip().splitlines()[-1].strip()}"
+        ) from None
     yield "tuned", tuned
     if "base" in names:
         with tuned.disable_adapter():
@@ -226,8 +271,10 @@ def _switched(base, target: Target, names):
             else:
                 model.load_adapter(path, adapter_name=key)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ModelError(f"the adapter of run {name} ({path}) does not fit {target.recipe.model.name_or_path}: "
-                             f"{str(exc).strip().splitlines()[-1].strip()}") from None
+            raise ModelError(
+                f"the adapter of run {name} ({path}) does not fit {target.recipe.model.name_or_path}: "
+                f"{str(exc).strip().splitlines()[-1].strip()}"
+            ) from None
     for i, name in enumerate(target.adapters):
         if name in names:
             model.set_adapter(f"adapter{i}", inference_mode=True)
@@ -246,14 +293,20 @@ def token_loss(model, split: data_mod.Split, tokenizer, batch_size: int) -> tupl
     total, count = 0.0, 0
     ids, labels = split.dataset["input_ids"], split.dataset["labels"]
     for start in range(0, len(split.dataset), batch_size):
-        batch = collate([{"input_ids": i, "labels": lab} for i, lab in
-                         zip(ids[start:start + batch_size], labels[start:start + batch_size])])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends its virtual tokens' logits
+        batch = collate(
+            [
+                {"input_ids": i, "labels": lab}
+                for i, lab in zip(ids[start : start + batch_size], labels[start : start + batch_size])
+            ]
+        )
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning prepends its virtual tokens' logits
         target = batch["labels"][:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                                   ignore_index=-100, reduction="sum")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
+        )
         total += losses.item()
         count += int((target != -100).sum())
         del logits
@@ -268,8 +321,10 @@ def replies(target: Target, conversations: list[list[dict]], *, settings: EvalCo
     stops = generation.stop_ids(target.path, tokenizer)
     precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
-    return {name: generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
-            for name, model in load_models(target, precision, tuple(names))}
+    return {
+        name: generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
+        for name, model in load_models(target, precision, tuple(names))
+    }
 
 
 def reply(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, base: bool = False):

@@ -33,8 +33,9 @@ def stop_ids(model_dir: Path, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], settings: EvalConfig,
-             batch_size: int, seed: int = 0) -> list[Generation]:
+def generate(
+    model, tokenizer, prompts: list[list[int]], stops: list[int], settings: EvalConfig, batch_size: int, seed: int = 0
+) -> list[Generation]:
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -44,7 +45,7 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
     if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
         batch_size = 1  # peft drops the position ids of prompt/prefix tuning: left padding would shift positions
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
@@ -55,7 +56,9 @@ def generate(model, tokenizer, prompts: list[list[int]], stops: list[int], setti
 
 
 @torch.no_grad()
-def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: EvalConfig, write, seed: int = 0) -> Generation:
+def stream(
+    model, tokenizer, prompt: list[int], stops: list[int], settings: EvalConfig, write, seed: int = 0
+) -> Generation:
     """One reply, its text handed to `write` piece by piece as tokens come (the same decoding as `generate`)."""
     from transformers import TextStreamer
 
@@ -78,9 +81,13 @@ def stream(model, tokenizer, prompt: list[int], stops: list[int], settings: Eval
     torch.manual_seed(seed)
     model.eval()
     ids = torch.tensor([prompt], device=device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=_config(settings, stops, pad),
-                         streamer=_Streamer(tokenizer, skip_prompt=True))
-    return _finished(tokenizer, out[0, len(prompt):].tolist(), stops)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=_config(settings, stops, pad),
+        streamer=_Streamer(tokenizer, skip_prompt=True),
+    )
+    return _finished(tokenizer, out[0, len(prompt) :].tolist(), stops)
 
 
 def prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
@@ -113,7 +120,11 @@ def _config(settings: EvalConfig, stops: list[int], pad: int):
     repetition_penalty, min_p, ...) do not creep in."""
     from transformers import GenerationConfig
 
-    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} \
-        if settings.do_sample else {"do_sample": False}
-    return GenerationConfig(max_new_tokens=settings.max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                            use_cache=True, **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+        if settings.do_sample
+        else {"do_sample": False}
+    )
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling
+    )

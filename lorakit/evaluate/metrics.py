@@ -11,8 +11,15 @@ import math
 import string
 from collections import Counter
 
-GENERATION_METRICS = ("exact_match", "normalized_exact_match", "contains_reference", "rouge_l", "token_f1",
-                      "mean_generated_tokens", "stop_rate")
+GENERATION_METRICS = (
+    "exact_match",
+    "normalized_exact_match",
+    "contains_reference",
+    "rouge_l",
+    "token_f1",
+    "mean_generated_tokens",
+    "stop_rate",
+)
 LOSS_METRICS = ("loss", "perplexity")
 ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -29,7 +36,7 @@ def contains(prediction: str, reference: str) -> bool:
     words, wanted = normalize(prediction).split(), normalize(reference).split()
     if not wanted:
         return prediction.strip() == reference.strip()
-    return any(words[i:i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
+    return any(words[i : i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1))
 
 
 def rouge_l(prediction: str, reference: str) -> float:

@@ -38,14 +38,18 @@ def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path)
 
 def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
     names = list(report["metrics"])
-    title = (f"adapters {', '.join(n for n in names if n != 'base')}" if report["kind"] == "runs"
-             else report["target"])
-    lines = [f"# Evaluation of {title}", "",
-             f"{report['data']['loss_examples']} {report['data']['split']} examples for the loss, "
-             f"{report['data']['generation_prompts']} prompts for generation "
-             f"({'greedy' if not report['settings']['do_sample'] else 'sampling'}, "
-             f"max_new_tokens {report['settings']['max_new_tokens']}).", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    title = f"adapters {', '.join(n for n in names if n != 'base')}" if report["kind"] == "runs" else report["target"]
+    lines = [
+        f"# Evaluation of {title}",
+        "",
+        f"{report['data']['loss_examples']} {report['data']['split']} examples for the loss, "
+        f"{report['data']['generation_prompts']} prompts for generation "
+        f"({'greedy' if not report['settings']['do_sample'] else 'sampling'}, "
+        f"max_new_tokens {report['settings']['max_new_tokens']}).",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for metric in metrics_mod.ALL_METRICS:
         if metric in report["metrics"][names[0]]:
             lines.append(f"| {metric} | " + " | ".join(f"{report['metrics'][n][metric]:.4g}" for n in names) + " |")
@@ -53,9 +57,12 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for gate in report["gates"]:
         got = "not computed" if gate["value"] is None else f"{gate['value']:.4g}"
-        lines.append(f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}"
-                     + (f" ({gate['model']})" if "model" in gate else "") + ": "
-                     f"{'passed' if gate['passed'] else 'FAILED'} ({got})")
+        lines.append(
+            f"\nGate {gate['metric']} {gate['op']} {gate['threshold']}"
+            + (f" ({gate['model']})" if "model" in gate else "")
+            + ": "
+            f"{'passed' if gate['passed'] else 'FAILED'} ({got})"
+        )
     lines += ["", "## Examples", ""]
     for i, p in enumerate(prompts[:examples]):
         lines += [f"**{p.where}**", "", "```", p.prompt.strip(), "```", f"- reference: {p.reference!r}"]
@@ -93,8 +100,10 @@ def table(report: dict):
     from rich.table import Table
 
     names = list(report["metrics"])
-    out = Table(title=f"{report['data']['split']}: {report['data']['loss_examples']} examples (loss), "
-                      f"{report['data']['generation_prompts']} prompts (generation)")
+    out = Table(
+        title=f"{report['data']['split']}: {report['data']['loss_examples']} examples (loss), "
+        f"{report['data']['generation_prompts']} prompts (generation)"
+    )
     out.add_column("metric")
     for name in names:
         out.add_column(name, justify="right")
@@ -121,4 +130,6 @@ def missed_gates(report: dict) -> str | None:
     return "gate missed: " + "; ".join(
         (f"{g['model']}: " if "model" in g else "")
         + f"{g['metric']} = {'not computed' if g['value'] is None else format(g['value'], '.4g')}, needs "
-        f"{g['op']} {g['threshold']}" for g in missed)
+        f"{g['op']} {g['threshold']}"
+        for g in missed
+    )

@@ -29,16 +29,36 @@ class Merged:
         return out
 
 
-def merge(run_dirs: list[Path], *, output: Path | None, dtype: str | None, base: str | None,
-          merge_into: str | None, combination: str | None, weights: str | None, density: float | None,
-          seed: int | None, adapter_only: bool, verify: bool, overwrite: bool, console) -> Merged:
+def merge(
+    run_dirs: list[Path],
+    *,
+    output: Path | None,
+    dtype: str | None,
+    base: str | None,
+    merge_into: str | None,
+    combination: str | None,
+    weights: str | None,
+    density: float | None,
+    seed: int | None,
+    adapter_only: bool,
+    verify: bool,
+    overwrite: bool,
+    console,
+) -> Merged:
     if merge_into not in (None, "nf4", "original"):
         raise LorakitError(f"--merge-into: expected nf4 or original, got {merge_into!r}")
-    several = {"--combination": combination, "--weights": weights, "--density": density, "--seed": seed,
-               "--adapter-only": adapter_only or None}
+    several = {
+        "--combination": combination,
+        "--weights": weights,
+        "--density": density,
+        "--seed": seed,
+        "--adapter-only": adapter_only or None,
+    }
     if len(run_dirs) == 1 and any(v is not None for v in several.values()):
-        raise LorakitError(f"{', '.join(k for k, v in several.items() if v is not None)}: for combining several "
-                           "runs; give two or more run directories")
+        raise LorakitError(
+            f"{', '.join(k for k, v in several.items() if v is not None)}: for combining several "
+            "runs; give two or more run directories"
+        )
     from lorakit.console import quiet_libraries
 
     quiet_libraries()
@@ -46,11 +66,22 @@ def merge(run_dirs: list[Path], *, output: Path | None, dtype: str | None, base:
     if len(run_dirs) > 1:
         from lorakit.merge import combine
 
-        job = combine.plan(run_dirs, combination=combination, weights=weights, density=density, seed=seed,
-                           output=out, adapter_only=adapter_only, dtype=dtype, base=base, merge_into=merge_into,
-                           overwrite=overwrite)
-        report = combine.run(job, check=verify, dtype=dtype, base=base, merge_into=merge_into, overwrite=overwrite,
-                             console=console)
+        job = combine.plan(
+            run_dirs,
+            combination=combination,
+            weights=weights,
+            density=density,
+            seed=seed,
+            output=out,
+            adapter_only=adapter_only,
+            dtype=dtype,
+            base=base,
+            merge_into=merge_into,
+            overwrite=overwrite,
+        )
+        report = combine.run(
+            job, check=verify, dtype=dtype, base=base, merge_into=merge_into, overwrite=overwrite, console=console
+        )
     else:
         from lorakit.merge import fold
 

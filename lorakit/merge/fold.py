@@ -40,8 +40,14 @@ from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
 
 REPORT = "merge_report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "generation_config.json",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,8 +70,15 @@ class MergeJob:
     combination: dict | None = None  # what was combined, and how (lorakit.merge.combine's record)
 
 
-def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = None, base: str | None = None,
-         merge_into: str | None = None, overwrite: bool = False) -> MergeJob:
+def plan(
+    run_dir: str | Path,
+    *,
+    output: str | None = None,
+    dtype: str | None = None,
+    base: str | None = None,
+    merge_into: str | None = None,
+    overwrite: bool = False,
+) -> MergeJob:
     """Check everything that can be refused cheaply: the run, the output directory, the options."""
     from lorakit.recipe.loading import load_recipe
 
@@ -84,12 +97,16 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
     if merge_into == "nf4" and not four_bit:
         raise LorakitError("--merge-into nf4 is for QLoRA runs; this run trained on a full-precision base")
     if merge_into == "original" and four_bit and recipe.lora.init_lora_weights == "loftq":
-        raise LorakitError("--merge-into original: this LoftQ adapter starts as the correction of the 4-bit "
-                           "quantization error, so adding it to the published weights would count that correction "
-                           "twice; merge into nf4 (the default)")
+        raise LorakitError(
+            "--merge-into original: this LoftQ adapter starts as the correction of the 4-bit "
+            "quantization error, so adding it to the published weights would count that correction "
+            "twice; merge into nf4 (the default)"
+        )
     if merge_into == "nf4" and not manifest.get("quantization"):
-        raise LorakitError(f"{run_dir}/{MANIFEST} does not record the 4-bit settings (a run from an older "
-                           "lorakit); use --merge-into original")
+        raise LorakitError(
+            f"{run_dir}/{MANIFEST} does not record the 4-bit settings (a run from an older "
+            "lorakit); use --merge-into original"
+        )
     out = Path(output).expanduser().resolve() if output else run_dir / "merged"
     check_output(out, overwrite)
     base = base or recipe.model.name_or_path
@@ -102,8 +119,17 @@ def plan(run_dir: str | Path, *, output: str | None = None, dtype: str | None = 
     dtype = dtype or str(config.get("dtype") or config.get("torch_dtype") or "float32")
     if dtype not in DTYPES:
         raise LorakitError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    return MergeJob(run_dir, recipe, manifest, base, base_dir, out, dtype, merge_into,
-                quantization=manifest.get("quantization") if merge_into == "nf4" else None)
+    return MergeJob(
+        run_dir,
+        recipe,
+        manifest,
+        base,
+        base_dir,
+        out,
+        dtype,
+        merge_into,
+        quantization=manifest.get("quantization") if merge_into == "nf4" else None,
+    )
 
 
 def check_output(out: Path, overwrite: bool, report: str = REPORT, what: str = "merge") -> None:
@@ -112,8 +138,9 @@ def check_output(out: Path, overwrite: bool, report: str = REPORT, what: str = "
         if not overwrite:
             raise LorakitError(f"{out} exists; pass --overwrite to replace it, or choose --output")
         if not (out / report).is_file():
-            raise LorakitError(f"{out} is not a lorakit {what} (no {report}); refusing to delete it even with "
-                               "--overwrite")
+            raise LorakitError(
+                f"{out} is not a lorakit {what} (no {report}); refusing to delete it even with --overwrite"
+            )
 
 
 def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> dict:
@@ -125,20 +152,31 @@ def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> d
     try:
         what = "the combined adapter" if p.combination else p.run_dir.name
         console.print(f"merging {what} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)
-        report = {"run": str(p.origin or p.run_dir), "base": p.base, "merge_into": p.merge_into, "dtype": p.dtype,
-                  **({"combination": p.combination} if p.combination else {}), **stream_merge(p, staging)}
+        report = {
+            "run": str(p.origin or p.run_dir),
+            "base": p.base,
+            "merge_into": p.merge_into,
+            "dtype": p.dtype,
+            **({"combination": p.combination} if p.combination else {}),
+            **stream_merge(p, staging),
+        }
         _write_companions(p, staging)
         if check:
             report["verification"] = _verify(p, staging)
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         _write_card(p, staging, report)
         if check and not report["verification"]["passed"]:
-            failed = (p.output.parent / f"{p.output.name}.merge_report.failed.json" if p.combination
-                      else p.run_dir / "merge_report.failed.json")
+            failed = (
+                p.output.parent / f"{p.output.name}.merge_report.failed.json"
+                if p.combination
+                else p.run_dir / "merge_report.failed.json"
+            )
             failed.write_text(json.dumps(report, indent=2) + "\n")
             console.print(report_table(report))
-            raise RunFailed(f"the merged model does not match base + adapter ({report['verification']['reason']}); "
-                            f"nothing was written to {p.output}; figures in {failed}")
+            raise RunFailed(
+                f"the merged model does not match base + adapter ({report['verification']['reason']}); "
+                f"nothing was written to {p.output}; figures in {failed}"
+            )
         swap_into_place(staging, p.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,8 +220,12 @@ def stream_merge(p: MergeJob, staging: Path) -> dict:
         total += ckpt_mod.write_shard(staging / extra, {k: v.to(out_dtype) for k, v in saved.items()})
         weight_map.update({k: extra for k in saved})
     ckpt_mod.write_index(staging, weight_map, total)
-    return {"lora_layers_merged": merged, "tensors_replaced": replaced, "weights_nf4_round_tripped": rounded,
-            "shards": len(checkpoint.shards)}
+    return {
+        "lora_layers_merged": merged,
+        "tensors_replaced": replaced,
+        "weights_nf4_round_tripped": rounded,
+        "shards": len(checkpoint.shards),
+    }
 
 
 def _release_freed_memory() -> None:
@@ -204,8 +246,13 @@ def _nf4_round_trip(weight: torch.Tensor, p: MergeJob) -> torch.Tensor:
     q = p.quantization
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = weight.to(device=device, dtype=DTYPES[p.manifest.get("precision", "float32")])
-    packed, state = bnbf.quantize_4bit(source, blocksize=q["blocksize"], compress_statistics=q["double_quant"],
-                                       quant_type=q["quant_type"], quant_storage=getattr(torch, q["quant_storage"]))
+    packed, state = bnbf.quantize_4bit(
+        source,
+        blocksize=q["blocksize"],
+        compress_statistics=q["double_quant"],
+        quant_type=q["quant_type"],
+        quant_storage=getattr(torch, q["quant_storage"]),
+    )
     return bnbf.dequantize_4bit(packed, state).float().cpu()
 
 
@@ -231,8 +278,9 @@ def _verify(p: MergeJob, staging: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(p.run_dir)
     inputs, source = verify.inputs_for(p.recipe, tokenizer)
     precision = model_mod.Precision("float32", "cuda" if torch.cuda.is_available() else "cpu")
-    cfg = p.recipe.model.model_copy(update={"name_or_path": str(p.base_dir), "revision": None,
-                                            "load_in_4bit": p.merge_into == "nf4"})
+    cfg = p.recipe.model.model_copy(
+        update={"name_or_path": str(p.base_dir), "revision": None, "load_in_4bit": p.merge_into == "nf4"}
+    )
 
     def base(four_bit: bool):
         model = model_mod.load_base(cfg.model_copy(update={"load_in_4bit": four_bit}), precision)
@@ -248,11 +296,16 @@ def _verify(p: MergeJob, staging: Path) -> dict:
     merged = verify.logits(AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[p.dtype]), inputs)
     kind = "4-bit NF4" if p.merge_into == "nf4" else "full-precision"
     adapter = "combined adapter" if p.combination else "adapter"
-    figures = {"inputs": f"{len(inputs)} of {source}", "reference": f"{kind} base + {adapter}",
-               "merged_vs_reference": verify.compare(reference, merged), "merged_vs_base": verify.compare(bare, merged)}
+    figures = {
+        "inputs": f"{len(inputs)} of {source}",
+        "reference": f"{kind} base + {adapter}",
+        "merged_vs_reference": verify.compare(reference, merged),
+        "merged_vs_base": verify.compare(bare, merged),
+    }
     if p.recipe.model.load_in_4bit and p.merge_into == "original":  # the trade-off, measured
         figures["merged_vs_training"] = verify.compare(
-            verify.logits(PeftModel.from_pretrained(base(True), p.run_dir), inputs), merged)
+            verify.logits(PeftModel.from_pretrained(base(True), p.run_dir), inputs), merged
+        )
     figures["tolerance"] = verify.tolerance(figures["merged_vs_reference"], p.dtype)
     figures["reason"] = verify.verdict(figures["merged_vs_reference"], figures["merged_vs_base"], p.dtype)
     figures["passed"] = not figures["reason"]
@@ -263,29 +316,49 @@ def _write_card(p: MergeJob, staging: Path, report: dict) -> None:
     check = report.get("verification")
     if p.combination:
         c = p.combination
-        what = ("The LoRA adapters of the lorakit runs " + ", ".join(f"`{r['path']}` ({r['weight']:g})" for r in c["runs"])
-                + f", combined with peft's `add_weighted_adapter` (`{c['combination']}`"
-                + (f", density {c['density']:g}" if c["density"] is not None else "") + f", seed {c['seed']}),")
+        what = (
+            "The LoRA adapters of the lorakit runs "
+            + ", ".join(f"`{r['path']}` ({r['weight']:g})" for r in c["runs"])
+            + f", combined with peft's `add_weighted_adapter` (`{c['combination']}`"
+            + (f", density {c['density']:g}" if c["density"] is not None else "")
+            + f", seed {c['seed']}),"
+        )
     else:
         what = f"The adapter of the lorakit run `{p.run_dir}`"
     title = p.output.name if p.combination else p.run_dir.name
-    lines = ["---", f"base_model: {p.base}", "tags: [lorakit, merged]", "---", f"# {title} (merged)", "",
-             f"{what} folded into `{p.base}`, saved in {p.dtype}. "
-             "Loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer carries the chat template used in "
-             "training and `generation_config.json` stops on the end-of-turn token it trained.", "",
-             f"- Merged into: **{p.merge_into}** weights"
-             + (" (the NF4-dequantized weights training saw)" if p.merge_into == "nf4" else
-                " (the published full-precision weights)"),
-             f"- adapter layers merged: {report['lora_layers_merged']}; tensors replaced (modules_to_save): "
-             f"{report['tensors_replaced']}; weights NF4 round-tripped: {report['weights_nf4_round_tripped']}"]
+    lines = [
+        "---",
+        f"base_model: {p.base}",
+        "tags: [lorakit, merged]",
+        "---",
+        f"# {title} (merged)",
+        "",
+        f"{what} folded into `{p.base}`, saved in {p.dtype}. "
+        "Loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer carries the chat template used in "
+        "training and `generation_config.json` stops on the end-of-turn token it trained.",
+        "",
+        f"- Merged into: **{p.merge_into}** weights"
+        + (
+            " (the NF4-dequantized weights training saw)"
+            if p.merge_into == "nf4"
+            else " (the published full-precision weights)"
+        ),
+        f"- adapter layers merged: {report['lora_layers_merged']}; tensors replaced (modules_to_save): "
+        f"{report['tensors_replaced']}; weights NF4 round-tripped: {report['weights_nf4_round_tripped']}",
+    ]
     lines += [f"- {note}" for note in p.notes]
     if check:
         m = check["merged_vs_reference"]
-        lines += ["", "## Verification", "", f"On {check['inputs']}, against {check['reference']}: max |logit "
-                  f"difference| {m['max_abs_diff']:.3g} ({check['tolerance']}), top-1 agreement "
-                  f"{m['top1_agreement']:.2%}. Against the bare base: max difference "
-                  f"{check['merged_vs_base']['max_abs_diff']:.3g}, top-1 agreement "
-                  f"{check['merged_vs_base']['top1_agreement']:.2%}."]
+        lines += [
+            "",
+            "## Verification",
+            "",
+            f"On {check['inputs']}, against {check['reference']}: max |logit "
+            f"difference| {m['max_abs_diff']:.3g} ({check['tolerance']}), top-1 agreement "
+            f"{m['top1_agreement']:.2%}. Against the bare base: max difference "
+            f"{check['merged_vs_base']['max_abs_diff']:.3g}, top-1 agreement "
+            f"{check['merged_vs_base']['top1_agreement']:.2%}.",
+        ]
     (staging / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -294,8 +367,11 @@ def report_table(report: dict) -> Table:
     table = Table(title=f"merge verification ({check['inputs']})")
     for column in ("merged vs", "max |logit diff|", "top-1 agreement", "positions"):
         table.add_column(column)
-    rows = [(check["reference"], "merged_vs_reference"), ("bare base (must differ)", "merged_vs_base"),
-            ("4-bit base + adapter, as trained (information)", "merged_vs_training")]
+    rows = [
+        (check["reference"], "merged_vs_reference"),
+        ("bare base (must differ)", "merged_vs_base"),
+        ("4-bit base + adapter, as trained (information)", "merged_vs_training"),
+    ]
     for label, key in rows:
         if key not in check:
             continue

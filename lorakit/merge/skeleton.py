@@ -51,15 +51,18 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
     try:
         peft_model = get_peft_model(skeleton, peft_config, low_cpu_mem_usage=not adaptive)
     except ValueError as exc:
-        raise ModelError(f"the adapter does not fit {base}: {str(exc).splitlines()[0]} (an adapter trained on "
-                         "another base?)") from None
+        raise ModelError(
+            f"the adapter does not fit {base}: {str(exc).splitlines()[0]} (an adapter trained on another base?)"
+        ) from None
     layers = mergeable_layers(peft_model)
     _refuse_unsupported(peft_model, layers, config, base)
     for name, layer in layers.items():
         if f"{name}.weight" not in checkpoint.weight_map:
-            raise ModelError(f"adapter layer {name} has no weight `{name}.weight` in {base}'s checkpoint (the "
-                             "checkpoint names its tensors differently from the model's modules, or the adapter was "
-                             "trained on another base); lorakit's streaming merge cannot map them")
+            raise ModelError(
+                f"adapter layer {name} has no weight `{name}.weight` in {base}'s checkpoint (the "
+                "checkpoint names its tensors differently from the model's modules, or the adapter was "
+                "trained on another base); lorakit's streaming merge cannot map them"
+            )
         # an empty CPU placeholder: peft moves loaded adapter weights to the base weight's device, and on meta
         # they would be dropped; the real weight arrives shard by shard (merge_layer)
         layer.base_layer.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
@@ -67,15 +70,20 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
         for key in list(originals.keys()):  # reads them, and peft cannot move them off meta
             originals[key] = torch.zeros(originals[key].shape)
     # a resized embedding that peft saved under trainable tokens replaces the base's; its token rows merge on top
-    resized_embeddings = {k.removeprefix("base_model.model.").replace(".token_adapter.base_layer.", "."): state.pop(k)
-                          for k in [k for k in state if ".token_adapter.base_layer." in k]}
+    resized_embeddings = {
+        k.removeprefix("base_model.model.").replace(".token_adapter.base_layer.", "."): state.pop(k)
+        for k in [k for k in state if ".token_adapter.base_layer." in k]
+    }
     try:
         loaded = set_peft_model_state_dict(peft_model, state, low_cpu_mem_usage=True)
     except RuntimeError as exc:  # shape mismatches
         raise ModelError(f"the adapter does not fit {base}: {str(exc).strip().splitlines()[-1].strip()}") from None
     wrapped = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-    stray = [k for k in loaded.unexpected_keys  # peft saves resized embeddings' wrapper copies too; it skips them
-             if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)]
+    stray = [
+        k
+        for k in loaded.unexpected_keys  # peft saves resized embeddings' wrapper copies too; it skips them
+        if not any(k.startswith(f"{w}.modules_to_save.") or k.startswith(f"{w}.original_module.") for w in wrapped)
+    ]
     if stray:
         raise ModelError(f"adapter weight {stray[0]} matches nothing in {base}")
     missing = [k for k in loaded.missing_keys if any(part in k for part in ADAPTER_TENSORS)]
@@ -87,10 +95,13 @@ def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint
             if not param_name.startswith("base_layer"):
                 param.data = param.data.float()  # merge arithmetic in float32, whatever training stored
     saved = {**_trained_tensors(peft_model, checkpoint), **{k: v.float() for k, v in resized_embeddings.items()}}
-    if getattr(config, "tie_word_embeddings", False) and any(k.startswith(("lm_head.", "model.embed_tokens."))
-                                                              for k in saved):
-        raise ModelError(f"{base} ties its input and output embeddings and the adapter trained one of them; "
-                         "merging would have to untie them, which lorakit's merge does not do yet")
+    if getattr(config, "tie_word_embeddings", False) and any(
+        k.startswith(("lm_head.", "model.embed_tokens.")) for k in saved
+    ):
+        raise ModelError(
+            f"{base} ties its input and output embeddings and the adapter trained one of them; "
+            "merging would have to untie them, which lorakit's merge does not do yet"
+        )
     return Skeleton(layers, saved, resized, config.vocab_size)
 
 
@@ -129,27 +140,42 @@ def _refuse_unsupported(peft_model, layers: dict, config, base: str) -> None:
 
     for name, layer in layers.items():
         if isinstance(layer, Embedding):
-            raise ModelError(f"the adapter puts LoRA on the embedding layer {name}; lorakit's merge does not handle "
-                             "LoRA on embeddings yet (train them with lora.modules_to_save instead)")
-        if (hasattr(layer, "ia3_l") and not getattr(layer, "is_feedforward", True)
-                and getattr(layer.get_base_layer(), "bias", None) is not None):
-            raise ModelError(f"the IA3 adapter scales the output of {name}, which has a bias that is scaled too; "
-                             "lorakit's streaming merge writes weights only, not biases, yet (serve the adapter "
-                             "with PeftModel instead)")
+            raise ModelError(
+                f"the adapter puts LoRA on the embedding layer {name}; lorakit's merge does not handle "
+                "LoRA on embeddings yet (train them with lora.modules_to_save instead)"
+            )
+        if (
+            hasattr(layer, "ia3_l")
+            and not getattr(layer, "is_feedforward", True)
+            and getattr(layer.get_base_layer(), "bias", None) is not None
+        ):
+            raise ModelError(
+                f"the IA3 adapter scales the output of {name}, which has a bias that is scaled too; "
+                "lorakit's streaming merge writes weights only, not biases, yet (serve the adapter "
+                "with PeftModel instead)"
+            )
         if any(getattr(layer, "lora_bias", {}).values()):
-            raise ModelError(f"the adapter trains LoRA biases (lora_bias) in {name}; lorakit's merge does not "
-                             "handle them yet")
+            raise ModelError(
+                f"the adapter trains LoRA biases (lora_bias) in {name}; lorakit's merge does not handle them yet"
+            )
 
 
 def _trained_tensors(peft_model, checkpoint: Checkpoint) -> dict:
     """Base tensors the adapter replaces: `modules_to_save` copies and trained biases, by checkpoint name."""
     saved = {}
     for name, param in peft_model.named_parameters():
-        if (param.device.type == "meta" or param.numel() == 0 or ".original_module." in name
-                or any(part in name for part in (*ADAPTER_TENSORS, "ranknum"))):
+        if (
+            param.device.type == "meta"
+            or param.numel() == 0
+            or ".original_module." in name
+            or any(part in name for part in (*ADAPTER_TENSORS, "ranknum"))
+        ):
             continue
-        key = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-               .replace(".modules_to_save.default.", "."))
+        key = (
+            name.removeprefix("base_model.model.")
+            .replace(".base_layer.", ".")
+            .replace(".modules_to_save.default.", ".")
+        )
         saved[key] = param.detach().float()
     return saved
 
@@ -163,8 +189,10 @@ def _check_shapes(layer, base_shape: tuple, base: str) -> None:
     if getattr(layer, "fan_in_fan_out", False):  # Conv1D layers (GPT-2) store the weight transposed
         update = update[::-1]
     if update != tuple(base_shape):
-        raise ModelError(f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
-                         f"shape {update} (an adapter trained on another base?)")
+        raise ModelError(
+            f"the adapter does not fit {base}: a layer of shape {tuple(base_shape)} gets an update of "
+            f"shape {update} (an adapter trained on another base?)"
+        )
 
 
 def _trained_vocab(state: dict) -> int | None:

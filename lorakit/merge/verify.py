@@ -35,8 +35,12 @@ def inputs_for(recipe: Recipe, tokenizer, count: int = 8, max_tokens: int = 128)
         split, name = (prepared.eval, "eval") if prepared.eval is not None else (prepared.train, "train")
         return [ids[:max_tokens] for ids in split.dataset["input_ids"][:count]], f"the run's {name} examples"
     if tokenizer.chat_template:
-        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for p in FALLBACK_PROMPTS]
+        ids = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            for p in FALLBACK_PROMPTS
+        ]
     else:
         ids = [tokenizer(p)["input_ids"] for p in FALLBACK_PROMPTS]
     return [list(i) for i in ids], "built-in prompts (the run's data files are not readable)"
@@ -47,8 +51,9 @@ def logits(model, inputs: list[list[int]]) -> list[torch.Tensor]:
     """Float32 logits of every position, one example at a time (no padding to get wrong)."""
     device = next(p for p in model.parameters()).device
     model.eval()
-    out = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu()
-           for ids in inputs]
+    out = [
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu() for ids in inputs
+    ]
     del model
     gc.collect()
     return out
@@ -59,8 +64,12 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, other))
     positions = sum(a.shape[0] for a in reference)
     scale = max(1.0, max(a.abs().max().item() for a in reference))
-    return {"max_abs_diff": max(diffs), "top1_agreement": round(agree / positions, 4), "positions": positions,
-            "max_abs_logit": round(scale, 3)}
+    return {
+        "max_abs_diff": max(diffs),
+        "top1_agreement": round(agree / positions, 4),
+        "positions": positions,
+        "max_abs_logit": round(scale, 3),
+    }
 
 
 def verdict(to_reference: dict, to_base: dict, dtype: str) -> str:
@@ -69,12 +78,15 @@ def verdict(to_reference: dict, to_base: dict, dtype: str) -> str:
         return "outside tolerance"
     if to_reference["top1_agreement"] < MIN_TOP1[dtype]:
         return "top-1 agreement too low"
-    if to_base["max_abs_diff"] <= max(10 * RTOL[dtype] * to_reference["max_abs_logit"] if dtype == "float32" else 0,
-                                      2 * to_reference["max_abs_diff"]):
+    if to_base["max_abs_diff"] <= max(
+        10 * RTOL[dtype] * to_reference["max_abs_logit"] if dtype == "float32" else 0, 2 * to_reference["max_abs_diff"]
+    ):
         return "the merged model equals the base: the adapter changed nothing"
     return ""
 
 
 def tolerance(figures: dict, dtype: str) -> str:
-    return (f"<= {RTOL[dtype] * figures['max_abs_logit']:.2g}, top-1 >= {MIN_TOP1[dtype]:.0%}, and at most half "
-            "the distance to the bare base")
+    return (
+        f"<= {RTOL[dtype] * figures['max_abs_logit']:.2g}, top-1 >= {MIN_TOP1[dtype]:.0%}, and at most half "
+        "the distance to the bare base"
+    )

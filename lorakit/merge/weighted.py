@@ -35,9 +35,11 @@ def combine(runs: list, weights: list[float], combination: str, density: float |
     for name, layer in layers.items():
         if COMBINED not in layer.lora_A:
             adapted = next(r.name for k, r in zip(keys, runs) if k in layer.lora_A)
-            raise ModelError(f"the combined adapter leaves out {name}, which run {adapted} adapts (peft takes the layer "
-                             "selection of the first run: layers_to_transform / exclude_modules differ); reorder the "
-                             "runs or combine runs that adapt the same layers")
+            raise ModelError(
+                f"the combined adapter leaves out {name}, which run {adapted} adapts (peft takes the layer "
+                "selection of the first run: layers_to_transform / exclude_modules differ); reorder the "
+                "runs or combine runs that adapt the same layers"
+            )
     figures = delta_figures(layers, keys, weights, combination)
     config = model.peft_config[COMBINED]
     figures["rank"] = config.r
@@ -65,7 +67,9 @@ def _on_skeleton(runs: list, base_dir):
             else:
                 model.add_adapter(f"run{i}", config, low_cpu_mem_usage=True)
         except ValueError as exc:
-            raise ModelError(f"run {run.name}: the adapter does not fit {base_dir}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(
+                f"run {run.name}: the adapter does not fit {base_dir}: {str(exc).splitlines()[0]}"
+            ) from None
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     for name, layer in layers.items():
         if isinstance(layer, Embedding):
@@ -78,12 +82,15 @@ def _on_skeleton(runs: list, base_dir):
         try:
             loaded = set_peft_model_state_dict(model, state, adapter_name=f"run{i}", low_cpu_mem_usage=True)
         except RuntimeError as exc:  # shape mismatches
-            raise ModelError(f"run {run.name}: the adapter does not fit {base_dir}: "
-                             f"{str(exc).strip().splitlines()[-1].strip()}") from None
+            raise ModelError(
+                f"run {run.name}: the adapter does not fit {base_dir}: {str(exc).strip().splitlines()[-1].strip()}"
+            ) from None
         missing = [k for k in loaded.missing_keys if f".run{i}." in k]
         if loaded.unexpected_keys or missing:
-            raise ModelError(f"run {run.name}: adapter weight {(loaded.unexpected_keys or missing)[0]} "
-                             + ("matches nothing in the base" if loaded.unexpected_keys else "is missing"))
+            raise ModelError(
+                f"run {run.name}: adapter weight {(loaded.unexpected_keys or missing)[0]} "
+                + ("matches nothing in the base" if loaded.unexpected_keys else "is missing")
+            )
     for layer in layers.values():
         for param_name, param in layer.named_parameters():
             if "lora_" in param_name:
@@ -111,15 +118,28 @@ def delta_figures(layers: dict, keys: list[str], weights: list[float], combinati
             b = sum(math.sqrt(abs(s)) * layer.lora_B[k].weight for k, s in factors)
             rule = b @ a * layer.scaling[COMBINED]
             to_rule.append(_relative(combined, rule.T if layer.fan_in_fan_out else rule))
-    figures = {"layers": len(to_sum), "vs_weighted_sum": {"max_rel_diff": max(to_sum),
-                                                         "mean_rel_diff": sum(to_sum) / len(to_sum)}, "checks": []}
+    figures = {
+        "layers": len(to_sum),
+        "vs_weighted_sum": {"max_rel_diff": max(to_sum), "mean_rel_diff": sum(to_sum) / len(to_sum)},
+        "checks": [],
+    }
     if combination == "cat":
-        figures["checks"].append({"what": "combined update = weighted sum of the runs' updates",
-                                  "max_rel_diff": max(to_sum), "passed": max(to_sum) <= RTOL})
+        figures["checks"].append(
+            {
+                "what": "combined update = weighted sum of the runs' updates",
+                "max_rel_diff": max(to_sum),
+                "passed": max(to_sum) <= RTOL,
+            }
+        )
     if combination == "linear":
         figures["vs_peft_linear_rule"] = {"max_rel_diff": max(to_rule)}
-        figures["checks"].append({"what": "combined update = (sum of scaled lora_B) @ (sum of scaled lora_A)",
-                                  "max_rel_diff": max(to_rule), "passed": max(to_rule) <= RTOL})
+        figures["checks"].append(
+            {
+                "what": "combined update = (sum of scaled lora_B) @ (sum of scaled lora_A)",
+                "max_rel_diff": max(to_rule),
+                "passed": max(to_rule) <= RTOL,
+            }
+        )
     return figures
 
 

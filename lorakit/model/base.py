@@ -58,8 +58,9 @@ def resolve_precision(cfg: ModelConfig) -> Precision:
             raise ModelError(f"model.dtype: bfloat16 is not supported on this GPU ({name}); use float16 or auto")
         return Precision(cfg.dtype, "cuda")
     if cfg.dtype == "float16":
-        raise ModelError("model.dtype: float16 training needs a CUDA GPU and none was found; "
-                         "use auto or float32 on CPU")
+        raise ModelError(
+            "model.dtype: float16 training needs a CUDA GPU and none was found; use auto or float32 on CPU"
+        )
     return Precision("float32" if cfg.dtype == "auto" else cfg.dtype, "cpu")
 
 
@@ -67,8 +68,8 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer_name_or_path or cfg.name_or_path, revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code)
+        cfg.tokenizer_name_or_path or cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     if tokenizer.pad_token is None:  # labels are built by lorakit, so pad == eos cannot hide the eos from the loss
         tokenizer.pad_token = tokenizer.eos_token
     add_new_tokens(tokenizer, cfg.new_special_tokens)
@@ -83,8 +84,10 @@ def add_new_tokens(tokenizer, tokens: list[str] | None) -> None:
     vocab = tokenizer.get_vocab()
     known = [t for t in tokens if t in vocab]
     if known:
-        raise ModelError(f"model.new_special_tokens: {', '.join(known)} already in the tokenizer (id "
-                         f"{vocab[known[0]]}); list only new tokens")
+        raise ModelError(
+            f"model.new_special_tokens: {', '.join(known)} already in the tokenizer (id "
+            f"{vocab[known[0]]}); list only new tokens"
+        )
     tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
 
 
@@ -104,9 +107,12 @@ def quantization_config(cfg: ModelConfig, precision: Precision, engine: Engine =
     q = cfg.quantization
     compute = precision.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=_DTYPES[compute],
-        bnb_4bit_quant_storage=getattr(torch, engines.quant_storage(cfg, engine, compute)))
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[compute],
+        bnb_4bit_quant_storage=getattr(torch, engines.quant_storage(cfg, engine, compute)),
+    )
 
 
 def device_map(precision: Precision, engine: Engine = SINGLE) -> dict | None:
@@ -139,14 +145,22 @@ def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE, t
         kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype, quantization_config=quantization, device_map=device_map(precision, engine), **kwargs)
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map=device_map(precision, engine),
+            **kwargs,
+        )
     except OSError as exc:
         if cfg.allow_pickle_weights or "safetensors" not in str(exc):
             raise
-        raise ModelError(f"model.name_or_path: {cfg.name_or_path} has no safetensors weights, only pickle files, "
-                         "which can run code when loaded; convert them, or set `model.allow_pickle_weights: true` "
-                         "if you trust them") from None
+        raise ModelError(
+            f"model.name_or_path: {cfg.name_or_path} has no safetensors weights, only pickle files, "
+            "which can run code when loaded; convert them, or set `model.allow_pickle_weights: true` "
+            "if you trust them"
+        ) from None
     # Training needs no KV cache, and packing must not have one: with a cache, transformers does not look
     # for packed examples in the position ids and lets them attend to each other. Generation turns it on.
     model.config.use_cache = False
@@ -200,22 +214,28 @@ def check_target_modules(model, cfg: LoraSection) -> None:
     for key, pattern in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
         for item in pattern or {}:  # peft's rule: the pattern matches the end of an adapted layer's full name
             if not any(re.match(rf"(.*\.)?{item}$", name) for name in linear_names):
-                raise ModelError(f"lora.{key}: {item!r} matches no module of the model (patterns match the end "
-                                 f"of full module names, e.g. 'down_proj' or 'mlp\\..*')")
+                raise ModelError(
+                    f"lora.{key}: {item!r} matches no module of the model (patterns match the end "
+                    f"of full module names, e.g. 'down_proj' or 'mlp\\..*')"
+                )
     targets = cfg.target_modules
     linear = ", ".join(linear_module_names(model))
     if targets == "all-linear":
         return
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in module_names):
-            raise ModelError(f"lora.target_modules: the regular expression {targets!r} matches no module of "
-                             f"the model; its linear modules are: {linear}")
+            raise ModelError(
+                f"lora.target_modules: the regular expression {targets!r} matches no module of "
+                f"the model; its linear modules are: {linear}"
+            )
         return
     unmatched = [t for t in targets if not matches(t)]
     if unmatched:
-        raise ModelError(f"lora.target_modules: {', '.join(repr(t) for t in unmatched)} "
-                         f"{'matches' if len(unmatched) == 1 else 'match'} no module of the model; "
-                         f"its linear modules are: {linear}")
+        raise ModelError(
+            f"lora.target_modules: {', '.join(repr(t) for t in unmatched)} "
+            f"{'matches' if len(unmatched) == 1 else 'match'} no module of the model; "
+            f"its linear modules are: {linear}"
+        )
 
 
 def trainable_parameters(model) -> tuple[int, int]:
@@ -237,15 +257,58 @@ def _is_linear(module) -> bool:
 # Architectures whose layers are all attention with masks built from position ids: padding-free packing
 # is exact for them. Others may be too, but `auto` does not guess.
 PACKING_EXACT = {
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-    "phi", "phi3", "granite", "granitemoe", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "starcoder2", "glm",
-    "glm4", "stablelm", "smollm3", "deepseek_v3", "ministral", "seed_oss", "exaone4", "arcee", "hunyuan_v1_dense",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "granite",
+    "granitemoe",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "cohere",
+    "cohere2",
+    "starcoder2",
+    "glm",
+    "glm4",
+    "stablelm",
+    "smollm3",
+    "deepseek_v3",
+    "ministral",
+    "seed_oss",
+    "exaone4",
+    "arcee",
+    "hunyuan_v1_dense",
 }
 # Layers that carry state along the sequence (convolutions, state spaces, linear attention, recurrence):
 # packed examples would leak into each other whatever the attention mask says.
 PACKING_NEVER = {
-    "mamba", "mamba2", "jamba", "falcon_h1", "falcon_mamba", "lfm2", "lfm2_moe", "qwen3_next", "recurrent_gemma",
-    "zamba", "zamba2", "bamba", "granitemoehybrid", "nemotron_h", "rwkv", "xlstm", "minimax", "plamo2",
+    "mamba",
+    "mamba2",
+    "jamba",
+    "falcon_h1",
+    "falcon_mamba",
+    "lfm2",
+    "lfm2_moe",
+    "qwen3_next",
+    "recurrent_gemma",
+    "zamba",
+    "zamba2",
+    "bamba",
+    "granitemoehybrid",
+    "nemotron_h",
+    "rwkv",
+    "xlstm",
+    "minimax",
+    "plamo2",
 }
 
 
@@ -254,8 +317,9 @@ def packing_supported(model_class: type, model_type: str | None = None) -> bool 
     ids). False: it would leak across examples. None: the code builds such masks, but the architecture is
     not known to be attention-only."""
     module = sys.modules.get(model_class.__module__)
-    builds_masks = module is not None and (hasattr(module, "create_causal_mask")
-                                          or hasattr(module, "create_sliding_window_causal_mask"))
+    builds_masks = module is not None and (
+        hasattr(module, "create_causal_mask") or hasattr(module, "create_sliding_window_causal_mask")
+    )
     if not builds_masks or model_type in PACKING_NEVER:
         return False
     return True if model_type in PACKING_EXACT else None
@@ -270,9 +334,11 @@ def use_packing(setting: bool | str, model_class: type, model_type: str | None =
         return False
     supported = packing_supported(model_class, model_type)
     if setting is True and supported is False:
-        raise ModelError(f"train.packing: {model_class.__name__} would let packed examples affect each other "
-                         "(its attention mask is not built from position ids, or it has layers that carry state "
-                         "along the sequence); set `train.packing: auto` or false")
+        raise ModelError(
+            f"train.packing: {model_class.__name__} would let packed examples affect each other "
+            "(its attention mask is not built from position ids, or it has layers that carry state "
+            "along the sequence); set `train.packing: auto` or false"
+        )
     return supported is True if setting == "auto" else bool(setting)
 
 
@@ -299,17 +365,21 @@ def model_class_for(cfg: ModelConfig) -> tuple[type, str]:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     auto_map = getattr(config, "auto_map", None) or {}
     if cfg.trust_remote_code and "AutoModelForCausalLM" in auto_map:
-        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], cfg.name_or_path,
-                                             revision=cfg.revision), config.model_type
+        return get_class_from_dynamic_module(
+            auto_map["AutoModelForCausalLM"], cfg.name_or_path, revision=cfg.revision
+        ), config.model_type
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config.model_type
     except KeyError:
-        raise ModelError(f"model.name_or_path: {cfg.name_or_path} ({type(config).__name__}) is not a causal "
-                         "language model that transformers knows") from None
+        raise ModelError(
+            f"model.name_or_path: {cfg.name_or_path} ({type(config).__name__}) is not a causal "
+            "language model that transformers knows"
+        ) from None
 
 
 def quantization_record(model) -> dict | None:
@@ -321,5 +391,10 @@ def quantization_record(model) -> dict | None:
     if not layers:
         return None
     weight = next(iter(layers.values())).weight
-    return {"modules": sorted(layers), "quant_type": weight.quant_type, "blocksize": weight.blocksize,
-            "double_quant": bool(weight.compress_statistics), "quant_storage": str(weight.quant_storage).split(".")[-1]}
+    return {
+        "modules": sorted(layers),
+        "quant_type": weight.quant_type,
+        "blocksize": weight.blocksize,
+        "double_quant": bool(weight.compress_statistics),
+        "quant_storage": str(weight.quant_storage).split(".")[-1],
+    }

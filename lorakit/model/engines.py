@@ -27,13 +27,31 @@ from lorakit.errors import LorakitError
 from lorakit.recipe.schema import ModelConfig, Recipe
 
 # transformers' optimizer names that are bitsandbytes optimizers.
-_BNB_OPTIMIZERS = frozenset({
-    "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
-    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
-    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"})
+_BNB_OPTIMIZERS = frozenset(
+    {
+        "adamw_bnb_8bit",
+        "adamw_8bit",
+        "ademamix",
+        "ademamix_8bit",
+        "lion_8bit",
+        "lion_32bit",
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+        "paged_ademamix_32bit",
+        "paged_ademamix_8bit",
+        "paged_lion_32bit",
+        "paged_lion_8bit",
+        "rmsprop_bnb",
+        "rmsprop_bnb_8bit",
+        "rmsprop_bnb_32bit",
+    }
+)
 # DeepSpeed JSON keys the trainer fills from the recipe when they are "auto", and the recipe key each must match.
-_DS_MATCHING = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
-                "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}
+_DS_MATCHING = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+}
 
 
 _MIXED = {"bf16": "bfloat16", "fp16": "float16"}
@@ -76,15 +94,22 @@ def from_environment(env=None) -> Engine:
     env = os.environ if env is None else env
     mixed = str(env.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     if _flag(env, "ACCELERATE_USE_FSDP"):
-        return Engine("fsdp", fsdp_version=int(env.get("FSDP_VERSION", "1")), offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
-                      fsdp_activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"),
-                      fsdp_use_orig_params=_flag(env, "FSDP_USE_ORIG_PARAMS"), mixed_precision=mixed)
+        return Engine(
+            "fsdp",
+            fsdp_version=int(env.get("FSDP_VERSION", "1")),
+            offload=_flag(env, "FSDP_OFFLOAD_PARAMS"),
+            fsdp_activation_checkpointing=_flag(env, "FSDP_ACTIVATION_CHECKPOINTING"),
+            fsdp_use_orig_params=_flag(env, "FSDP_USE_ORIG_PARAMS"),
+            mixed_precision=mixed,
+        )
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         ds = _read_deepspeed_json(config_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE") if config_file else None
         stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or _zero(ds).get("stage", 0))
-        offload = any(env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") not in ("none", "")
-                      for what in ("OPTIMIZER", "PARAM")) or _ds_offloads(ds)
+        offload = any(
+            env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") not in ("none", "")
+            for what in ("OPTIMIZER", "PARAM")
+        ) or _ds_offloads(ds)
         return Engine("deepspeed", zero_stage=stage, offload=offload, deepspeed_config=ds, mixed_precision=mixed)
     return Engine("ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single", mixed_precision=mixed)
 
@@ -105,20 +130,29 @@ def from_accelerate_config(path: str) -> tuple[Engine, int | None]:
     processes = config.num_processes if getattr(config, "num_processes", -1) and config.num_processes > 0 else None
     if kind == "FSDP":
         fsdp = config.fsdp_config or {}
-        return Engine("fsdp", fsdp_version=int(fsdp.get("fsdp_version", 1)), offload=bool(fsdp.get("fsdp_offload_params")),
-                      fsdp_activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")),
-                      fsdp_use_orig_params=bool(fsdp.get("fsdp_use_orig_params")),
-                      mixed_precision=mixed, source=where), processes
+        return Engine(
+            "fsdp",
+            fsdp_version=int(fsdp.get("fsdp_version", 1)),
+            offload=bool(fsdp.get("fsdp_offload_params")),
+            fsdp_activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")),
+            fsdp_use_orig_params=bool(fsdp.get("fsdp_use_orig_params")),
+            mixed_precision=mixed,
+            source=where,
+        ), processes
     if kind == "DEEPSPEED":
         options = config.deepspeed_config or {}
         ds = None
         if options.get("deepspeed_config_file"):
-            ds = _read_deepspeed_json(options["deepspeed_config_file"], f"{path}: deepspeed_config.deepspeed_config_file")
+            ds = _read_deepspeed_json(
+                options["deepspeed_config_file"], f"{path}: deepspeed_config.deepspeed_config_file"
+            )
         stage = int(options.get("zero_stage") or _zero(ds).get("stage", 0))
-        offload = any(str(options.get(key, "none")) != "none"
-                      for key in ("offload_optimizer_device", "offload_param_device")) or _ds_offloads(ds)
-        return Engine("deepspeed", zero_stage=stage, offload=offload, deepspeed_config=ds, mixed_precision=mixed,
-                      source=where), processes
+        offload = any(
+            str(options.get(key, "none")) != "none" for key in ("offload_optimizer_device", "offload_param_device")
+        ) or _ds_offloads(ds)
+        return Engine(
+            "deepspeed", zero_stage=stage, offload=offload, deepspeed_config=ds, mixed_precision=mixed, source=where
+        ), processes
     if kind in ("MULTI_GPU", "MULTI_CPU", "NO"):
         return Engine("ddp", mixed_precision=mixed, source=where), processes
     raise LorakitError(f"{path}: distributed_type {kind} is not one lorakit runs (DDP, FSDP or DeepSpeed)")
@@ -137,17 +171,21 @@ def _process_placement(recipe: Recipe, engine: Engine, cuda: bool, processes: in
         return [f"{many}: {engine.name} runs one process per GPU; start at most {gpus} (--nproc {gpus})"]
     if backend == "gloo":
         return []
-    return [f"{many}: NCCL cannot put two processes on one GPU (it fails with \"Duplicate GPU detected\"); start "
-            f"at most {gpus} (--nproc {gpus}), or set train.ddp_backend: gloo to share a GPU (slow: gradients are "
-            "reduced through CPU memory)"]
+    return [
+        f'{many}: NCCL cannot put two processes on one GPU (it fails with "Duplicate GPU detected"); start '
+        f"at most {gpus} (--nproc {gpus}), or set train.ddp_backend: gloo to share a GPU (slow: gradients are "
+        "reduced through CPU memory)"
+    ]
 
 
 def _read_deepspeed_json(path: str, where: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LorakitError(f"{where}: DeepSpeed config not found: {path} (relative paths are read from the "
-                           f"current directory, {os.getcwd()})") from None
+        raise LorakitError(
+            f"{where}: DeepSpeed config not found: {path} (relative paths are read from the "
+            f"current directory, {os.getcwd()})"
+        ) from None
     except json.JSONDecodeError as exc:
         raise LorakitError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
@@ -161,8 +199,10 @@ def _zero(ds: dict | None) -> dict:
 
 def _ds_offloads(ds: dict | None) -> bool:
     zero = _zero(ds)
-    return any((zero.get(key) or {}).get("device", "none") not in ("none", None)
-               for key in ("offload_optimizer", "offload_param"))
+    return any(
+        (zero.get(key) or {}).get("device", "none") not in ("none", None)
+        for key in ("offload_optimizer", "offload_param")
+    )
 
 
 def is_bnb_optimizer(name: str) -> bool:
@@ -200,8 +240,9 @@ def quant_storage(model: ModelConfig, engine: Engine, compute_dtype: str) -> str
     return compute_dtype if engine.shards_parameters else "uint8"
 
 
-def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1,
-          gpus: int | None = None) -> None:
+def check(
+    recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1, gpus: int | None = None
+) -> None:
     """Refuse, with every reason at once, what would fail (or quietly do something else) under `engine`;
     `dtype` is the run's training dtype, when already known; `processes` the processes started on this
     machine and `gpus` its CUDA GPUs, when the caller knows them."""
@@ -210,66 +251,99 @@ def check(recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = Non
     problems += _process_placement(recipe, engine, cuda, processes, gpus)
     wanted = _MIXED.get(engine.mixed_precision, engine.mixed_precision)
     if engine.mixed_precision != "no" and dtype is not None and wanted != dtype:
-        problems.append(f"the accelerate config sets mixed_precision: {engine.mixed_precision}, but this run trains in "
-                        f"{dtype} (model.dtype: {recipe.model.dtype}{' on a machine without CUDA' if not cuda else ''})"
-                        f"{where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
-                        "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
-                        "or model.dtype to match")
-    if recipe.model.new_special_tokens and engine.kind == "fsdp" and engine.fsdp_version == 1 \
-            and not engine.fsdp_use_orig_params:
-        problems.append(f"model.new_special_tokens: only the new rows of the embedding train, and FSDP1 flattens "
-                        f"the embedding into one parameter that is trained whole or not at all{where}; set "
-                        "fsdp_use_orig_params: true in the accelerate config (peft's requirement), or use FSDP2")
+        problems.append(
+            f"the accelerate config sets mixed_precision: {engine.mixed_precision}, but this run trains in "
+            f"{dtype} (model.dtype: {recipe.model.dtype}{' on a machine without CUDA' if not cuda else ''})"
+            f"{where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
+            "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
+            "or model.dtype to match"
+        )
+    if (
+        recipe.model.new_special_tokens
+        and engine.kind == "fsdp"
+        and engine.fsdp_version == 1
+        and not engine.fsdp_use_orig_params
+    ):
+        problems.append(
+            f"model.new_special_tokens: only the new rows of the embedding train, and FSDP1 flattens "
+            f"the embedding into one parameter that is trained whole or not at all{where}; set "
+            "fsdp_use_orig_params: true in the accelerate config (peft's requirement), or use FSDP2"
+        )
     if recipe.method == "adalora" and engine.shards_parameters:
-        problems.append(f"method: adalora scores every singular value from its full gradient after each step and "
-                        f"penalises whole A and B matrices, which {engine.name} holds in shards{where}; use DDP")
+        problems.append(
+            f"method: adalora scores every singular value from its full gradient after each step and "
+            f"penalises whole A and B matrices, which {engine.name} holds in shards{where}; use DDP"
+        )
     if recipe.lora.init_lora_weights == "loftq" and not cuda:
-        problems.append("lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
-                        "quantization error there only (and none was found); use true or gaussian here")
+        problems.append(
+            "lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
+            "quantization error there only (and none was found); use true or gaussian here"
+        )
     if engine.kind in ("fsdp", "deepspeed") and not cuda:
-        problems.append(f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
-                        "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "
-                        "accelerate config) here, or run on GPUs")
+        problems.append(
+            f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
+            "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "
+            "accelerate config) here, or run on GPUs"
+        )
     if engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append(f"{engine.name} needs the `deepspeed` package, which is not installed{where}: "
-                        "pip install deepspeed")
+        problems.append(
+            f"{engine.name} needs the `deepspeed` package, which is not installed{where}: pip install deepspeed"
+        )
     storage = recipe.model.quantization.bnb_4bit_quant_storage
     if recipe.model.load_in_4bit and engine.shards_parameters and storage == "uint8":
         if engine.kind == "fsdp" and engine.fsdp_version == 2:
-            what = ("accelerate then leaves the 4-bit weights out of the sharding, so every GPU holds the whole "
-                    "4-bit base and FSDP saves nothing on it")
+            what = (
+                "accelerate then leaves the 4-bit weights out of the sharding, so every GPU holds the whole "
+                "4-bit base and FSDP saves nothing on it"
+            )
         elif engine.kind == "fsdp":
-            what = ("FSDP flattens each wrapped block's parameters into one float tensor and fails with "
-                    "\"Cannot flatten integer dtype tensors\"")
+            what = (
+                "FSDP flattens each wrapped block's parameters into one float tensor and fails with "
+                '"Cannot flatten integer dtype tensors"'
+            )
         else:
             what = "ZeRO-3 partitions every parameter as a float tensor and cannot hold integer-packed weights"
-        problems.append(f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{where}: {what}. "
-                        "Set it to `auto` (the training dtype) or bfloat16")
+        problems.append(
+            f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{where}: {what}. "
+            "Set it to `auto` (the training dtype) or bfloat16"
+        )
     if engine.shards_parameters and recipe.lora.moves_base_weights():
-        problems.append(f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
-                        f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian")
+        problems.append(
+            f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
+            f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian"
+        )
     optim = default_optim(recipe, engine)
     if engine.kind == "fsdp" and is_bnb_optimizer(optim):
-        problems.append(f"train.optim: {optim} is a bitsandbytes optimizer, which fails when FSDP saves a "
-                        f"checkpoint{where}; FSDP already shards the optimizer state: use adamw_torch "
-                        "(the default under FSDP)")
+        problems.append(
+            f"train.optim: {optim} is a bitsandbytes optimizer, which fails when FSDP saves a "
+            f"checkpoint{where}; FSDP already shards the optimizer state: use adamw_torch "
+            "(the default under FSDP)"
+        )
     if engine.kind == "deepspeed" and engine.offload and is_bnb_optimizer(optim):
-        problems.append(f"train.optim: {optim} is a bitsandbytes optimizer, and the DeepSpeed config offloads to "
-                        f"the CPU, which needs DeepSpeed's own CPU Adam{where}: drop train.optim (or set an "
-                        "`optimizer` in the DeepSpeed JSON)")
+        problems.append(
+            f"train.optim: {optim} is a bitsandbytes optimizer, and the DeepSpeed config offloads to "
+            f"the CPU, which needs DeepSpeed's own CPU Adam{where}: drop train.optim (or set an "
+            "`optimizer` in the DeepSpeed JSON)"
+        )
     if engine.kind == "fsdp" and engine.fsdp_activation_checkpointing and recipe.train.gradient_checkpointing:
-        problems.append(f"train.gradient_checkpointing is on and the FSDP config turns on its own activation "
-                        f"checkpointing{where}; the trainer refuses both. Keep one: set "
-                        "train.gradient_checkpointing: false, or fsdp_activation_checkpointing: false")
+        problems.append(
+            f"train.gradient_checkpointing is on and the FSDP config turns on its own activation "
+            f"checkpointing{where}; the trainer refuses both. Keep one: set "
+            "train.gradient_checkpointing: false, or fsdp_activation_checkpointing: false"
+        )
     ds = engine.deepspeed_config or {}
     if ds.get("optimizer") and recipe.train.optim:
-        problems.append(f"train.optim is {recipe.train.optim} but the DeepSpeed config defines its own optimizer "
-                        f"({ds['optimizer'].get('type', '?')}), which would be used instead{where}; remove one")
+        problems.append(
+            f"train.optim is {recipe.train.optim} but the DeepSpeed config defines its own optimizer "
+            f"({ds['optimizer'].get('type', '?')}), which would be used instead{where}; remove one"
+        )
     for ds_key, recipe_key in _DS_MATCHING.items():
         value = ds.get(ds_key, "auto")
         wanted = getattr(recipe.train, recipe_key)
         if value != "auto" and value != wanted:
-            problems.append(f"train.{recipe_key} is {wanted} but the DeepSpeed config sets {ds_key}: {value}{where}; "
-                            "set it to \"auto\" there so the recipe decides")
+            problems.append(
+                f"train.{recipe_key} is {wanted} but the DeepSpeed config sets {ds_key}: {value}{where}; "
+                'set it to "auto" there so the recipe decides'
+            )
     if problems:
         raise LorakitError("cannot run this recipe with " + engine.name + ":\n  " + "\n  ".join(problems))

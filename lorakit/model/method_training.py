@@ -52,10 +52,12 @@ class MethodTraining:
 
 class AdaLoraTraining(MethodTraining):
     def check_resume(self) -> None:
-        raise LorakitError("AdaLoRA runs cannot be resumed: peft writes each checkpoint's adapter cut to the ranks "
-                           "allocated so far, which no longer fit the full-rank layers training resumes with, and the "
-                           "importance estimates that drive the allocation are not saved. The checkpoints load with "
-                           "plain peft as adapters; start the run again to finish it")
+        raise LorakitError(
+            "AdaLoRA runs cannot be resumed: peft writes each checkpoint's adapter cut to the ranks "
+            "allocated so far, which no longer fit the full-rank layers training resumes with, and the "
+            "importance estimates that drive the allocation are not saved. The checkpoints load with "
+            "plain peft as adapters; start the run again to finish it"
+        )
 
     def trainer_class(self):
         return peft_methods.adalora_trainer_class()

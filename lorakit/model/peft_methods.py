@@ -20,11 +20,11 @@ from lorakit.recipe.schema import LoraSection, Recipe
 # peft_type values (adapter_config.json) whose adapters cannot be folded into the weights, and why
 NOT_MERGEABLE = {
     "PROMPT_TUNING": "a prompt-tuning adapter is a soft prompt put in front of the input; the model's weights are "
-                     "untouched, so there is nothing to merge. Serve the base with the adapter (PeftModel), or use "
-                     "`lorakit eval`/`generate`/`chat` on the run",
+    "untouched, so there is nothing to merge. Serve the base with the adapter (PeftModel), or use "
+    "`lorakit eval`/`generate`/`chat` on the run",
     "PREFIX_TUNING": "a prefix-tuning adapter is a set of key/value vectors put in front of every attention layer; the "
-                     "model's weights are untouched, so there is nothing to merge. Serve the base with the adapter "
-                     "(PeftModel), or use `lorakit eval`/`generate`/`chat` on the run",
+    "model's weights are untouched, so there is nothing to merge. Serve the base with the adapter "
+    "(PeftModel), or use `lorakit eval`/`generate`/`chat` on the run",
     "P_TUNING": "a p-tuning adapter is a trained prompt encoder; there is nothing to merge into the weights",
 }
 
@@ -39,31 +39,52 @@ def peft_config(recipe: Recipe, model=None, new_token_ids: list[int] | None = No
 
         lora, ada = recipe.lora, recipe.adalora
         # total_step, tinit and tfinal are placeholders until the trainer knows the step count (AdaLoraBudget)
-        return AdaLoraConfig(task_type="CAUSAL_LM", target_modules=lora.target_modules, lora_alpha=lora.lora_alpha,
-                             lora_dropout=lora.lora_dropout, bias=lora.bias, modules_to_save=lora.modules_to_save,
-                             init_r=ada.init_r, target_r=ada.target_r, tinit=0, tfinal=0, total_step=1,
-                             deltaT=ada.deltaT, beta1=ada.beta1, beta2=ada.beta2, orth_reg_weight=ada.orth_reg_weight)
+        return AdaLoraConfig(
+            task_type="CAUSAL_LM",
+            target_modules=lora.target_modules,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            bias=lora.bias,
+            modules_to_save=lora.modules_to_save,
+            init_r=ada.init_r,
+            target_r=ada.target_r,
+            tinit=0,
+            tfinal=0,
+            total_step=1,
+            deltaT=ada.deltaT,
+            beta1=ada.beta1,
+            beta2=ada.beta2,
+            orth_reg_weight=ada.orth_reg_weight,
+        )
     if method == "ia3":
         from peft import IA3Config
 
         ia3 = recipe.ia3
-        return IA3Config(task_type="CAUSAL_LM", target_modules=ia3.target_modules,
-                         feedforward_modules=ia3.feedforward_modules, modules_to_save=ia3.modules_to_save)
+        return IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=ia3.target_modules,
+            feedforward_modules=ia3.feedforward_modules,
+            modules_to_save=ia3.modules_to_save,
+        )
     if method == "prompt_tuning":
         from peft import PromptTuningConfig
 
         pt = recipe.prompt_tuning
         text = pt.prompt_tuning_init == "TEXT"
         return PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens, prompt_tuning_init=pt.prompt_tuning_init,
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=pt.num_virtual_tokens,
+            prompt_tuning_init=pt.prompt_tuning_init,
             prompt_tuning_init_text=pt.prompt_tuning_init_text if text else None,
-            tokenizer_name_or_path=(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path) if text else None)
+            tokenizer_name_or_path=(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path) if text else None,
+        )
     from peft import PrefixTuningConfig
 
     px = recipe.prefix_tuning
     extra = {"encoder_hidden_size": px.encoder_hidden_size} if px.encoder_hidden_size else {}
-    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=px.num_virtual_tokens,
-                              prefix_projection=px.prefix_projection, **extra)
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=px.num_virtual_tokens, prefix_projection=px.prefix_projection, **extra
+    )
 
 
 def lora_config(cfg: LoraSection, model=None, new_token_ids: list[int] | None = None):
@@ -75,14 +96,22 @@ def lora_config(cfg: LoraSection, model=None, new_token_ids: list[int] | None = 
         if output not in (modules_to_save or []):
             modules_to_save = [*(modules_to_save or []), output]
     return LoraConfig(
-        task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         modules_to_save=modules_to_save,
         # LoftQ on a 4-bit base is applied after the adapter exists (init_loftq); peft's own `loftq` path
         # would quantize a full-precision base itself
         init_lora_weights=True if cfg.init_lora_weights == "loftq" else cfg.init_lora_weights,
-        rank_pattern=cfg.rank_pattern or {}, alpha_pattern=cfg.alpha_pattern or {},
-        trainable_token_indices=tokens)
+        rank_pattern=cfg.rank_pattern or {},
+        alpha_pattern=cfg.alpha_pattern or {},
+        trainable_token_indices=tokens,
+    )
 
 
 def new_token_training(model, ids: list[int]) -> tuple[dict, str]:
@@ -93,9 +122,11 @@ def new_token_training(model, ids: list[int]) -> tuple[dict, str]:
     names = {id(m): n for n, m in model.named_modules()}
     inputs, output = model.get_input_embeddings(), model.get_output_embeddings()
     if output is None or output.weight is inputs.weight:
-        raise ModelError("model.new_special_tokens: this model ties its input and output embeddings; trl computes "
-                         "the loss from the output weight directly, which would bypass the new rows (train the "
-                         "embeddings in full with lora.modules_to_save: [embed_tokens] instead)")
+        raise ModelError(
+            "model.new_special_tokens: this model ties its input and output embeddings; trl computes "
+            "the loss from the output weight directly, which would bypass the new rows (train the "
+            "embeddings in full with lora.modules_to_save: [embed_tokens] instead)"
+        )
     return {names[id(inputs)].rsplit(".", 1)[-1]: list(ids)}, names[id(output)].rsplit(".", 1)[-1]
 
 
@@ -108,8 +139,9 @@ def init_loftq(model, base_dir: Path) -> None:
         raise ModelError("lora.init_lora_weights: loftq needs a CUDA GPU (peft computes it there)")
     files = list(base_dir.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"lora.init_lora_weights: loftq reads the original weights from safetensors files; none in "
-                         f"{base_dir}")
+        raise ModelError(
+            f"lora.init_lora_weights: loftq reads the original weights from safetensors files; none in {base_dir}"
+        )
     replace_lora_weights_loftq(model, model_path=str(base_dir))
     undo_scaling_in_loftq(model)
 
@@ -153,8 +185,10 @@ class AdaLoraBudget:
         config = self.model.peft_config["default"]
         tinit, tfinal = self.section.steps(total)
         if tinit >= total - tfinal:
-            raise LorakitError(f"adalora: tinit ({tinit} steps) and tfinal ({tfinal} steps) leave no step of the "
-                               f"{total} for the rank budget to shrink; lower them or train longer")
+            raise LorakitError(
+                f"adalora: tinit ({tinit} steps) and tfinal ({tfinal} steps) leave no step of the "
+                f"{total} for the rank budget to shrink; lower them or train longer"
+            )
         config.total_step, config.tinit, config.tfinal = total, tinit, tfinal
 
     def penalty(self) -> torch.Tensor:
@@ -173,8 +207,12 @@ def final_ranks(model) -> dict[str, int]:
     """AdaLoRA: the rank each adapted layer ended with (singular values left unmasked)."""
     config = model.peft_config["default"]
     pattern = config.rank_pattern or {}
-    return {name.removeprefix("base_model.model.").removesuffix(".lora_E").removesuffix(".default"):
-            int(sum(bool(v) for v in mask)) for name, mask in pattern.items()}
+    return {
+        name.removeprefix("base_model.model.").removesuffix(".lora_E").removesuffix(".default"): int(
+            sum(bool(v) for v in mask)
+        )
+        for name, mask in pattern.items()
+    }
 
 
 def adalora_trainer_class():
@@ -188,8 +226,9 @@ def adalora_trainer_class():
         budget = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
             if not model.training or self.budget is None:
                 return result
             # once per optimizer step, whatever the accumulation (trl's loss is already a per-step share)
@@ -208,8 +247,10 @@ def rank_summary(ranks: dict[str, int]) -> str:
     for name, rank in ranks.items():
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
     by_kind = ", ".join(f"{kind} {sum(r) / len(r):.1f}" for kind, r in sorted(kinds.items()))
-    return (f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
-            f"max {max(values)}); mean by module: {by_kind}; per layer in manifest.json")
+    return (
+        f"{sum(values)} in {len(values)} layers (min {min(values)}, mean {sum(values) / len(values):.1f}, "
+        f"max {max(values)}); mean by module: {by_kind}; per layer in manifest.json"
+    )
 
 
 def peft_type(adapter_dir: Path) -> str:

@@ -37,12 +37,19 @@ def for_training(recipe: Recipe, *, processes: int, engine: engines.Engine | Non
     precision = resolve_precision(recipe.model)
     engine = engine or engines.from_environment()
     cuda = torch.cuda.is_available()
-    engines.check(recipe, engine, cuda=cuda, dtype=precision.dtype, processes=processes,
-                  gpus=torch.cuda.device_count() if cuda else None)
+    engines.check(
+        recipe,
+        engine,
+        cuda=cuda,
+        dtype=precision.dtype,
+        processes=processes,
+        gpus=torch.cuda.device_count() if cuda else None,
+    )
     optimizer = engines.default_optim(recipe, engine)
     engines.check_optim(optimizer)
     model_class, model_type = model_class_for(recipe.model)
-    liger = recipe.train.use_liger_kernel is not False and use_liger(recipe.train.use_liger_kernel, precision,
-                                                                     model_type)
+    liger = recipe.train.use_liger_kernel is not False and use_liger(
+        recipe.train.use_liger_kernel, precision, model_type
+    )
     packing = use_packing(recipe.train.packing, model_class, model_type, recipe.method)
     return Setup(precision, engine, optimizer, liger, packing, recipe.model.load_in_4bit)

@@ -25,11 +25,18 @@ def locate(name_or_path: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                name_or_path,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except Exception as exc:  # offline, gated, not found: the hub client raises many types
-        raise ModelError(f"base model {name_or_path!r} is neither a local directory nor downloadable: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelError(
+            f"base model {name_or_path!r} is neither a local directory nor downloadable: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
 
 
 @dataclass
@@ -50,8 +57,10 @@ class Checkpoint:
 
             with safe_open(str(single), framework="pt") as handle:
                 return cls(directory, {name: SINGLE for name in handle.keys()})
-        raise ModelError(f"{directory}: no {SINGLE} or {INDEX}; lorakit merges safetensors checkpoints "
-                         "(convert .bin weights with `save_pretrained(..., safe_serialization=True)`)")
+        raise ModelError(
+            f"{directory}: no {SINGLE} or {INDEX}; lorakit merges safetensors checkpoints "
+            "(convert .bin weights with `save_pretrained(..., safe_serialization=True)`)"
+        )
 
     @property
     def shards(self) -> list[str]:

@@ -50,12 +50,20 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
     if engine.kind in ("single", "ddp") and recipe.distributed.accelerate_config:
         engine = attempt("engine", lambda: engines.from_accelerate_config(recipe.distributed.accelerate_config)[0])
     if engine is not None:
-        ok = attempt("engine", lambda: engines.check(recipe, engine, cuda=cuda,
-                                                     dtype=precision.dtype if precision else None) or True)
+        ok = attempt(
+            "engine",
+            lambda: engines.check(recipe, engine, cuda=cuda, dtype=precision.dtype if precision else None) or True,
+        )
         if ok:
-            findings.append(Finding("engine", "ok", f"{engine.name}; each process loads its own copy on its own "
-                                    "device (never device_map=auto)" if engine.kind in ("single", "ddp") else
-                                    f"{engine.name}: the engine places and shards the weights"))
+            findings.append(
+                Finding(
+                    "engine",
+                    "ok",
+                    f"{engine.name}; each process loads its own copy on its own device (never device_map=auto)"
+                    if engine.kind in ("single", "ddp")
+                    else f"{engine.name}: the engine places and shards the weights",
+                )
+            )
         optim = engines.default_optim(recipe, engine)
         if attempt("optimizer", lambda: engines.check_optim(optim) or True):
             findings.append(Finding("optimizer", "ok", optim))
@@ -64,9 +72,11 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
     counts = attempt("target modules", lambda: plan_mod.count(recipe))
     if counts is not None:
         listed = ", ".join(f"{name} x{n}" for name, n in sorted(counts.targets.items()))
-        where = (f"{getattr(recipe, recipe.method).num_virtual_tokens} virtual tokens ({recipe.method})"
-                 if recipe.method in PROMPT_LEARNING else
-                 f"{METHOD_NAMES[recipe.method]} on {sum(counts.targets.values())} layers ({listed})")
+        where = (
+            f"{getattr(recipe, recipe.method).num_virtual_tokens} virtual tokens ({recipe.method})"
+            if recipe.method in PROMPT_LEARNING
+            else f"{METHOD_NAMES[recipe.method]} on {sum(counts.targets.values())} layers ({listed})"
+        )
         findings.append(Finding("target modules", "ok", f"{where}; {counts.lora:,} trainable parameters"))
     attempt("packing", lambda: _packing(recipe, findings))
     attempt("data", lambda: _data(recipe, findings, use_cache))
@@ -79,19 +89,32 @@ def _model_dtype(recipe: Recipe, findings: list[Finding]) -> None:
     from transformers import AutoConfig
 
     cfg = recipe.model
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     trained = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
     if cfg.dtype == "float16" and trained == "bfloat16":
-        findings.append(Finding("precision", "warning", "model.dtype is float16 but the model was trained in bfloat16: "
-                                "activations may overflow float16's range; prefer bfloat16 where the GPU has it"))
+        findings.append(
+            Finding(
+                "precision",
+                "warning",
+                "model.dtype is float16 but the model was trained in bfloat16: "
+                "activations may overflow float16's range; prefer bfloat16 where the GPU has it",
+            )
+        )
 
 
 def _liger(recipe: Recipe, precision, findings: list[Finding]) -> None:
     if recipe.train.use_liger_kernel is False:
         return
     used = model_mod.use_liger(recipe.train.use_liger_kernel, precision, model_mod.model_class_for(recipe.model)[1])
-    findings.append(Finding("liger", "ok", "Liger kernels on (fused loss)" if used else
-                            "Liger kernels off (needs CUDA and liger-kernel)"))
+    findings.append(
+        Finding(
+            "liger",
+            "ok",
+            "Liger kernels on (fused loss)" if used else "Liger kernels off (needs CUDA and liger-kernel)",
+        )
+    )
 
 
 def _packing(recipe: Recipe, findings: list[Finding]) -> None:
@@ -106,35 +129,76 @@ def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
     prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     split = prepared.train
     trained = split.trained_tokens
-    findings.append(Finding("data", "ok", f"{prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
-                            f"({prepared.format}, template {prepared.template}); {trained:,} of {split.tokens:,} "
-                            f"tokens trained ({trained / max(split.tokens, 1):.0%})"))
+    findings.append(
+        Finding(
+            "data",
+            "ok",
+            f"{prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
+            f"({prepared.format}, template {prepared.template}); {trained:,} of {split.tokens:,} "
+            f"tokens trained ({trained / max(split.tokens, 1):.0%})",
+        )
+    )
     first = preview.example_text(tokenizer, split.input_ids[0], split.labels[0], prepared.end_of_turn_id)
     findings.append(Finding("first example", "ok", f"as trained («trained», ⟨special⟩):\n{first}"))
     if prepared.bad_rows:
-        findings.append(Finding("data", "warning", f"{len(prepared.bad_rows)} malformed rows skipped "
-                                f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}"))
+        findings.append(
+            Finding(
+                "data",
+                "warning",
+                f"{len(prepared.bad_rows)} malformed rows skipped "
+                f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}",
+            )
+        )
     if split.truncated or split.dropped:
         why = ", ".join(f"{n} {reason}" for reason, n in split.drops.items())
-        findings.append(Finding("data", "warning", f"data.max_length={recipe.data.max_length}: {split.truncated} "
-                                f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}"))
+        findings.append(
+            Finding(
+                "data",
+                "warning",
+                f"data.max_length={recipe.data.max_length}: {split.truncated} "
+                f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}",
+            )
+        )
     eot = prepared.end_of_turn_id
     name = tokenizer.convert_ids_to_tokens(eot)
     with_eot = sum(1 for labels in split.labels if eot in labels)
     share = with_eot / max(len(split.labels), 1)
     if with_eot == 0:
-        findings.append(Finding("end of turn", "error", f"the end-of-turn token {name} is in no example's labels: "
-                                "the model would never learn to stop; check data.train_on and the chat template"))
+        findings.append(
+            Finding(
+                "end of turn",
+                "error",
+                f"the end-of-turn token {name} is in no example's labels: "
+                "the model would never learn to stop; check data.train_on and the chat template",
+            )
+        )
     elif share < 1:
-        findings.append(Finding("end of turn", "warning", f"the end-of-turn token {name} is trained in {share:.0%} "
-                                "of the examples (truncation cuts it from the others)"))
+        findings.append(
+            Finding(
+                "end of turn",
+                "warning",
+                f"the end-of-turn token {name} is trained in {share:.0%} "
+                "of the examples (truncation cuts it from the others)",
+            )
+        )
     else:
-        findings.append(Finding("end of turn", "ok", f"{name} is trained in every example, and the run's "
-                                "generation_config.json lists it as a stop token"))
+        findings.append(
+            Finding(
+                "end of turn",
+                "ok",
+                f"{name} is trained in every example, and the run's generation_config.json lists it as a stop token",
+            )
+        )
     pad = tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id)
-    findings.append(Finding("padding", "ok", f"pad token {pad}{' (= eos)' if tokenizer.pad_token_id == tokenizer.eos_token_id else ''}"
-                            ": labels are built before padding, so the eos stays trained; padded positions are "
-                            "masked by the collator"))
+    findings.append(
+        Finding(
+            "padding",
+            "ok",
+            f"pad token {pad}{' (= eos)' if tokenizer.pad_token_id == tokenizer.eos_token_id else ''}"
+            ": labels are built before padding, so the eos stays trained; padded positions are "
+            "masked by the collator",
+        )
+    )
 
 
 def _memory(recipe: Recipe, gpu_memory: int | None, findings: list[Finding], counts) -> None:
@@ -149,8 +213,13 @@ def _memory(recipe: Recipe, gpu_memory: int | None, findings: list[Finding], cou
         findings.append(Finding("memory", "ok", f"about {total:.1f} of {limit:.1f} GiB per GPU"))
         return
     fixes = "; ".join(s["change"] for s in result.suggestions if s["fits"]) or "see `lorakit plan`"
-    findings.append(Finding("memory", "error", f"needs about {total:.1f} GiB per GPU, {limit:.1f} GiB available; "
-                            f"would fit with: {fixes}"))
+    findings.append(
+        Finding(
+            "memory",
+            "error",
+            f"needs about {total:.1f} GiB per GPU, {limit:.1f} GiB available; would fit with: {fixes}",
+        )
+    )
 
 
 def errors(findings: list[Finding]) -> list[Finding]:
@@ -178,6 +247,8 @@ def before_training(recipe: Recipe, use_cache: bool) -> None:
     findings = run(recipe, use_cache=use_cache)
     problems = errors(findings)
     if problems:
-        raise LorakitError("the preflight found problems (skip it with --no-check):\n  "
-                           + "\n  ".join(f"{f.check}: {f.message}" for f in problems))
+        raise LorakitError(
+            "the preflight found problems (skip it with --no-check):\n  "
+            + "\n  ".join(f"{f.check}: {f.message}" for f in problems)
+        )
     show([f for f in findings if f.level == "warning" and f.check != "data"], Console(stderr=True))

@@ -71,13 +71,30 @@ class MemoryPlan:
         return None if self.gpu_memory is None else self.total <= self.gpu_memory
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "engine": self.engine, "processes": self.processes, "dtype": self.dtype,
-                "micro_batch": self.micro_batch, "sequence": self.sequence, "parameters": self.parameters,
-                "per_gpu": [{"name": ln.name, "bytes": ln.bytes, "gib": round(ln.bytes / GIB, 3), "exact": ln.exact,
-                             "note": ln.note} for ln in self.lines],
-                "total_gib": round(self.total / GIB, 3),
-                "gpu_memory_gib": None if self.gpu_memory is None else round(self.gpu_memory / GIB, 3),
-                "fits": self.fits, "suggestions": self.suggestions, "time": self.time}
+        return {
+            "model": self.model,
+            "engine": self.engine,
+            "processes": self.processes,
+            "dtype": self.dtype,
+            "micro_batch": self.micro_batch,
+            "sequence": self.sequence,
+            "parameters": self.parameters,
+            "per_gpu": [
+                {
+                    "name": ln.name,
+                    "bytes": ln.bytes,
+                    "gib": round(ln.bytes / GIB, 3),
+                    "exact": ln.exact,
+                    "note": ln.note,
+                }
+                for ln in self.lines
+            ],
+            "total_gib": round(self.total / GIB, 3),
+            "gpu_memory_gib": None if self.gpu_memory is None else round(self.gpu_memory / GIB, 3),
+            "fits": self.fits,
+            "suggestions": self.suggestions,
+            "time": self.time,
+        }
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,9 @@ def count(recipe: Recipe) -> Counts:
     from lorakit.model import peft_methods as methods
 
     cfg = recipe.model
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     output = base.get_output_embeddings()
@@ -137,12 +156,31 @@ def count(recipe: Recipe) -> Counts:
     heads = getattr(text, "num_attention_heads", 1)
     hidden = text.hidden_size
     kv = getattr(text, "num_key_value_heads", None) or heads
-    return Counts(quantized, other, lora, total, text.num_hidden_layers, hidden,
-                  getattr(text, "intermediate_size", 4 * hidden), hidden * kv // heads, heads, text.vocab_size, targets)
+    return Counts(
+        quantized,
+        other,
+        lora,
+        total,
+        text.num_hidden_layers,
+        hidden,
+        getattr(text, "intermediate_size", 4 * hidden),
+        hidden * kv // heads,
+        heads,
+        text.vocab_size,
+        targets,
+    )
 
 
-def estimate(recipe: Recipe, counts: Counts, *, engine: Engine, processes: int, dtype: str, fused_loss: bool,
-             gpu_memory: int | None = None) -> MemoryPlan:
+def estimate(
+    recipe: Recipe,
+    counts: Counts,
+    *,
+    engine: Engine,
+    processes: int,
+    dtype: str,
+    fused_loss: bool,
+    gpu_memory: int | None = None,
+) -> MemoryPlan:
     """The per-GPU breakdown for `recipe` (its micro-batch, sequence, checkpointing, optimizer)."""
     four_bit = recipe.model.load_in_4bit
     compute = _BYTES[dtype]
@@ -157,36 +195,76 @@ def estimate(recipe: Recipe, counts: Counts, *, engine: Engine, processes: int, 
     offloaded = engine.kind == "fsdp" and engine.offload
     if offloaded:  # FSDP keeps parameters, gradients and optimizer state in CPU memory; one layer (+ prefetch) on GPU
         weights_split = state_split = max(counts.layers / 2, 1)
-    split_note = (" (offloaded to CPU memory; about two layers on the GPU at a time)" if offloaded
-                  else f" (1/{processes}: sharded)" if weights_split > 1 else "")
+    split_note = (
+        " (offloaded to CPU memory; about two layers on the GPU at a time)"
+        if offloaded
+        else f" (1/{processes}: sharded)"
+        if weights_split > 1
+        else ""
+    )
     if four_bit:
         double = recipe.model.quantization.bnb_4bit_use_double_quant
         packed = sum(nf4_bytes(n, double) for n in counts.quantized)
         # the QLoRA preparation upcasts every unquantized parameter to fp32 (not under FSDP/ZeRO-3, see model.py)
         other_bytes = counts.other * (compute if sharded else 4)
-        lines.append(Line("base weights (NF4)", int(packed / weights_split),
-                          f"{len(counts.quantized)} linear weights, {sum(counts.quantized):,} parameters in NF4"
-                          f"{' with double quantization' if double else ''}{split_note}", exact=not offloaded))
-        lines.append(Line("base weights (unquantized)", int(other_bytes / weights_split),
-                          f"{counts.other:,} parameters (embeddings, norms, lm_head) in "
-                          f"{dtype if sharded else 'float32 (the QLoRA preparation upcasts them)'}{split_note}",
-                          exact=not offloaded))
+        lines.append(
+            Line(
+                "base weights (NF4)",
+                int(packed / weights_split),
+                f"{len(counts.quantized)} linear weights, {sum(counts.quantized):,} parameters in NF4"
+                f"{' with double quantization' if double else ''}{split_note}",
+                exact=not offloaded,
+            )
+        )
+        lines.append(
+            Line(
+                "base weights (unquantized)",
+                int(other_bytes / weights_split),
+                f"{counts.other:,} parameters (embeddings, norms, lm_head) in "
+                f"{dtype if sharded else 'float32 (the QLoRA preparation upcasts them)'}{split_note}",
+                exact=not offloaded,
+            )
+        )
     else:
-        lines.append(Line("base weights", int(counts.total * compute / weights_split),
-                          f"{counts.total:,} parameters in {dtype}{split_note}", exact=not offloaded))
+        lines.append(
+            Line(
+                "base weights",
+                int(counts.total * compute / weights_split),
+                f"{counts.total:,} parameters in {dtype}{split_note}",
+                exact=not offloaded,
+            )
+        )
     adapter_dtype = dtype if (four_bit and dtype != "float32") else "float32"  # trl: QLoRA adapters in bf16
     adapter = _BYTES[adapter_dtype]
-    lines.append(Line("adapter parameters", int(counts.lora * adapter / weights_split),
-                      f"{counts.lora:,} trainable parameters in {adapter_dtype}{split_note}", exact=not offloaded))
-    lines.append(Line("adapter gradients", int(counts.lora * adapter / state_split), f"{adapter_dtype}, one per parameter",
-                      exact=True))
+    lines.append(
+        Line(
+            "adapter parameters",
+            int(counts.lora * adapter / weights_split),
+            f"{counts.lora:,} trainable parameters in {adapter_dtype}{split_note}",
+            exact=not offloaded,
+        )
+    )
+    lines.append(
+        Line(
+            "adapter gradients",
+            int(counts.lora * adapter / state_split),
+            f"{adapter_dtype}, one per parameter",
+            exact=True,
+        )
+    )
     optim = engines.default_optim(recipe, engine)
     per_param = 2 if any(marker in optim for marker in _8BIT_OPTIMIZERS) else 8
-    lines.append(Line("optimizer state", int(counts.lora * per_param / state_split),
-                      f"{optim}: {per_param} bytes per trainable parameter"
-                      f"{' (paged: spills to CPU memory under pressure)' if 'paged' in optim else ''}", exact=True))
+    lines.append(
+        Line(
+            "optimizer state",
+            int(counts.lora * per_param / state_split),
+            f"{optim}: {per_param} bytes per trainable parameter"
+            f"{' (paged: spills to CPU memory under pressure)' if 'paged' in optim else ''}",
+            exact=True,
+        )
+    )
 
-    per_token_layer = (22 * h + 4 * kv + 8 * f)  # bytes per token inside one decoder layer (bf16 + fp32 norms)
+    per_token_layer = 22 * h + 4 * kv + 8 * f  # bytes per token inside one decoder layer (bf16 + fp32 norms)
     tokens = b * s
     if train.gradient_checkpointing:
         activations = tokens * (layers * 2 * h + per_token_layer)
@@ -199,24 +277,61 @@ def estimate(recipe: Recipe, counts: Counts, *, engine: Engine, processes: int, 
         why += "; eager attention keeps the s x s scores"
     if four_bit:
         activations += max(counts.quantized) * compute  # one weight dequantized at a time
-    lines.append(Line("activations", activations, f"estimate for {b} x {s} tokens ({why}; flash/sdpa attention "
-                      "keeps no s x s scores)"))
+    lines.append(
+        Line(
+            "activations",
+            activations,
+            f"estimate for {b} x {s} tokens ({why}; flash/sdpa attention keeps no s x s scores)",
+        )
+    )
     if fused_loss:
-        lines.append(Line("logits and loss", tokens * h * 4, "fused linear cross-entropy: chunks of logits, never "
-                          "all of them (estimate)"))
+        lines.append(
+            Line(
+                "logits and loss",
+                tokens * h * 4,
+                "fused linear cross-entropy: chunks of logits, never all of them (estimate)",
+            )
+        )
     else:
-        lines.append(Line("logits and loss", tokens * vocab * (compute + 4 + 4),
-                          f"{b} x {s} x {vocab:,} logits in {dtype}, their fp32 copy for the loss and its gradient"))
+        lines.append(
+            Line(
+                "logits and loss",
+                tokens * vocab * (compute + 4 + 4),
+                f"{b} x {s} x {vocab:,} logits in {dtype}, their fp32 copy for the loss and its gradient",
+            )
+        )
     allocated = sum(line.bytes for line in lines)
-    lines.append(Line("CUDA context and allocator", CUDA_CONTEXT + int(ALLOCATOR_SLACK * allocated),
-                      f"assumed: {CUDA_CONTEXT / GIB:.2f} GiB context + {ALLOCATOR_SLACK:.0%} fragmentation"))
-    return MemoryPlan(recipe.model.name_or_path, engine.name, processes, dtype, b, s, lines,
-                {"base": counts.total, "quantized": sum(counts.quantized), "lora": counts.lora},
-                gpu_memory=gpu_memory)
+    lines.append(
+        Line(
+            "CUDA context and allocator",
+            CUDA_CONTEXT + int(ALLOCATOR_SLACK * allocated),
+            f"assumed: {CUDA_CONTEXT / GIB:.2f} GiB context + {ALLOCATOR_SLACK:.0%} fragmentation",
+        )
+    )
+    return MemoryPlan(
+        recipe.model.name_or_path,
+        engine.name,
+        processes,
+        dtype,
+        b,
+        s,
+        lines,
+        {"base": counts.total, "quantized": sum(counts.quantized), "lora": counts.lora},
+        gpu_memory=gpu_memory,
+    )
 
 
-def suggest(recipe: Recipe, counts: Counts, plan: MemoryPlan, *, engine: Engine, processes: int, dtype: str,
-            fused_loss: bool, largest_batch: bool = False) -> list[dict]:
+def suggest(
+    recipe: Recipe,
+    counts: Counts,
+    plan: MemoryPlan,
+    *,
+    engine: Engine,
+    processes: int,
+    dtype: str,
+    fused_loss: bool,
+    largest_batch: bool = False,
+) -> list[dict]:
     """Changes that make a plan fit, each with its new estimate; the largest micro-batch with `largest_batch`."""
     if plan.gpu_memory is None:
         return []
@@ -232,73 +347,128 @@ def suggest(recipe: Recipe, counts: Counts, plan: MemoryPlan, *, engine: Engine,
         if not recipe.model.load_in_4bit:
             out.append(option("model.load_in_4bit: true (QLoRA)", _with(recipe, model={"load_in_4bit": True})))
         if not train.gradient_checkpointing:
-            out.append(option("train.gradient_checkpointing: true", _with(recipe, train={"gradient_checkpointing": True})))
+            out.append(
+                option("train.gradient_checkpointing: true", _with(recipe, train={"gradient_checkpointing": True}))
+            )
         if not fused_loss:
-            out.append(option("a fused loss: train.use_liger_kernel with liger-kernel installed", recipe,
-                              fused_loss=True))
+            out.append(
+                option("a fused loss: train.use_liger_kernel with liger-kernel installed", recipe, fused_loss=True)
+            )
         batch = train.per_device_train_batch_size
         while batch > 1:
             batch //= 2
             accumulation = train.gradient_accumulation_steps * train.per_device_train_batch_size // batch
-            result = option(f"train.per_device_train_batch_size: {batch}, train.gradient_accumulation_steps: "
-                            f"{accumulation} (same global batch)",
-                            _with(recipe, train={"per_device_train_batch_size": batch,
-                                                 "gradient_accumulation_steps": accumulation}))
+            result = option(
+                f"train.per_device_train_batch_size: {batch}, train.gradient_accumulation_steps: "
+                f"{accumulation} (same global batch)",
+                _with(
+                    recipe, train={"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+                ),
+            )
             out.append(result)
             if result["fits"]:
                 break
         shorter = recipe.data.max_length // 2
         if shorter >= 128:
-            out.append(option(f"data.max_length: {shorter} (longer examples are truncated or dropped)",
-                              _with(recipe, data={"max_length": shorter})))
+            out.append(
+                option(
+                    f"data.max_length: {shorter} (longer examples are truncated or dropped)",
+                    _with(recipe, data={"max_length": shorter}),
+                )
+            )
         for more in (2, 4, 8):
             if more > processes:
-                out.append(option(f"FSDP over {more} GPUs", recipe, engine=Engine("fsdp", fsdp_version=1),
-                                  processes=more))
-        out.append(option(f"FSDP with parameters offloaded to CPU over {max(processes, 2)} GPUs "
-                          "(configs/accelerate/fsdp_qlora.yaml)", recipe,
-                          engine=Engine("fsdp", fsdp_version=1, offload=True), processes=max(processes, 2)))
+                out.append(
+                    option(f"FSDP over {more} GPUs", recipe, engine=Engine("fsdp", fsdp_version=1), processes=more)
+                )
+        out.append(
+            option(
+                f"FSDP with parameters offloaded to CPU over {max(processes, 2)} GPUs "
+                "(configs/accelerate/fsdp_qlora.yaml)",
+                recipe,
+                engine=Engine("fsdp", fsdp_version=1, offload=True),
+                processes=max(processes, 2),
+            )
+        )
         if not any(item["fits"] for item in out):
             out.append(_combined(recipe, counts, plan, dtype=dtype, processes=processes, engine=engine))
     if largest_batch:
         best = None
         for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             changed = _with(recipe, train={"per_device_train_batch_size": batch})
-            if not estimate(changed, counts, engine=engine, processes=processes, dtype=dtype, fused_loss=fused_loss,
-                            gpu_memory=plan.gpu_memory).fits:
+            if not estimate(
+                changed,
+                counts,
+                engine=engine,
+                processes=processes,
+                dtype=dtype,
+                fused_loss=fused_loss,
+                gpu_memory=plan.gpu_memory,
+            ).fits:
                 break
             best = batch
-        out.append({"change": f"largest micro-batch that fits: {best}" if best else "no micro-batch fits",
-                    "micro_batch": best, "fits": best is not None})
+        out.append(
+            {
+                "change": f"largest micro-batch that fits: {best}" if best else "no micro-batch fits",
+                "micro_batch": best,
+                "fits": best is not None,
+            }
+        )
     return out
 
 
 def _combined(recipe: Recipe, counts: Counts, plan: MemoryPlan, *, dtype: str, processes: int, engine: Engine) -> dict:
     """No single change fits: add them up in order of cost to the run until one combination fits."""
     train = recipe.train
-    changed = _with(recipe, model={"load_in_4bit": True},
-                    train={"gradient_checkpointing": True, "per_device_train_batch_size": 1,
-                           "gradient_accumulation_steps": train.gradient_accumulation_steps
-                           * train.per_device_train_batch_size})
-    steps = ["model.load_in_4bit: true", "train.gradient_checkpointing: true",
-             "train.per_device_train_batch_size: 1 (accumulation keeps the global batch)", "a fused loss"]
-    layouts = [(engine, processes, None)] + [(Engine("fsdp", fsdp_version=1), n, f"FSDP over {n} GPUs")
-                                             for n in (2, 4, 8) if n > processes]
-    layouts += [(Engine("fsdp", fsdp_version=1, offload=True), n, f"FSDP with CPU offload over {n} GPUs")
-                for n in (2, 4, 8) if n >= processes]
+    changed = _with(
+        recipe,
+        model={"load_in_4bit": True},
+        train={
+            "gradient_checkpointing": True,
+            "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": train.gradient_accumulation_steps * train.per_device_train_batch_size,
+        },
+    )
+    steps = [
+        "model.load_in_4bit: true",
+        "train.gradient_checkpointing: true",
+        "train.per_device_train_batch_size: 1 (accumulation keeps the global batch)",
+        "a fused loss",
+    ]
+    layouts = [(engine, processes, None)] + [
+        (Engine("fsdp", fsdp_version=1), n, f"FSDP over {n} GPUs") for n in (2, 4, 8) if n > processes
+    ]
+    layouts += [
+        (Engine("fsdp", fsdp_version=1, offload=True), n, f"FSDP with CPU offload over {n} GPUs")
+        for n in (2, 4, 8)
+        if n >= processes
+    ]
     new = None
     for layout, count_, label in layouts:
-        new = estimate(changed, counts, engine=layout, processes=count_, dtype=dtype, fused_loss=True,
-                       gpu_memory=plan.gpu_memory)
+        new = estimate(
+            changed, counts, engine=layout, processes=count_, dtype=dtype, fused_loss=True, gpu_memory=plan.gpu_memory
+        )
         if new.fits:
-            return {"change": "together: " + ", ".join(steps + ([label] if label else [])),
-                    "total_gib": round(new.total / GIB, 2), "fits": True}
-    return {"change": "nothing lorakit can change fits this model in this memory: use GPUs with more memory",
-            "total_gib": round(new.total / GIB, 2), "fits": False}
+            return {
+                "change": "together: " + ", ".join(steps + ([label] if label else [])),
+                "total_gib": round(new.total / GIB, 2),
+                "fits": True,
+            }
+    return {
+        "change": "nothing lorakit can change fits this model in this memory: use GPUs with more memory",
+        "total_gib": round(new.total / GIB, 2),
+        "fits": False,
+    }
 
 
-def training_time(plan: MemoryPlan, counts: Counts, train_tokens: int, epochs: float, peak_flops: float | None,
-                  tokens_per_s: float | None) -> dict | None:
+def training_time(
+    plan: MemoryPlan,
+    counts: Counts,
+    train_tokens: int,
+    epochs: float,
+    peak_flops: float | None,
+    tokens_per_s: float | None,
+) -> dict | None:
     """Hours for the recipe's tokens, from a measured tokens/s, or from the GPU's peak FLOP/s at ASSUMED_MFU."""
     basis = f"{tokens_per_s:,.0f} tokens/s per GPU (given)" if tokens_per_s else None
     if tokens_per_s is None:
@@ -306,11 +476,18 @@ def training_time(plan: MemoryPlan, counts: Counts, train_tokens: int, epochs: f
             return None
         per_token = 4 * counts.total + 6 * counts.lora + 6 * counts.layers * plan.sequence * counts.hidden
         tokens_per_s = ASSUMED_MFU * peak_flops / per_token
-        basis = (f"{tokens_per_s:,.0f} tokens/s per GPU assumed: {ASSUMED_MFU:.0%} of {peak_flops / 1e12:,.0f} "
-                 "TFLOP/s (bf16 peak), 4 N + 6 N_lora + 6 L s d FLOPs per token")
+        basis = (
+            f"{tokens_per_s:,.0f} tokens/s per GPU assumed: {ASSUMED_MFU:.0%} of {peak_flops / 1e12:,.0f} "
+            "TFLOP/s (bf16 peak), 4 N + 6 N_lora + 6 L s d FLOPs per token"
+        )
     seconds = train_tokens * epochs / (tokens_per_s * plan.processes)
-    return {"tokens": train_tokens, "epochs": epochs, "seconds": round(seconds, 1), "hours": round(seconds / 3600, 3),
-            "basis": basis}
+    return {
+        "tokens": train_tokens,
+        "epochs": epochs,
+        "seconds": round(seconds, 1),
+        "hours": round(seconds / 3600, 3),
+        "basis": basis,
+    }
 
 
 def _with(recipe: Recipe, **sections) -> Recipe:
@@ -324,7 +501,7 @@ def parse_size(text: str) -> int:
     units = {"gib": GIB, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": GIB}
     raw = text.strip().lower().replace(" ", "")
     number = raw.rstrip("gibmb")  # noqa: B005 (the unit letters, in any order)
-    unit = raw[len(number):]
+    unit = raw[len(number) :]
     try:
         value = float(number)
     except ValueError:
@@ -342,9 +519,17 @@ def gpu_memory_option(text: str | None) -> int | None:
         raise LorakitError(f"--gpu-memory: {exc}") from None
 
 
-def run(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int | None = None, largest_batch: bool = False,
-        tokens_per_s: float | None = None, gpu_kind: str | None = None, with_time: bool = True,
-        counts: Counts | None = None) -> MemoryPlan:
+def run(
+    recipe: Recipe,
+    *,
+    gpu_memory: int | None = None,
+    gpus: int | None = None,
+    largest_batch: bool = False,
+    tokens_per_s: float | None = None,
+    gpu_kind: str | None = None,
+    with_time: bool = True,
+    counts: Counts | None = None,
+) -> MemoryPlan:
     """The plan for the GPUs this recipe will run on: its engine (distributed section), its precision (bf16
     unless model.dtype says otherwise), the fused loss when Liger will be used. `counts`: the recipe's
     `count()`, when the caller has it already."""
@@ -370,11 +555,15 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, gpus: int | None = Non
     result = estimate(recipe, counts, gpu_memory=gpu_memory, **settings)
     result.suggestions = suggest(recipe, counts, result, largest_batch=largest_batch, **settings)
     if with_time:
-        result.time = _time(recipe, result, counts, tokens_per_s, gpu_kind or (torch.cuda.get_device_name() if cuda else None))
+        result.time = _time(
+            recipe, result, counts, tokens_per_s, gpu_kind or (torch.cuda.get_device_name() if cuda else None)
+        )
     return result
 
 
-def _time(recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float | None, gpu_kind: str | None) -> dict | None:
+def _time(
+    recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float | None, gpu_kind: str | None
+) -> dict | None:
     from trl.trainer.utils import get_peak_flops
 
     from lorakit import data as data_mod
@@ -388,8 +577,12 @@ def _time(recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float 
     peak = get_peak_flops(gpu_kind, "bfloat16") if gpu_kind else None
     epochs = recipe.train.num_train_epochs
     if recipe.train.max_steps > 0:  # steps x global batch rows; with packing a row is up to max_length tokens
-        rows = recipe.train.max_steps * recipe.train.per_device_train_batch_size * \
-            recipe.train.gradient_accumulation_steps * plan.processes
+        rows = (
+            recipe.train.max_steps
+            * recipe.train.per_device_train_batch_size
+            * recipe.train.gradient_accumulation_steps
+            * plan.processes
+        )
         epochs = rows / max(prepared.rows["train"], 1)
     found = training_time(plan, counts, prepared.train.tokens, epochs, peak, tokens_per_s)
     if found is None:
@@ -400,8 +593,10 @@ def _time(recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float 
 def show(plan: MemoryPlan, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{plan.model}: {plan.engine}, {plan.processes} GPU(s), {plan.dtype}, micro-batch "
-                        f"{plan.micro_batch} x {plan.sequence} tokens (per GPU)")
+    table = Table(
+        title=f"{plan.model}: {plan.engine}, {plan.processes} GPU(s), {plan.dtype}, micro-batch "
+        f"{plan.micro_batch} x {plan.sequence} tokens (per GPU)"
+    )
     table.add_column("memory")
     table.add_column("GiB", justify="right")
     table.add_column("how")
@@ -411,8 +606,9 @@ def show(plan: MemoryPlan, console) -> None:
     console.print(table)
     if plan.gpu_memory is not None:
         verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-        console.print(f"{verdict} in {plan.gpu_memory / GIB:.1f} GiB per GPU "
-                      f"({100 * plan.total / plan.gpu_memory:.0f}% used)")
+        console.print(
+            f"{verdict} in {plan.gpu_memory / GIB:.1f} GiB per GPU ({100 * plan.total / plan.gpu_memory:.0f}% used)"
+        )
     else:
         console.print("no GPU here and no --gpu-memory: give --gpu-memory 24GiB for a verdict")
     for item in plan.suggestions:
@@ -422,6 +618,10 @@ def show(plan: MemoryPlan, console) -> None:
     if plan.time:
         hours = plan.time["hours"]
         when = (f"{hours:.1f} h" if hours >= 1 else f"{plan.time['seconds'] / 60:.1f} min") if hours is not None else ""
-        console.print((f"training time: about {when}" if hours is not None else "training time: ")
-                      + (f" ({plan.time['tokens']:,} tokens x {plan.time['epochs']:g} epochs; " if hours is not None
-                         else "") + plan.time["basis"] + (")" if hours is not None else ""), highlight=False)
+        console.print(
+            (f"training time: about {when}" if hours is not None else "training time: ")
+            + (f" ({plan.time['tokens']:,} tokens x {plan.time['epochs']:g} epochs; " if hours is not None else "")
+            + plan.time["basis"]
+            + (")" if hours is not None else ""),
+            highlight=False,
+        )

@@ -30,22 +30,38 @@ def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool
     if chosen is None:
         raise DataError("there is no eval split: set `data.eval` or `data.eval_fraction`")
     packing = _packing(recipe)
-    stats = split_stats(chosen, max_length=recipe.data.max_length, seed=recipe.train.seed,
-                        batch_size=recipe.train.per_device_train_batch_size)
+    stats = split_stats(
+        chosen,
+        max_length=recipe.data.max_length,
+        seed=recipe.train.seed,
+        batch_size=recipe.train.per_device_train_batch_size,
+    )
     specials = set(tokenizer.all_special_ids) | {prepared.end_of_turn_id}
-    examples = [{"index": i, "tokens": len(ids), "trained_tokens": sum(t != IGNORE for t in labels),
-                 "segments": _segments(tokenizer, ids, labels, specials)}
-                for i, (ids, labels) in enumerate(zip(chosen.dataset["input_ids"][:count],
-                                                      chosen.dataset["labels"][:count]))]
+    examples = [
+        {
+            "index": i,
+            "tokens": len(ids),
+            "trained_tokens": sum(t != IGNORE for t in labels),
+            "segments": _segments(tokenizer, ids, labels, specials),
+        }
+        for i, (ids, labels) in enumerate(zip(chosen.dataset["input_ids"][:count], chosen.dataset["labels"][:count]))
+    ]
     return {
-        "split": split, "formats": prepared.formats, "chat_template": prepared.template,
+        "split": split,
+        "formats": prepared.formats,
+        "chat_template": prepared.template,
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
-        "train_on": recipe.data.train_on, "max_length": recipe.data.max_length,
-        "on_overflow": recipe.data.on_overflow, "packing": packing, "cached": prepared.cached,
-        "rows": prepared.rows, "bad_rows_skipped": len(prepared.bad_rows),
+        "train_on": recipe.data.train_on,
+        "max_length": recipe.data.max_length,
+        "on_overflow": recipe.data.on_overflow,
+        "packing": packing,
+        "cached": prepared.cached,
+        "rows": prepared.rows,
+        "bad_rows_skipped": len(prepared.bad_rows),
         "first_bad_row": prepared.bad_rows[0] if prepared.bad_rows else None,
         "sources": prepared.sources if split == "train" else None,
-        "stats": stats, "examples": examples,
+        "stats": stats,
+        "examples": examples,
     }
 
 
@@ -89,13 +105,19 @@ def show(report: dict, console: Console) -> None:
     plain = console.no_color or console.color_system is None
     console.print(_settings(report), highlight=False)
     for example in report["examples"]:
-        console.rule(f"{report['split']} example {example['index']}: {example['tokens']} tokens, "
-                     f"{example['trained_tokens']} trained", style="dim")
+        console.rule(
+            f"{report['split']} example {example['index']}: {example['tokens']} tokens, "
+            f"{example['trained_tokens']} trained",
+            style="dim",
+        )
         console.print(_rendered(example["segments"], plain), highlight=False)
     console.rule(style="dim")
-    legend = ("trained text is «marked»; special tokens in ⟨⟩" if plain else
-              "[green]trained[/]  [dim]masked (context only)[/]  [reverse green]trained special[/]  "
-              "[reverse]masked special[/]")
+    legend = (
+        "trained text is «marked»; special tokens in ⟨⟩"
+        if plain
+        else "[green]trained[/]  [dim]masked (context only)[/]  [reverse green]trained special[/]  "
+        "[reverse]masked special[/]"
+    )
     console.print(legend)
     console.print(_figures(report))
 
@@ -103,10 +125,12 @@ def show(report: dict, console: Console) -> None:
 def _settings(report: dict) -> str:
     formats = ", ".join(sorted(set(report["formats"].values())))
     packing = {True: "on", False: "off", None: "unknown (model config unreachable)"}[report["packing"]]
-    return (f"format {formats}; chat template: {report['chat_template']}; end-of-turn token "
-            f"{report['end_of_turn_token']}\ntrain_on {report['train_on']}; max_length {report['max_length']} "
-            f"(on_overflow {report['on_overflow']}); packing {packing}"
-            f"{'; read from the preprocessing cache' if report['cached'] else ''}")
+    return (
+        f"format {formats}; chat template: {report['chat_template']}; end-of-turn token "
+        f"{report['end_of_turn_token']}\ntrain_on {report['train_on']}; max_length {report['max_length']} "
+        f"(on_overflow {report['on_overflow']}); packing {packing}"
+        f"{'; read from the preprocessing cache' if report['cached'] else ''}"
+    )
 
 
 def _rendered(segments: list[dict], plain: bool) -> Text:
@@ -137,23 +161,38 @@ def _figures(report: dict) -> Table:
     table.add_column()
     dropped = ", ".join(f"{n} {why}" for why, n in stats["dropped"].items()) or "0"
     rows = [
-        ("examples", f"{stats['examples']:,} in {report['split']}"
-                     + (f" ({report['rows']['eval']:,} in eval)" if report["split"] == "train" else "")),
+        (
+            "examples",
+            f"{stats['examples']:,} in {report['split']}"
+            + (f" ({report['rows']['eval']:,} in eval)" if report["split"] == "train" else ""),
+        ),
         ("truncated", f"{stats['truncated']:,}"),
         ("dropped", dropped),
-        ("malformed rows skipped", f"{report['bad_rows_skipped']:,}"
-         + (f" (first: {report['first_bad_row']})" if report["first_bad_row"] else "")),
+        (
+            "malformed rows skipped",
+            f"{report['bad_rows_skipped']:,}"
+            + (f" (first: {report['first_bad_row']})" if report["first_bad_row"] else ""),
+        ),
         ("tokens per example", f"min {per['min']}, median {per['median']:g}, mean {per['mean']}, max {per['max']}"),
         ("trained tokens", f"{stats['trained_tokens']:,} of {stats['tokens']:,} ({stats['trained_share']:.1%})"),
-        ("padding", f"{stats['padded']['padding_share']:.1%} of positions in padded batches of "
-                    f"{stats['padded']['batch_size']}"),
-        ("packing", f"{stats['packed']['rows']:,} rows of {stats['packed']['max_length']} tokens, "
-                    f"{stats['packed']['fill']:.1%} full (padding-free: no padding computed)"),
+        (
+            "padding",
+            f"{stats['padded']['padding_share']:.1%} of positions in padded batches of {stats['padded']['batch_size']}",
+        ),
+        (
+            "packing",
+            f"{stats['packed']['rows']:,} rows of {stats['packed']['max_length']} tokens, "
+            f"{stats['packed']['fill']:.1%} full (padding-free: no padding computed)",
+        ),
     ]
     for source in report["sources"] or []:
         if len(report["sources"]) > 1:
-            rows.append((f"source {source['source']}", f"{source['used']:,} used of {source['examples']:,} "
-                                                        f"(weight {source['weight']:g})"))
+            rows.append(
+                (
+                    f"source {source['source']}",
+                    f"{source['used']:,} used of {source['examples']:,} (weight {source['weight']:g})",
+                )
+            )
     for name, value in rows:
         table.add_row(name, value)
     return table

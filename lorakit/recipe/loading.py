@@ -22,13 +22,26 @@ from lorakit.recipe.schema import DATA_SUFFIXES, DataSource, Recipe
 
 # Names users bring from other tools (axolotl, LLaMA-Factory, older TRL) -> lorakit's name.
 _SYNONYMS = {
-    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
-    "batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
-    "rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-    "lora_target_modules": "target_modules", "lora_target": "target_modules",
-    "base_model": "name_or_path", "model_name_or_path": "name_or_path", "sequence_len": "max_length",
-    "cutoff_len": "max_length", "max_seq_length": "max_length", "warmup_ratio": "warmup_steps",
-    "torch_dtype": "dtype", "evaluation_strategy": "eval_strategy", "quantization_config": "quantization",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "micro_batch_size": "per_device_train_batch_size",
+    "rank": "r",
+    "lora_r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lora_target_modules": "target_modules",
+    "lora_target": "target_modules",
+    "base_model": "name_or_path",
+    "model_name_or_path": "name_or_path",
+    "sequence_len": "max_length",
+    "cutoff_len": "max_length",
+    "max_seq_length": "max_length",
+    "warmup_ratio": "warmup_steps",
+    "torch_dtype": "dtype",
+    "evaluation_strategy": "eval_strategy",
+    "quantization_config": "quantization",
 }
 
 
@@ -41,7 +54,8 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -104,7 +118,7 @@ def _assign(data: dict, keys: list[str], value: Any, item: str) -> None:
     for depth, key in enumerate(keys[:-1]):
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
-            raise RecipeError(f"--set {item}: `{'.'.join(keys[:depth + 1])}` is a value, not a section")
+            raise RecipeError(f"--set {item}: `{'.'.join(keys[: depth + 1])}` is a value, not a section")
     target[keys[-1]] = value
 
 

@@ -15,8 +15,13 @@ from lorakit.recipe.section import Section
 
 Method = Literal["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning"]
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")  # virtual tokens in front of every example, nothing to merge
-METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA3", "prompt_tuning": "prompt tuning",
-                "prefix_tuning": "prefix tuning"}  # as people write them
+METHOD_NAMES = {
+    "lora": "LoRA",
+    "adalora": "AdaLoRA",
+    "ia3": "IA3",
+    "prompt_tuning": "prompt tuning",
+    "prefix_tuning": "prefix tuning",
+}  # as people write them
 
 
 class AdaLoraSection(Section):
@@ -25,17 +30,32 @@ class AdaLoraSection(Section):
     `modules_to_save` come from the `lora:` section."""
 
     init_r: int = Field(12, gt=0, description="Rank every adapted layer starts with.")
-    target_r: int = Field(8, gt=0, description="Average rank per layer at the end: the budget shrinks from "
-                          "`init_r` x layers to `target_r` x layers, moved to the layers whose singular values matter most.")
-    tinit: float = Field(0.1, ge=0, description="Steps trained at full rank before the budget starts to shrink: a "
-                         "number of steps, or a ratio of all steps when below 1.")
-    tfinal: float = Field(0.2, ge=0, description="Steps trained at the final ranks after the budget stops shrinking: "
-                          "a number of steps, or a ratio of all steps when below 1.")
+    target_r: int = Field(
+        8,
+        gt=0,
+        description="Average rank per layer at the end: the budget shrinks from "
+        "`init_r` x layers to `target_r` x layers, moved to the layers whose singular values matter most.",
+    )
+    tinit: float = Field(
+        0.1,
+        ge=0,
+        description="Steps trained at full rank before the budget starts to shrink: a "
+        "number of steps, or a ratio of all steps when below 1.",
+    )
+    tfinal: float = Field(
+        0.2,
+        ge=0,
+        description="Steps trained at the final ranks after the budget stops shrinking: "
+        "a number of steps, or a ratio of all steps when below 1.",
+    )
     deltaT: int = Field(1, gt=0, description="Steps between two reallocations of the budget.")
     beta1: float = Field(0.85, gt=0, lt=1, description="Smoothing of the importance (sensitivity) estimate.")
     beta2: float = Field(0.85, gt=0, lt=1, description="Smoothing of its uncertainty estimate.")
-    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the penalty that keeps the singular vectors "
-                                   "orthogonal (added to the training loss).")
+    orth_reg_weight: float = Field(
+        0.5,
+        ge=0,
+        description="Weight of the penalty that keeps the singular vectors orthogonal (added to the training loss).",
+    )
 
     @model_validator(mode="after")
     def _budget_shrinks(self) -> AdaLoraSection:
@@ -59,11 +79,15 @@ class IA3Section(Section):
     parameters of LoRA's update, mergeable."""
 
     target_modules: list[str] | str | None = Field(
-        None, description="Modules whose activations are rescaled: module names, one regular expression, or "
-        "`all-linear`. Unset: peft's choice for the architecture (Llama: k_proj, v_proj, down_proj).")
+        None,
+        description="Modules whose activations are rescaled: module names, one regular expression, or "
+        "`all-linear`. Unset: peft's choice for the architecture (Llama: k_proj, v_proj, down_proj).",
+    )
     feedforward_modules: list[str] | str | None = Field(
-        None, description="Which of `target_modules` are feed-forward layers (their input is rescaled rather than "
-        "their output); must be a subset of them. Unset: peft's choice (Llama: down_proj).")
+        None,
+        description="Which of `target_modules` are feed-forward layers (their input is rescaled rather than "
+        "their output); must be a subset of them. Unset: peft's choice (Llama: down_proj).",
+    )
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter.")
 
     @model_validator(mode="after")
@@ -83,19 +107,25 @@ class PromptTuningSection(Section):
 
     num_virtual_tokens: int = Field(20, gt=0, description="Length of the soft prompt, in tokens.")
     prompt_tuning_init: Literal["RANDOM", "TEXT", "SAMPLE_VOCAB"] = Field(
-        "RANDOM", description="Start from random vectors, from the embeddings of `prompt_tuning_init_text`, or from "
-        "randomly sampled vocabulary embeddings.")
+        "RANDOM",
+        description="Start from random vectors, from the embeddings of `prompt_tuning_init_text`, or from "
+        "randomly sampled vocabulary embeddings.",
+    )
     prompt_tuning_init_text: str | None = Field(
-        None, description="With `prompt_tuning_init: TEXT`: the text whose token embeddings start the soft prompt "
-        "(repeated or cut to `num_virtual_tokens`), e.g. a task instruction.")
+        None,
+        description="With `prompt_tuning_init: TEXT`: the text whose token embeddings start the soft prompt "
+        "(repeated or cut to `num_virtual_tokens`), e.g. a task instruction.",
+    )
 
     @model_validator(mode="after")
     def _text_with_text_init(self) -> PromptTuningSection:
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
         if self.prompt_tuning_init_text and self.prompt_tuning_init != "TEXT":
-            raise ValueError("prompt_tuning_init_text is given but prompt_tuning_init is not TEXT, so it would be "
-                             "ignored; set `prompt_tuning_init: TEXT` or remove the text")
+            raise ValueError(
+                "prompt_tuning_init_text is given but prompt_tuning_init is not TEXT, so it would be "
+                "ignored; set `prompt_tuning_init: TEXT` or remove the text"
+            )
         return self
 
 
@@ -104,10 +134,14 @@ class PrefixTuningSection(Section):
     front of every attention layer; the model is untouched, so there is nothing to merge."""
 
     num_virtual_tokens: int = Field(20, gt=0, description="Length of the prefix, in positions.")
-    prefix_projection: bool = Field(False, description="Produce the prefix through a two-layer MLP (the paper's "
-                                    "reparameterisation, steadier training, more parameters).")
-    encoder_hidden_size: int | None = Field(None, gt=0, description="Hidden size of that MLP (default: the "
-                                            "model's hidden size).")
+    prefix_projection: bool = Field(
+        False,
+        description="Produce the prefix through a two-layer MLP (the paper's "
+        "reparameterisation, steadier training, more parameters).",
+    )
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="Hidden size of that MLP (default: the model's hidden size)."
+    )
 
     @model_validator(mode="after")
     def _hidden_size_needs_projection(self) -> PrefixTuningSection:
@@ -117,8 +151,13 @@ class PrefixTuningSection(Section):
 
 
 # What each PEFT method reads from the `lora:` section (AdaLoRA is LoRA with a rank budget on top).
-LORA_KEYS_FOR = {"lora": None, "adalora": {"target_modules", "lora_alpha", "lora_dropout", "bias", "modules_to_save"},
-                 "ia3": set(), "prompt_tuning": set(), "prefix_tuning": set()}
+LORA_KEYS_FOR = {
+    "lora": None,
+    "adalora": {"target_modules", "lora_alpha", "lora_dropout", "bias", "modules_to_save"},
+    "ia3": set(),
+    "prompt_tuning": set(),
+    "prefix_tuning": set(),
+}
 METHOD_SECTIONS = ("adalora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
@@ -132,8 +171,10 @@ class MethodRules(Section):
     def _new_tokens_need_lora(cls, value: str, info: ValidationInfo) -> str:
         model = info.data.get("model")
         if model is not None and model.new_special_tokens and value != "lora":
-            raise ValueError("model.new_special_tokens are trained through LoRA's trainable tokens; they need "
-                             f"`method: lora` (got {value})")
+            raise ValueError(
+                "model.new_special_tokens are trained through LoRA's trainable tokens; they need "
+                f"`method: lora` (got {value})"
+            )
         return value
 
     @field_validator("lora", check_fields=False)
@@ -144,9 +185,14 @@ class MethodRules(Section):
         stray = sorted(value.model_fields_set - allowed) if allowed is not None else []
         if stray:
             uses = f"only {', '.join(sorted(allowed))} from `lora:`" if allowed else "no `lora:` settings"
-            raise ValueError(f"`method: {method}` uses {uses}; lora.{stray[0]} would be ignored"
-                             + (" (set the rank in adalora.init_r / adalora.target_r)"
-                                if method == "adalora" and "r" in stray else ""))
+            raise ValueError(
+                f"`method: {method}` uses {uses}; lora.{stray[0]} would be ignored"
+                + (
+                    " (set the rank in adalora.init_r / adalora.target_r)"
+                    if method == "adalora" and "r" in stray
+                    else ""
+                )
+            )
         return value
 
     @field_validator(*METHOD_SECTIONS, check_fields=False)
@@ -154,8 +200,10 @@ class MethodRules(Section):
     def _section_of_the_method(cls, value, info: ValidationInfo):
         method = info.data.get("method", "lora")
         if value.model_fields_set and method != info.field_name:
-            raise ValueError(f"`{info.field_name}:` settings are given but `method` is {method}; set "
-                             f"`method: {info.field_name}` or remove them")
+            raise ValueError(
+                f"`{info.field_name}:` settings are given but `method` is {method}; set "
+                f"`method: {info.field_name}` or remove them"
+            )
         return value
 
     @field_validator("train", check_fields=False)
@@ -163,6 +211,8 @@ class MethodRules(Section):
     def _prompt_learning_is_not_packed(cls, value, info: ValidationInfo) -> object:
         method = info.data.get("method", "lora")
         if method in PROMPT_LEARNING and value.packing is True:
-            raise ValueError(f"packing: `{method}` puts virtual tokens in front of each row, so packed examples "
-                             "would share one prompt and attend to each other; set packing to auto or false")
+            raise ValueError(
+                f"packing: `{method}` puts virtual tokens in front of each row, so packed examples "
+                "would share one prompt and attend to each other; set packing to auto or false"
+            )
         return value

@@ -30,62 +30,101 @@ from lorakit.recipe.section import Section
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 _INIT_LORA = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
-REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive",
-             "neptune", "swanlab", "trackio", "azure_ml", "codecarbon", "dagshub", "flyte")
+REPORT_TO = (
+    "none",
+    "all",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "clearml",
+    "dvclive",
+    "neptune",
+    "swanlab",
+    "trackio",
+    "azure_ml",
+    "codecarbon",
+    "dagshub",
+    "flyte",
+)
 
 
 class QuantizationConfig(Section):
     """bitsandbytes 4-bit settings (`BitsAndBytesConfig` names); used when `model.load_in_4bit` is true."""
 
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
-        "nf4", description="4-bit data type: NF4 (QLoRA's normal-float, recommended) or FP4.")
+        "nf4", description="4-bit data type: NF4 (QLoRA's normal-float, recommended) or FP4."
+    )
     bnb_4bit_use_double_quant: bool = Field(
-        True, description="Quantize the quantization constants too (saves about 0.4 bit per parameter).")
+        True, description="Quantize the quantization constants too (saves about 0.4 bit per parameter)."
+    )
     bnb_4bit_compute_dtype: DType = Field(
-        "auto", description="dtype the 4-bit weights are dequantized to for matmuls; `auto` follows the "
-        "training precision chosen from the hardware (bfloat16, float16 or float32).")
+        "auto",
+        description="dtype the 4-bit weights are dequantized to for matmuls; `auto` follows the "
+        "training precision chosen from the hardware (bfloat16, float16 or float32).",
+    )
     bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype the packed 4-bit weights are stored in. `auto`: uint8, except under FSDP "
+        "auto",
+        description="dtype the packed 4-bit weights are stored in. `auto`: uint8, except under FSDP "
         "or DeepSpeed ZeRO-3, which shard every parameter and need floats of one dtype: there the training "
-        "dtype (the base is then loaded in it too). uint8 under those engines is refused.")
+        "dtype (the base is then loaded in it too). uint8 under those engines is refused.",
+    )
 
 
 class ModelConfig(Section):
     """The base model and how it is loaded."""
 
     name_or_path: str = Field(
-        description="Hub id (`meta-llama/Llama-3.1-8B-Instruct`) or local directory, passed to `from_pretrained`.")
+        description="Hub id (`meta-llama/Llama-3.1-8B-Instruct`) or local directory, passed to `from_pretrained`."
+    )
     revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
     tokenizer_name_or_path: str | None = Field(
-        None, description="Load the tokenizer from here instead of `name_or_path`.")
+        None, description="Load the tokenizer from here instead of `name_or_path`."
+    )
     dtype: DType = Field(
-        "auto", description="Precision for weights and training: `auto` picks bfloat16 on GPUs that support it, "
-        "float16 on older GPUs and float32 on CPU. An explicit choice the hardware cannot do is refused.")
+        "auto",
+        description="Precision for weights and training: `auto` picks bfloat16 on GPUs that support it, "
+        "float16 on older GPUs and float32 on CPU. An explicit choice the hardware cannot do is refused.",
+    )
     load_in_4bit: bool = Field(
-        False, description="QLoRA: load the base model in 4-bit (bitsandbytes) and train LoRA adapters on top.")
+        False, description="QLoRA: load the base model in 4-bit (bitsandbytes) and train LoRA adapters on top."
+    )
     quantization: QuantizationConfig = Field(
-        default_factory=QuantizationConfig, description="4-bit settings; only valid with `load_in_4bit: true`.")
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
-        None, description="Attention kernel. Unset: flash_attention_2 on a CUDA GPU in bf16/fp16 when the "
-        "`flash-attn` package is installed, else transformers' choice (sdpa). The manifest records the one used.")
+        default_factory=QuantizationConfig, description="4-bit settings; only valid with `load_in_4bit: true`."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = (
+        Field(
+            None,
+            description="Attention kernel. Unset: flash_attention_2 on a CUDA GPU in bf16/fp16 when the "
+            "`flash-attn` package is installed, else transformers' choice (sdpa). The manifest records the one used.",
+        )
+    )
     trust_remote_code: bool = Field(
-        False, description="Run model code shipped in the model repository. Only for repositories you trust; "
-        "the run summary and manifest say when it was on.")
+        False,
+        description="Run model code shipped in the model repository. Only for repositories you trust; "
+        "the run summary and manifest say when it was on.",
+    )
     new_special_tokens: list[str] | None = Field(
-        None, description="Tokens to add to the tokenizer as special tokens (e.g. `<tool_call>`), for `method: lora`. "
+        None,
+        description="Tokens to add to the tokenizer as special tokens (e.g. `<tool_call>`), for `method: lora`. "
         "The embeddings grow to hold them; only their input-embedding rows train (peft's trainable tokens), while "
         "the output layer trains in full (`modules_to_save`: trl reads its weight directly), which costs vocabulary "
         "x hidden size trainable parameters (`lorakit plan` counts them). Models with tied embeddings are refused. "
-        "Eval, chat and merge grow the base the same way.")
+        "Eval, chat and merge grow the base the same way.",
+    )
     allow_pickle_weights: bool = Field(
-        False, description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
-        "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.")
+        False,
+        description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
+        "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.",
+    )
 
     @model_validator(mode="after")
     def _quantization_needs_4bit(self) -> ModelConfig:
         if "quantization" in self.model_fields_set and not self.load_in_4bit:
-            raise ValueError("`quantization` settings are given but `load_in_4bit` is false; "
-                             "set `load_in_4bit: true` for QLoRA or remove `quantization`")
+            raise ValueError(
+                "`quantization` settings are given but `load_in_4bit` is false; "
+                "set `load_in_4bit: true` for QLoRA or remove `quantization`"
+            )
         return self
 
 
@@ -95,31 +134,45 @@ class LoraSection(Section):
     LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"loraplus_lr_ratio"})  # named after peft's optimizer helper
 
     r: int = Field(16, gt=0, description="Rank of the LoRA update matrices.")
-    lora_alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r "
-                              "(alpha / sqrt(r) with `use_rslora`).")
+    lora_alpha: float = Field(
+        32,
+        gt=0,
+        description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).",
+    )
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] | str = Field(
-        "all-linear", description="Modules to adapt: a list of module names (matched as name suffixes, e.g. "
+        "all-linear",
+        description="Modules to adapt: a list of module names (matched as name suffixes, e.g. "
         "`q_proj`), one regular expression matched against full module names, or `all-linear`. Every listed "
-        "name must match at least one module of the model.")
+        "name must match at least one module of the model.",
+    )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`).")
+        None, description="Modules trained in full and saved with the adapter (e.g. `lm_head`, `embed_tokens`)."
+    )
     init_lora_weights: bool | str = Field(
-        True, description="Adapter initialisation: `true` (B = 0, the standard), `false`, or one of "
+        True,
+        description="Adapter initialisation: `true` (B = 0, the standard), `false`, or one of "
         f"{', '.join(_INIT_LORA)}, `pissa_niter_N`. PiSSA and OLoRA move part of each base weight into the "
-        "adapter; lorakit saves the trained adapter converted so that it applies to the original base.")
+        "adapter; lorakit saves the trained adapter converted so that it applies to the original base.",
+    )
     rank_pattern: dict[str, int] | None = Field(
-        None, description="Ranks per module, overriding `r`: `{pattern: rank}`, the pattern matched (as peft does) "
+        None,
+        description="Ranks per module, overriding `r`: `{pattern: rank}`, the pattern matched (as peft does) "
         "against the end of full module names, e.g. `{down_proj: 8}` or `{'mlp\\..*': 8}`. A pattern that matches "
-        "no module is refused.")
+        "no module is refused.",
+    )
     alpha_pattern: dict[str, float] | None = Field(
-        None, description="Alphas per module, overriding `lora_alpha`, keyed like `rank_pattern`.")
+        None, description="Alphas per module, overriding `lora_alpha`, keyed like `rank_pattern`."
+    )
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: the B matrices learn this many times faster than the A matrices (peft's "
-        "`create_loraplus_optimizer`; the paper suggests 16). Unset: one learning rate.")
+        None,
+        gt=0,
+        description="LoRA+: the B matrices learn this many times faster than the A matrices (peft's "
+        "`create_loraplus_optimizer`; the paper suggests 16). Unset: one learning rate.",
+    )
 
     def moves_base_weights(self) -> bool:
         """PiSSA and OLoRA start from the base's principal directions and subtract them from the base weights:
@@ -145,9 +198,11 @@ class LoraSection(Section):
         if isinstance(value, str) and value not in _INIT_LORA and not re.fullmatch(r"pissa_niter_\d+", value):
             raise ValueError(f"must be true, false, one of {', '.join(_INIT_LORA)} or pissa_niter_N (got {value!r})")
         if value in ("eva", "corda"):
-            raise ValueError(f"`{value}` initialises the adapter from activations on the training data, a pass "
-                             "lorakit does not run yet; without it peft would train a differently initialised "
-                             "adapter. Use pissa, olora, gaussian or true")
+            raise ValueError(
+                f"`{value}` initialises the adapter from activations on the training data, a pass "
+                "lorakit does not run yet; without it peft would train a differently initialised "
+                "adapter. Use pissa, olora, gaussian or true"
+            )
         return value
 
 
@@ -158,20 +213,27 @@ DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completio
 class DataSource(Section):
     """One dataset in `data.train` / `data.eval`. A plain string is short for `{path: ...}`."""
 
-    path: str = Field(min_length=1, description="A local .jsonl, .json, .csv or .parquet file; a directory of them (read "
-                      "recursively, in name order); a glob (`data/*.jsonl`, `data/**/*.parquet`); or a hub dataset "
-                      "id (`HuggingFaceH4/ultrachat_200k`) loaded with `datasets.load_dataset`. A local directory "
-                      "with `split` or `subset` is loaded with `datasets.load_dataset` too (a downloaded dataset "
-                      "repository).")
+    path: str = Field(
+        min_length=1,
+        description="A local .jsonl, .json, .csv or .parquet file; a directory of them (read "
+        "recursively, in name order); a glob (`data/*.jsonl`, `data/**/*.parquet`); or a hub dataset "
+        "id (`HuggingFaceH4/ultrachat_200k`) loaded with `datasets.load_dataset`. A local directory "
+        "with `split` or `subset` is loaded with `datasets.load_dataset` too (a downloaded dataset "
+        "repository).",
+    )
     split: str | None = Field(None, description="Dataset split (`datasets` sources only; default `train`).")
     subset: str | None = Field(None, description="Dataset configuration name (`datasets` sources only).")
     revision: str | None = Field(None, description="Hub branch, tag or commit (hub datasets only).")
     format: DataFormat | None = Field(None, description="This source's format; default: `data.format`.")
     columns: dict[str, str] | None = Field(None, description="This source's column mapping; default: `data.columns`.")
     max_rows: int | None = Field(None, gt=0, description="Use at most the first N rows of this source.")
-    weight: float = Field(1.0, gt=0, description="Sampling weight in the training mix: each training example of "
-                          "this source is used `weight` times on average (0.5 keeps a seeded half, 3 repeats every "
-                          "example three times). Applied after the eval split, so repeats never leak into eval.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling weight in the training mix: each training example of "
+        "this source is used `weight` times on average (0.5 keeps a seeded half, 3 repeats every "
+        "example three times). Applied after the eval split, so repeats never leak into eval.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -197,42 +259,63 @@ class DataConfig(Section):
         description="Training data: one source or a list of sources (see `data.train[]` below), each a file, "
         "directory, glob or hub dataset. JSONL is one example per line (UTF-8; a BOM and blank lines are "
         "accepted); .json holds a list of objects. Relative paths are resolved against the current directory "
-        "and saved absolute in the run.")
+        "and saved absolute in the run."
+    )
     eval: list[DataSource] | None = Field(None, description="Evaluation data, given like `train` (no `weight`).")
     eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Hold out this share of `train` for evaluation (seeded by `train.seed`); "
-        "instead of `eval`.")
+        None,
+        gt=0,
+        lt=1,
+        description="Hold out this share of `train` for evaluation (seeded by `train.seed`); instead of `eval`.",
+    )
     format: DataFormat = Field(
-        "auto", description="`messages` (OpenAI chat: a list of {role, content}), `sharegpt` (`conversations` "
+        "auto",
+        description="`messages` (OpenAI chat: a list of {role, content}), `sharegpt` (`conversations` "
         "of {from, value}), `alpaca` ({instruction, input, output, system}), `prompt_completion` "
         "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), or "
-        "`auto` to detect from the first row's keys (ambiguous keys are an error).")
+        "`auto` to detect from the first row's keys (ambiguous keys are an error).",
+    )
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Map lorakit's field names to your columns, e.g. "
-        "`{instruction: question, output: answer}` or `{messages: dialog}`.")
+        default_factory=dict,
+        description="Map lorakit's field names to your columns, e.g. "
+        "`{instruction: question, output: answer}` or `{messages: dialog}`.",
+    )
     chat_template: str | None = Field(
-        None, description="Template for chat data: unset uses the tokenizer's own, or the built-in `chatml` "
+        None,
+        description="Template for chat data: unset uses the tokenizer's own, or the built-in `chatml` "
         "(turns closed by the tokenizer's eos) when it has none; `tokenizer` insists on the tokenizer's; "
-        "`chatml`; or a path to a .jinja file. The template used is saved in the run.")
+        "`chatml`; or a path to a .jinja file. The template used is saved in the run.",
+    )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
-        "assistant", description="Which tokens carry loss: every assistant turn (and completions), only the "
-        "last assistant turn, or everything (prompts and user turns too).")
-    max_length: int = Field(
-        1024, gt=0, description="Longest tokenized example; see `on_overflow` for longer ones.")
+        "assistant",
+        description="Which tokens carry loss: every assistant turn (and completions), only the "
+        "last assistant turn, or everything (prompts and user turns too).",
+    )
+    max_length: int = Field(1024, gt=0, description="Longest tokenized example; see `on_overflow` for longer ones.")
     on_overflow: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Examples longer than `max_length`: `truncate` (keep the start; a cut assistant "
-        "turn still ends with the end-of-turn token), `drop`, or `error`. Counts are reported.")
+        "truncate",
+        description="Examples longer than `max_length`: `truncate` (keep the start; a cut assistant "
+        "turn still ends with the end-of-turn token), `drop`, or `error`. Counts are reported.",
+    )
 
     on_bad_rows: Literal["error", "skip"] = Field(
-        "error", description="A malformed row (bad JSON or UTF-8, missing or mistyped field, empty content, "
-        "unknown role): `error` stops before training with `file:line: reason`; `skip` skips and counts it.")
+        "error",
+        description="A malformed row (bad JSON or UTF-8, missing or mistyped field, empty content, "
+        "unknown role): `error` stops before training with `file:line: reason`; `skip` skips and counts it.",
+    )
     max_bad_fraction: float = Field(
-        0.01, ge=0, le=1, description="With `on_bad_rows: skip`, the largest share of malformed rows "
-        "tolerated; more is an error.")
+        0.01,
+        ge=0,
+        le=1,
+        description="With `on_bad_rows: skip`, the largest share of malformed rows tolerated; more is an error.",
+    )
 
     num_proc: int | None = Field(
-        None, gt=0, description="Processes that render and tokenize the data. Default: one per CPU core (up to 8) "
-        "for more than 2,000 examples, else 1. The result does not depend on it.")
+        None,
+        gt=0,
+        description="Processes that render and tokenize the data. Default: one per CPU core (up to 8) "
+        "for more than 2,000 examples, else 1. The result does not depend on it.",
+    )
 
     _lists = field_validator("train", "eval", mode="before")(_source_list)
 
@@ -262,8 +345,9 @@ class DataConfig(Section):
         for key in ("train", "eval"):
             sources = getattr(self, key)
             if sources is not None:
-                data[key] = [s.path if s.is_short() else s.model_dump(mode="json", exclude_defaults=True)
-                             for s in sources]
+                data[key] = [
+                    s.path if s.is_short() else s.model_dump(mode="json", exclude_defaults=True) for s in sources
+                ]
                 if len(data[key]) == 1 and isinstance(data[key][0], str):
                     data[key] = data[key][0]
         return data
@@ -275,69 +359,106 @@ class TrainConfig(Section):
     LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"max_nonfinite_steps"})  # lorakit's own keys in this section
 
     output_dir: str | None = Field(
-        None, description="The run directory. Default: `runs/<recipe file name>`. Refused when it holds files, "
-        "unless `--overwrite`.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `max_steps` > 0).")
+        None,
+        description="The run directory. Default: `runs/<recipe file name>`. Refused when it holds files, "
+        "unless `--overwrite`.",
+    )
+    num_train_epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (ignored when `max_steps` > 0)."
+    )
     max_steps: int = Field(-1, description="Total optimizer steps; -1 trains for `num_train_epochs`.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per device per evaluation pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
-                               "warmup_stable_decay"] = Field("cosine", description="Learning-rate schedule.")
-    warmup_steps: float = Field(0.03, ge=0, description="Warm-up: a number of steps, or a ratio of all steps "
-                                "when below 1.")
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: float = Field(
+        0.03, ge=0, description="Warm-up: a number of steps, or a ratio of all steps when below 1."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
     optim: str | None = Field(
-        None, description="Optimizer (transformers `OptimizerNames`). Default: `paged_adamw_8bit` with "
-        "`load_in_4bit`, `adamw_torch` otherwise.")
+        None,
+        description="Optimizer (transformers `OptimizerNames`). Default: `paged_adamw_8bit` with "
+        "`load_in_4bit`, `adamw_torch` otherwise.",
+    )
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N steps.")
     eval_strategy: Literal["auto", "no", "steps", "epoch"] = Field(
-        "auto", description="When to evaluate: `auto` evaluates every `eval_steps` when eval data is given.")
+        "auto", description="When to evaluate: `auto` evaluates every `eval_steps` when eval data is given."
+    )
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: `logging_steps` x 5).")
     save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to write checkpoints.")
     save_steps: int = Field(500, gt=0, description="Write a checkpoint every N steps.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
     seed: int = Field(42, description="Seed for initialisation, data order and the eval split.")
     max_nonfinite_steps: int = Field(
-        3, gt=0, description="A step whose gradients hold NaN or inf is skipped (no update, logged with its step); "
-        "this many in a row stop the run with an error, keeping the last good checkpoint.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save "
-                                         "memory (non-reentrant, transformers' default form).")
-    activation_offloading: bool = Field(False, description="Move the activations kept for the backward pass to CPU "
-                                        "memory (trl's offloading), for sequences whose activations do not fit the GPU.")
+        3,
+        gt=0,
+        description="A step whose gradients hold NaN or inf is skipped (no update, logged with its step); "
+        "this many in a row stop the run with an error, keeping the last good checkpoint.",
+    )
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Recompute activations in the backward pass to save "
+        "memory (non-reentrant, transformers' default form).",
+    )
+    activation_offloading: bool = Field(
+        False,
+        description="Move the activations kept for the backward pass to CPU "
+        "memory (trl's offloading), for sequences whose activations do not fit the GPU.",
+    )
     use_liger_kernel: bool | Literal["auto"] = Field(
-        "auto", description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused linear cross-entropy that "
+        "auto",
+        description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused linear cross-entropy that "
         "never materialises the full-vocabulary logits). `auto`: on with a CUDA GPU when `liger-kernel` is installed "
-        "(`pip install 'lorakit[gpu]'`) and supports the architecture; `true` is refused otherwise.")
-    torch_compile: bool = Field(False, description="Compile the model with `torch.compile` (slower start, often "
-                                "faster steps; off by default: the first steps pay the compile time).")
+        "(`pip install 'lorakit[gpu]'`) and supports the architecture; `true` is refused otherwise.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the model with `torch.compile` (slower start, often "
+        "faster steps; off by default: the first steps pay the compile time).",
+    )
     packing: bool | Literal["auto"] = Field(
-        "auto", description="Padding-free packing: several examples share each row of up to `data.max_length` "
+        "auto",
+        description="Padding-free packing: several examples share each row of up to `data.max_length` "
         "tokens (best-fit decreasing), with positions restarting per example and no attention across examples: "
         "the same losses and gradients as padding, without computing padding. `auto` packs architectures known "
         "to be exact (attention-only models whose masks follow position ids: Llama, Mistral, Qwen, Gemma, Phi "
         "and others; see docs/data.md) and pads the rest; `true` insists, and is refused where packing would "
         "let examples affect each other (custom masks, recurrent or state-space layers); `false` pads. With "
-        "packing, `per_device_train_batch_size` counts packed rows.")
+        "packing, `per_device_train_batch_size` counts packed rows.",
+    )
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for data loading.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(
-        None, description="Process-group backend when several processes train: `nccl` on GPUs, `gloo` on CPUs "
+        None,
+        description="Process-group backend when several processes train: `nccl` on GPUs, `gloo` on CPUs "
         "by default. `gloo` also lets several processes share one GPU, which NCCL refuses (for trying a "
-        "multi-process set-up on one GPU; gradients are reduced through CPU memory, so it is slow).")
+        "multi-process set-up on one GPU; gradients are reduced through CPU memory, so it is slow).",
+    )
     report_to: list[str] | str = Field(
-        "none", description=f"Trackers to log to: {', '.join(REPORT_TO)}. Credentials come from the "
-        "environment (e.g. WANDB_API_KEY) and are never written to the run.")
+        "none",
+        description=f"Trackers to log to: {', '.join(REPORT_TO)}. Credentials come from the "
+        "environment (e.g. WANDB_API_KEY) and are never written to the run.",
+    )
     run_name: str | None = Field(None, description="Run name shown in trackers (default: the run directory name).")
     push_to_hub: bool = Field(False, description="Upload the adapter to the hub at the end (needs network).")
     hub_model_id: str | None = Field(None, description="Hub repository for `push_to_hub`.")
     hub_token: SecretStr | None = Field(
-        None, description="Hub token; prefer the HF_TOKEN environment variable. Never saved in the run.")
+        None, description="Hub token; prefer the HF_TOKEN environment variable. Never saved in the run."
+    )
 
     @field_validator("report_to")
     @classmethod
@@ -351,27 +472,42 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """Generation settings for `lorakit eval` and `lorakit generate` (transformers `generate` names)."""
 
-    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per prompt; a generation that "
-                                "reaches it without the end-of-turn token counts as not stopped.")
+    max_new_tokens: int = Field(
+        128,
+        gt=0,
+        description="Most tokens generated per prompt; a generation that "
+        "reaches it without the end-of-turn token counts as not stopped.",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with `do_sample`).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with `do_sample`).")
-    batch_size: int | None = Field(None, gt=0, description="Prompts per generation batch and examples per loss "
-                                   "batch. Default: `train.per_device_eval_batch_size`.")
-    max_examples: int | None = Field(None, gt=0, description="Generate for at most the first N eval examples "
-                                     "(the loss always uses all).")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Prompts per generation batch and examples per loss "
+        "batch. Default: `train.per_device_eval_batch_size`.",
+    )
+    max_examples: int | None = Field(
+        None, gt=0, description="Generate for at most the first N eval examples (the loss always uses all)."
+    )
 
 
 class DistributedConfig(Section):
     """Starting several processes on this machine (lorakit's own section). Several machines: run the
     launcher yourself, see docs/distributed.md."""
 
-    nproc: int | None = Field(None, gt=0, description="Processes to start on this machine, one per GPU. Default: "
-                              "the accelerate config's `num_processes`, else one. `--nproc` overrides it.")
+    nproc: int | None = Field(
+        None,
+        gt=0,
+        description="Processes to start on this machine, one per GPU. Default: "
+        "the accelerate config's `num_processes`, else one. `--nproc` overrides it.",
+    )
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (e.g. `configs/accelerate/fsdp_qlora.yaml`) that picks the "
+        None,
+        description="An accelerate config file (e.g. `configs/accelerate/fsdp_qlora.yaml`) that picks the "
         "engine: DDP, FSDP or DeepSpeed. lorakit then starts `accelerate launch --config_file` with it; without "
-        "one, `torchrun` (DDP). Relative paths are read from the current directory.")
+        "one, `torchrun` (DDP). Relative paths are read from the current directory.",
+    )
 
 
 class Recipe(MethodRules):
@@ -379,38 +515,52 @@ class Recipe(MethodRules):
 
     model: ModelConfig = Field(description="The base model.")
     method: Method = Field(
-        "lora", description="PEFT method: `lora` (LoRA and its variants: DoRA, rsLoRA, PiSSA, OLoRA, LoftQ, LoRA+, "
+        "lora",
+        description="PEFT method: `lora` (LoRA and its variants: DoRA, rsLoRA, PiSSA, OLoRA, LoftQ, LoRA+, "
         "set in `lora:`), `adalora` (LoRA with ranks reallocated during training; `adalora:` plus the `lora:` "
         "targets), `ia3` (`ia3:`), `prompt_tuning` (`prompt_tuning:`) or `prefix_tuning` (`prefix_tuning:`). "
-        "See docs/methods.md.")
+        "See docs/methods.md.",
+    )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
-    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection, description="AdaLoRA settings "
-                                    "(`method: adalora`).")
+    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection, description="AdaLoRA settings (`method: adalora`).")
     ia3: IA3Section = Field(default_factory=IA3Section, description="IA3 settings (`method: ia3`).")
-    prompt_tuning: PromptTuningSection = Field(default_factory=PromptTuningSection,
-                                               description="Prompt tuning settings (`method: prompt_tuning`).")
-    prefix_tuning: PrefixTuningSection = Field(default_factory=PrefixTuningSection,
-                                               description="Prefix tuning settings (`method: prefix_tuning`).")
+    prompt_tuning: PromptTuningSection = Field(
+        default_factory=PromptTuningSection, description="Prompt tuning settings (`method: prompt_tuning`)."
+    )
+    prefix_tuning: PrefixTuningSection = Field(
+        default_factory=PrefixTuningSection, description="Prefix tuning settings (`method: prefix_tuning`)."
+    )
     data: DataConfig = Field(description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and generation settings.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
-                                           description="Several processes on this machine.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes on this machine."
+    )
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:
         if self.lora.init_lora_weights == "loftq" and not self.model.load_in_4bit:
-            raise ValueError("lora.init_lora_weights: `loftq` starts the adapter from the quantization error of the "
-                             "4-bit base (QLoRA); set `model.load_in_4bit: true`, or use pissa/olora on a "
-                             "full-precision base")
+            raise ValueError(
+                "lora.init_lora_weights: `loftq` starts the adapter from the quantization error of the "
+                "4-bit base (QLoRA); set `model.load_in_4bit: true`, or use pissa/olora on a "
+                "full-precision base"
+            )
         init = self.lora.init_lora_weights
         if self.model.load_in_4bit and self.lora.moves_base_weights():
-            raise ValueError(f"lora.init_lora_weights: `{init}` decomposes the full-precision base weights, which a "
-                             "4-bit base no longer has (peft refuses it); set `model.load_in_4bit: false`, or use "
-                             "true or gaussian")
-        if self.train.eval_strategy in ("steps", "epoch") and self.data.eval is None and self.data.eval_fraction is None:
-            raise ValueError(f"train.eval_strategy is `{self.train.eval_strategy}` but there is no eval data; "
-                             "set `data.eval` or `data.eval_fraction`")
+            raise ValueError(
+                f"lora.init_lora_weights: `{init}` decomposes the full-precision base weights, which a "
+                "4-bit base no longer has (peft refuses it); set `model.load_in_4bit: false`, or use "
+                "true or gaussian"
+            )
+        if (
+            self.train.eval_strategy in ("steps", "epoch")
+            and self.data.eval is None
+            and self.data.eval_fraction is None
+        ):
+            raise ValueError(
+                f"train.eval_strategy is `{self.train.eval_strategy}` but there is no eval data; "
+                "set `data.eval` or `data.eval_fraction`"
+            )
         return self
 
     def has_eval(self) -> bool:

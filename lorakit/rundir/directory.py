@@ -36,21 +36,29 @@ def check_free(output_dir: str, overwrite: bool) -> Path:
     run_dir = Path(output_dir).expanduser().resolve()  # through `..` and symlinks: the real place
     cwd = Path.cwd().resolve()
     if run_dir == cwd or run_dir in cwd.parents or run_dir == Path(run_dir.anchor):
-        raise LorakitError(f"train.output_dir: {output_dir} is the current directory or one of its parents; "
-                           "choose a directory of its own, e.g. runs/NAME")
+        raise LorakitError(
+            f"train.output_dir: {output_dir} is the current directory or one of its parents; "
+            "choose a directory of its own, e.g. runs/NAME"
+        )
     home = Path.home().resolve()
     if run_dir == home or run_dir in home.parents or _system_directory(run_dir):
-        raise LorakitError(f"train.output_dir: {output_dir} resolves to {run_dir}, a home or system directory; "
-                           "choose a directory of its own, e.g. runs/NAME")
+        raise LorakitError(
+            f"train.output_dir: {output_dir} resolves to {run_dir}, a home or system directory; "
+            "choose a directory of its own, e.g. runs/NAME"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise LorakitError(f"train.output_dir: {output_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
-            raise LorakitError(f"train.output_dir: {output_dir} is not empty (it holds an earlier run); pass "
-                               "--overwrite to replace it, or set another train.output_dir")
+            raise LorakitError(
+                f"train.output_dir: {output_dir} is not empty (it holds an earlier run); pass "
+                "--overwrite to replace it, or set another train.output_dir"
+            )
         if not (run_dir / RECIPE).is_file():
-            raise LorakitError(f"train.output_dir: {output_dir} is not empty and is not a lorakit run (no "
-                               f"{RECIPE}); refusing to delete it even with --overwrite")
+            raise LorakitError(
+                f"train.output_dir: {output_dir} is not empty and is not a lorakit run (no "
+                f"{RECIPE}); refusing to delete it even with --overwrite"
+            )
     return run_dir
 
 
@@ -96,8 +104,9 @@ def write_generation_config(run_dir: Path, model, tokenizer, end_of_turn_id: int
     for token in (tokenizer.eos_token_id, end_of_turn_id):
         if token is not None and token not in eos_ids:
             eos_ids.append(token)
-    generation = GenerationConfig(**{**config.to_diff_dict(), "eos_token_id": eos_ids,
-                                     "pad_token_id": tokenizer.pad_token_id})
+    generation = GenerationConfig(
+        **{**config.to_diff_dict(), "eos_token_id": eos_ids, "pad_token_id": tokenizer.pad_token_id}
+    )
     generation.save_pretrained(run_dir)
     return eos_ids
 
@@ -127,13 +136,17 @@ def _method_rows(recipe: Recipe, details: dict) -> list[str]:
     lora = recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     if recipe.method == "lora":
-        return [f"| rank / alpha / dropout | {lora.r} / {lora.lora_alpha} / {lora.lora_dropout} |",
-                f"| target modules | {targets} |"]
+        return [
+            f"| rank / alpha / dropout | {lora.r} / {lora.lora_alpha} / {lora.lora_dropout} |",
+            f"| target modules | {targets} |",
+        ]
     if recipe.method == "adalora":
         ranks = details.get("adalora_final_ranks") or {}
-        return [f"| initial rank / target average rank | {recipe.adalora.init_r} / {recipe.adalora.target_r} |",
-                f"| final ranks | {', '.join(f'{k}: {v}' for k, v in ranks.items())} |",
-                f"| target modules | {targets} |"]
+        return [
+            f"| initial rank / target average rank | {recipe.adalora.init_r} / {recipe.adalora.target_r} |",
+            f"| final ranks | {', '.join(f'{k}: {v}' for k, v in ranks.items())} |",
+            f"| target modules | {targets} |",
+        ]
     if recipe.method == "ia3":
         return [f"| target modules | {recipe.ia3.target_modules or 'peft default'} |"]
     section = getattr(recipe, recipe.method)

@@ -42,8 +42,16 @@ def read(paths: list[str | Path]) -> list[Run]:
         if not (path / MANIFEST).is_file():
             raise LorakitError(f"{path} is an incomplete run (no {MANIFEST}: training did not finish)")
     names = unique_names([p.name for p in resolved])
-    return [Run(path, name, load_recipe(path / RECIPE), json.loads((path / MANIFEST).read_text()),
-                json.loads((path / "adapter_config.json").read_text())) for path, name in zip(resolved, names)]
+    return [
+        Run(
+            path,
+            name,
+            load_recipe(path / RECIPE),
+            json.loads((path / MANIFEST).read_text()),
+            json.loads((path / "adapter_config.json").read_text()),
+        )
+        for path, name in zip(resolved, names)
+    ]
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -66,14 +74,17 @@ def check_same_base(runs: list[Run]) -> None:
         for key in ("name_or_path", "revision"):
             mine, theirs = getattr(run.recipe.model, key), getattr(first.recipe.model, key)
             if mine != theirs:
-                raise LorakitError(f"run {run.name} ({run.path}) trained on model.{key} {mine!r}, run {first.name} on "
-                                   f"{theirs!r}: several adapters must share one base")
+                raise LorakitError(
+                    f"run {run.name} ({run.path}) trained on model.{key} {mine!r}, run {first.name} on "
+                    f"{theirs!r}: several adapters must share one base"
+                )
         mine, theirs = run.manifest.get("chat_template_sha256"), first.manifest.get("chat_template_sha256")
         if mine != theirs:
             raise LorakitError(
                 f"run {run.name} ({run.path}) trained with another chat template than run {first.name} (manifest "
                 f"chat_template_sha256 {str(mine)[:12]} vs {str(theirs)[:12]}): its adapter would be prompted in a "
-                "format it did not learn; retrain it with the same data.chat_template")
+                "format it did not learn; retrain it with the same data.chat_template"
+            )
 
 
 def check_same_loading(runs: list[Run]) -> None:
@@ -83,6 +94,8 @@ def check_same_loading(runs: list[Run]) -> None:
         mine = run.recipe.model.model_dump()
         for key, value in first.items():
             if mine.get(key) != value:
-                raise LorakitError(f"run {run.name} ({run.path}) loads the base with model.{key} = {mine.get(key)!r}, "
-                                   f"run {runs[0].name} with {value!r}: adapters evaluated on one loaded base must "
-                                   "agree on the model section; evaluate them separately")
+                raise LorakitError(
+                    f"run {run.name} ({run.path}) loads the base with model.{key} = {mine.get(key)!r}, "
+                    f"run {runs[0].name} with {value!r}: adapters evaluated on one loaded base must "
+                    "agree on the model section; evaluate them separately"
+                )

@@ -67,10 +67,30 @@ def launch(nproc: int, argv: list[str], accelerate_config: str | None = None) ->
     """Replace this process with the launcher starting `nproc` copies of the same command on this machine:
     `accelerate launch --config_file` when an accelerate config picks the engine, else torchrun (DDP)."""
     if accelerate_config:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                   "--num_processes", str(nproc), "--num_machines", "1", "-m", "lorakit", *argv]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "-m",
+            "lorakit",
+            *argv,
+        ]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "lorakit", *argv]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "lorakit",
+            *argv,
+        ]
     os.environ[_LAUNCHED] = "1"  # the started processes must not launch again
     os.execv(sys.executable, command)

@@ -15,13 +15,23 @@ from lorakit.recipe.schema import Recipe
 from lorakit.train import distributed
 
 
-def train(recipe: Recipe, *, overwrite: bool, use_cache: bool, resume: bool, force_resume: bool, nproc: int | None,
-          preflight: bool, resume_command: str) -> None:
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    use_cache: bool,
+    resume: bool,
+    force_resume: bool,
+    nproc: int | None,
+    preflight: bool,
+    resume_command: str,
+) -> None:
     """`lorakit train` after its options are parsed: refuse, check, launch (or not), then train."""
     resuming = resume or force_resume
     if resuming and overwrite:
-        raise LorakitError("--resume and --overwrite contradict each other: one continues the run, the other "
-                           "deletes it")
+        raise LorakitError(
+            "--resume and --overwrite contradict each other: one continues the run, the other deletes it"
+        )
     if not distributed.launched():
         if preflight:
             from lorakit.preflight import check
@@ -41,8 +51,14 @@ def train(recipe: Recipe, *, overwrite: bool, use_cache: bool, resume: bool, for
     quiet_libraries()
     from lorakit.train.trainer import run
 
-    run(recipe, overwrite=overwrite, use_cache=use_cache, resume=resuming, force_resume=force_resume,
-        resume_command=resume_command)
+    run(
+        recipe,
+        overwrite=overwrite,
+        use_cache=use_cache,
+        resume=resuming,
+        force_resume=force_resume,
+        resume_command=resume_command,
+    )
 
 
 def _launch_if_asked(recipe: Recipe, nproc: int | None, resuming: bool, overwrite: bool) -> None:

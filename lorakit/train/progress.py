@@ -34,8 +34,15 @@ class RunProgress(TrainerCallback):
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         if self.console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
             self.task = self.progress.add_task("train", total=state.max_steps, stats="")
             self.progress.start()
 
@@ -91,4 +98,3 @@ def summary_table(summary: dict) -> Table:
     for key, value in summary.items():
         table.add_row(key, str(value))
     return table
-

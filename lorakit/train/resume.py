@@ -27,8 +27,20 @@ MARKER = "lorakit-checkpoint.json"
 INCOMING = ".incoming"  # the trainer writes checkpoints here; only complete ones are renamed into place
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
 # Keys a resume may change: how long to train and what to log or keep; anything else changes the run.
-MAY_CHANGE = {("train", k) for k in ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps",
-                                     "save_total_limit", "report_to", "run_name", "output_dir")} | {("eval",)}
+MAY_CHANGE = {
+    ("train", k)
+    for k in (
+        "max_steps",
+        "num_train_epochs",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "report_to",
+        "run_name",
+        "output_dir",
+    )
+} | {("eval",)}
 
 
 def run_to_resume(output_dir: str) -> Path:
@@ -36,8 +48,10 @@ def run_to_resume(output_dir: str) -> Path:
     if not (run_dir / "recipe.yaml").is_file():
         raise LorakitError(f"train.output_dir: {output_dir} holds no lorakit run to resume")
     if (run_dir / "manifest.json").is_file():
-        raise LorakitError(f"train.output_dir: {output_dir} holds a finished run; raise train.max_steps and use "
-                           "--force-resume to train it further, or start a new run")
+        raise LorakitError(
+            f"train.output_dir: {output_dir} holds a finished run; raise train.max_steps and use "
+            "--force-resume to train it further, or start a new run"
+        )
     return run_dir
 
 
@@ -111,12 +125,17 @@ def check_resumable(run_dir: Path, new_recipe: dict, fingerprints: dict, force: 
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     changes = recipe_changes(saved, new_recipe)
     marked = json.loads((checkpoint / MARKER).read_text())["data_fingerprints"]
-    changes += [f"data {name}: content changed" for name in sorted(set(marked) | set(fingerprints))
-                if marked.get(name) != fingerprints.get(name)]
+    changes += [
+        f"data {name}: content changed"
+        for name in sorted(set(marked) | set(fingerprints))
+        if marked.get(name) != fingerprints.get(name)
+    ]
     if changes and not force:
-        raise LorakitError("the recipe or data changed since the run started; resuming would train a different run:\n"
-                           + "\n".join(f"  {c}" for c in changes)
-                           + "\nstart a new run, or pass --force-resume to continue anyway")
+        raise LorakitError(
+            "the recipe or data changed since the run started; resuming would train a different run:\n"
+            + "\n".join(f"  {c}" for c in changes)
+            + "\nstart a new run, or pass --force-resume to continue anyway"
+        )
     return checkpoint
 
 
@@ -207,8 +226,10 @@ class NonFiniteGuard(TrainerCallback):
         self.in_a_row += 1
         self.skipped.append(step)
         if state.is_world_process_zero:
-            self.console.print(f"[yellow]warning:[/] step {step}: non-finite gradients, update skipped "
-                               f"({self.in_a_row} in a row)", highlight=False)
+            self.console.print(
+                f"[yellow]warning:[/] step {step}: non-finite gradients, update skipped ({self.in_a_row} in a row)",
+                highlight=False,
+            )
         if self.in_a_row >= self.limit:
             self.stopped_at = step
             control.should_training_stop = True

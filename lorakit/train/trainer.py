@@ -33,8 +33,20 @@ from lorakit.train import resume as resume_mod
 from lorakit.train.progress import RunProgress, summary_table
 
 # Recipe keys that are not passed to SFTConfig as they are.
-_NOT_SFT = {"output_dir", "eval_strategy", "eval_steps", "optim", "hub_token", "run_name", "gradient_checkpointing",
-            "packing", "save_total_limit", "use_liger_kernel", "ddp_backend", *TrainConfig.LORAKIT_ONLY}
+_NOT_SFT = {
+    "output_dir",
+    "eval_strategy",
+    "eval_steps",
+    "optim",
+    "hub_token",
+    "run_name",
+    "gradient_checkpointing",
+    "packing",
+    "save_total_limit",
+    "use_liger_kernel",
+    "ddp_backend",
+    *TrainConfig.LORAKIT_ONLY,
+}
 
 
 def sft_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
@@ -48,7 +60,9 @@ def sft_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
         eval_strategy = "steps" if recipe.has_eval() else "no"
     # transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; recipes keep the known name.
     field_names = {f.name for f in dataclasses.fields(SFTConfig)}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in field_names else "gradient_checkpointing"
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in field_names else "gradient_checkpointing"
+    )
     values[checkpointing] = train.gradient_checkpointing
     return SFTConfig(
         **values,
@@ -84,9 +98,17 @@ class TrainResult:
     details: dict = field(default_factory=dict)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, use_cache: bool = True, resume: bool = False,
-        force_resume: bool = False, resume_command: str | None = None, console: Console | None = None,
-        callbacks: tuple = ()) -> TrainResult:
+def run(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    use_cache: bool = True,
+    resume: bool = False,
+    force_resume: bool = False,
+    resume_command: str | None = None,
+    console: Console | None = None,
+    callbacks: tuple = (),
+) -> TrainResult:
     """Train the recipe and write the complete run directory; with `resume`, continue the run in
     `train.output_dir` from its newest complete checkpoint."""
     training = Training(recipe, console, resume_command)
@@ -142,8 +164,9 @@ class Training:
             self.prepared = data_mod.prepare(recipe.data, self.tokenizer, recipe.train.seed, use_cache=use_cache)
         _report_data(console, self.prepared, recipe)
         if resume:
-            self.checkpoint = resume_mod.check_resumable(self.run_dir, recipe.to_saved_dict(),
-                                                         self.prepared.fingerprints, force_resume, warn=console.print)
+            self.checkpoint = resume_mod.check_resumable(
+                self.run_dir, recipe.to_saved_dict(), self.prepared.fingerprints, force_resume, warn=console.print
+            )
             if distributed.is_main():
                 run_files.write_recipe(self.run_dir, recipe)
             console.print(f"resuming from {self.checkpoint.name}", highlight=False)
@@ -153,23 +176,35 @@ class Training:
         recipe, setup = self.recipe, self.setup
         self.console.print(setup.describe_loading(recipe.model.name_or_path), highlight=False)
         if setup.precision.device == "cpu" and "paged" in setup.optimizer:
-            self.console.print(f"note: {setup.optimizer} pages optimizer state between GPU and CPU memory; on a CPU "
-                               "bitsandbytes keeps it in RAM (the 8-bit state is the same)", highlight=False)
+            self.console.print(
+                f"note: {setup.optimizer} pages optimizer state between GPU and CPU memory; on a CPU "
+                "bitsandbytes keeps it in RAM (the 8-bit state is the same)",
+                highlight=False,
+            )
         base = model_mod.load_base(recipe.model, setup.precision, setup.engine, self.tokenizer)
         if recipe.method in ("lora", "adalora"):
             model_mod.check_target_modules(base, recipe.lora)
         self.quantized = model_mod.quantization_record(base) if setup.four_bit else None
-        self.base = model_mod.prepare_for_training(base, recipe.model, recipe.train.gradient_checkpointing,
-                                                   setup.engine)
+        self.base = model_mod.prepare_for_training(
+            base, recipe.model, recipe.train.gradient_checkpointing, setup.engine
+        )
         self.attention = upstream.attention_implementation(self.base)
 
     def build_trainer(self, callbacks: tuple) -> None:
         """The trainer with the method's additions, lorakit's progress, and the guards that keep checkpoints
         trustworthy and stop on non-finite gradients."""
         new_token_ids = self.tokenizer.convert_tokens_to_ids(self.recipe.model.new_special_tokens or [])
-        self.trainer, self.progress = _build_trainer(self.recipe, self.run_dir, self.setup, self.base,
-                                                     self.tokenizer, self.prepared, self.console, self.method,
-                                                     new_token_ids)
+        self.trainer, self.progress = _build_trainer(
+            self.recipe,
+            self.run_dir,
+            self.setup,
+            self.base,
+            self.tokenizer,
+            self.prepared,
+            self.console,
+            self.method,
+            new_token_ids,
+        )
         self.parameters = model_mod.trainable_parameters(self.trainer.model)  # before the engine shards them
         self.method.before_training(self.trainer, self.run_dir, distributed.is_main())
         for callback in callbacks:
@@ -188,20 +223,27 @@ class Training:
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
             if not _disk_full(exc, self.run_dir):
                 raise
-            raise RunFailed(f"the disk is full ({self.run_dir}); {self._last_checkpoint('complete')}. Free space "
-                            f"and resume with:\n  {self.resume_command}") from None
+            raise RunFailed(
+                f"the disk is full ({self.run_dir}); {self._last_checkpoint('complete')}. Free space "
+                f"and resume with:\n  {self.resume_command}"
+            ) from None
         finally:
             self.guard.uninstall()
         if self.nonfinite.stopped_at is not None:
-            raise RunFailed(f"{self.recipe.train.max_nonfinite_steps} steps in a row ended with non-finite gradients "
-                            f"(the last at step {self.nonfinite.stopped_at}); the run stopped. "
-                            f"{self._last_checkpoint('good', 'No checkpoint was written')}; lower "
-                            "train.learning_rate or check the data before resuming")
+            raise RunFailed(
+                f"{self.recipe.train.max_nonfinite_steps} steps in a row ended with non-finite gradients "
+                f"(the last at step {self.nonfinite.stopped_at}); the run stopped. "
+                f"{self._last_checkpoint('good', 'No checkpoint was written')}; lower "
+                "train.learning_rate or check the data before resuming"
+            )
         if self.guard.exit_code is not None:
             signal = "SIGTERM" if self.guard.exit_code == 143 else "SIGINT"
-            raise Interrupted(f"interrupted by {signal} at step {self.trainer.state.global_step}; "
-                              f"{self._last_checkpoint('', 'no checkpoint is complete')}. Resume with:\n  "
-                              f"{self.resume_command}", self.guard.exit_code)
+            raise Interrupted(
+                f"interrupted by {signal} at step {self.trainer.state.global_step}; "
+                f"{self._last_checkpoint('', 'no checkpoint is complete')}. Resume with:\n  "
+                f"{self.resume_command}",
+                self.guard.exit_code,
+            )
         return output
 
     def _last_checkpoint(self, kind: str, none: str = "no checkpoint is complete") -> str:
@@ -222,14 +264,30 @@ class Training:
         if not trainer.is_world_process_zero():
             return TrainResult(self.run_dir, trainer.model)
         self.method.saved(trainer, self.run_dir)
-        eos_ids = run_files.write_generation_config(self.run_dir, trainer.model, self.tokenizer,
-                                                    self.prepared.end_of_turn_id)
-        details = _details(trainer, output, self.progress, self.prepared, self.tokenizer, self.setup.precision,
-                           self.setup.packing, eval_loss, eos_ids, self.parameters, recipe.model.trust_remote_code)
+        eos_ids = run_files.write_generation_config(
+            self.run_dir, trainer.model, self.tokenizer, self.prepared.end_of_turn_id
+        )
+        details = _details(
+            trainer,
+            output,
+            self.progress,
+            self.prepared,
+            self.tokenizer,
+            self.setup.precision,
+            self.setup.packing,
+            eval_loss,
+            eos_ids,
+            self.parameters,
+            recipe.model.trust_remote_code,
+        )
         details.update(quantization=self.quantized, optimizer=self.setup.optimizer, **self.method.details(trainer))
-        details["kernels"] = {"attention": self.attention, "liger": self.setup.liger, "packing": self.setup.packing,
-                              "gradient_checkpointing": recipe.train.gradient_checkpointing,
-                              "torch_compile": recipe.train.torch_compile}
+        details["kernels"] = {
+            "attention": self.attention,
+            "liger": self.setup.liger,
+            "packing": self.setup.packing,
+            "gradient_checkpointing": recipe.train.gradient_checkpointing,
+            "torch_compile": recipe.train.torch_compile,
+        }
         run_files.write_model_card(self.run_dir, recipe, details)
         run_files.write_manifest(self.run_dir, recipe, details)
         self.console.print(summary_table(self._summary(details)))
@@ -247,32 +305,47 @@ class Training:
     def _summary(self, details: dict) -> dict:
         results, params, train = details["results"], details["trainable_parameters"], self.recipe.train
         return {
-            "steps": results["steps"], "wall time": f"{time.perf_counter() - self.started:.1f} s",
+            "steps": results["steps"],
+            "wall time": f"{time.perf_counter() - self.started:.1f} s",
             "tokens/s": results["tokens_per_s"],
             "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
             "eval loss": _fmt(results["eval_loss"]),
             "global batch": f"{details['global_batch']} ({train.per_device_train_batch_size} per device x "
-                            f"{train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
-                            f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
+            f"{train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
+            f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
             "trainable params": f"{params:,} ({100 * params / details['total_parameters']:.3f}%)",
             **self.method.summary(details),
-            "peak memory": details["peak_memory"], "adapter": str(self.run_dir),
+            "peak memory": details["peak_memory"],
+            "adapter": str(self.run_dir),
             **({"remote code": "ran (model.trust_remote_code)"} if self.recipe.model.trust_remote_code else {}),
         }
 
 
-def _build_trainer(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup, base, tokenizer, prepared,
-                   console: Console, method: method_training.MethodTraining, new_token_ids: list[int]):
+def _build_trainer(
+    recipe: Recipe,
+    run_dir: Path,
+    setup: setup_mod.Setup,
+    base,
+    tokenizer,
+    prepared,
+    console: Console,
+    method: method_training.MethodTraining,
+    new_token_ids: list[int],
+):
     """SFTTrainer (or the method's subclass) over lorakit's pre-tokenized data, with lorakit's progress in
     place of the trainer's."""
     from transformers.trainer_callback import PrinterCallback
 
     progress = RunProgress(run_dir / run_files.METRICS, console)
     trainer = method.trainer_class()(
-        model=base, args=sft_config(recipe, run_dir, setup), processing_class=tokenizer,
+        model=base,
+        args=sft_config(recipe, run_dir, setup),
+        processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
-        peft_config=methods.peft_config(recipe, base, new_token_ids), callbacks=[progress])
+        peft_config=methods.peft_config(recipe, base, new_token_ids),
+        callbacks=[progress],
+    )
     trainer.remove_callback(PrinterCallback)
     method.built(trainer)
     model_mod.match_adapter_precision(trainer.model, setup.precision)
@@ -281,21 +354,39 @@ def _build_trainer(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup, base, 
 
         optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
         kwargs.pop("lr", None)
-        trainer.optimizer = create_loraplus_optimizer(trainer.model, optimizer_cls, lr=trainer.args.learning_rate,
-                                                      loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio, **kwargs)
+        trainer.optimizer = create_loraplus_optimizer(
+            trainer.model,
+            optimizer_cls,
+            lr=trainer.args.learning_rate,
+            loraplus_lr_ratio=recipe.lora.loraplus_lr_ratio,
+            **kwargs,
+        )
     trainable, total = model_mod.trainable_parameters(trainer.model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
-                  highlight=False)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", highlight=False)
     if setup.packing:
         rows = len(trainer.train_dataset)
-        console.print(f"packing: {prepared.rows['train']} examples in {rows} rows of up to "
-                      f"{recipe.data.max_length} tokens ({prepared.train.tokens / (rows * recipe.data.max_length):.0%}"
-                      " full; padding-free, positions restart per example)", highlight=False)
+        console.print(
+            f"packing: {prepared.rows['train']} examples in {rows} rows of up to "
+            f"{recipe.data.max_length} tokens ({prepared.train.tokens / (rows * recipe.data.max_length):.0%}"
+            " full; padding-free, positions restart per example)",
+            highlight=False,
+        )
     return trainer, progress
 
 
-def _details(trainer, output, progress, prepared, tokenizer, precision, packing, eval_loss, eos_ids,
-             parameters: tuple[int, int], trust_remote_code: bool = False) -> dict:
+def _details(
+    trainer,
+    output,
+    progress,
+    prepared,
+    tokenizer,
+    precision,
+    packing,
+    eval_loss,
+    eos_ids,
+    parameters: tuple[int, int],
+    trust_remote_code: bool = False,
+) -> dict:
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
     memory = memory_record(precision.device)
@@ -303,45 +394,71 @@ def _details(trainer, output, progress, prepared, tokenizer, precision, packing,
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     trainable, total = parameters
     return {
-        "precision": precision.dtype, "device": _device_name(precision),
+        "precision": precision.dtype,
+        "device": _device_name(precision),
         "trust_remote_code": trust_remote_code,
         "world_size": trainer.args.world_size,
         "engine": _engine(trainer),
-        "global_batch": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        "global_batch": trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "data": {"format": prepared.format, "chat_template": prepared.template, "rows": prepared.rows,
-                 "sources": prepared.sources, "fingerprints": prepared.fingerprints,
-                 "truncated": prepared.train.truncated, "dropped": prepared.train.drops,
-                 "bad_rows_skipped": len(prepared.bad_rows), "packing": packing},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "data": {
+            "format": prepared.format,
+            "chat_template": prepared.template,
+            "rows": prepared.rows,
+            "sources": prepared.sources,
+            "fingerprints": prepared.fingerprints,
+            "truncated": prepared.train.truncated,
+            "dropped": prepared.train.drops,
+            "bad_rows_skipped": len(prepared.bad_rows),
+            "packing": packing,
+        },
         "chat_template_sha256": run_files.template_hash(tokenizer),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn_id),
-        "eos_token_ids": eos_ids, "peak_memory": _peak_memory(memory), "memory": memory,
+        "eos_token_ids": eos_ids,
+        "peak_memory": _peak_memory(memory),
+        "memory": memory,
         "results": {
-            "steps": trainer.state.global_step, "train_runtime_s": round(runtime, 2),
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "steps": trainer.state.global_step,
+            "train_runtime_s": round(runtime, 2),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
-            "tokens_seen": tokens, "tokens_per_s": round(tokens / runtime, 1),
+            "tokens_seen": tokens,
+            "tokens_per_s": round(tokens / runtime, 1),
         },
     }
 
 
 def _report_data(console: Console, prepared: data_mod.PreparedData, recipe: Recipe) -> None:
     split = prepared.train
-    console.print(f"data: {prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
-                  f"({prepared.format}, chat template: {prepared.template}), "
-                  f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained"
-                  f"{' (preprocessing cache)' if prepared.cached else ''}", highlight=False)
+    console.print(
+        f"data: {prepared.rows['train']} train / {prepared.rows['eval']} eval examples "
+        f"({prepared.format}, chat template: {prepared.template}), "
+        f"{split.trained_tokens:,} of {split.tokens:,} train tokens trained"
+        f"{' (preprocessing cache)' if prepared.cached else ''}",
+        highlight=False,
+    )
     if len(prepared.sources) > 1:
-        console.print("mix: " + ", ".join(f"{s['source']} {s['used']} of {s['examples']}" for s in prepared.sources),
-                      highlight=False)
+        console.print(
+            "mix: " + ", ".join(f"{s['source']} {s['used']} of {s['examples']}" for s in prepared.sources),
+            highlight=False,
+        )
     if prepared.bad_rows:
-        console.print(f"[yellow]warning:[/] skipped {len(prepared.bad_rows)} malformed rows "
-                      f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}", highlight=False)
+        console.print(
+            f"[yellow]warning:[/] skipped {len(prepared.bad_rows)} malformed rows "
+            f"(data.on_bad_rows: skip); first: {prepared.bad_rows[0]}",
+            highlight=False,
+        )
     if split.truncated or split.dropped:
         why = "; ".join(f"{n} {reason}" for reason, n in split.drops.items())
-        console.print(f"[yellow]warning:[/] data.max_length={recipe.data.max_length}: {split.truncated} training "
-                      f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}", highlight=False)
+        console.print(
+            f"[yellow]warning:[/] data.max_length={recipe.data.max_length}: {split.truncated} training "
+            f"examples truncated, {split.dropped} dropped{f' ({why})' if why else ''}",
+            highlight=False,
+        )
 
 
 def _engine(trainer) -> str:
@@ -375,10 +492,12 @@ def memory_record(device: str) -> dict:
     gib = 2**30
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
-        return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
-                "outside_allocator_gib": round((total - free - torch.cuda.memory_reserved()) / gib, 3),
-                "device_gib": round(total / gib, 2)}
+        return {
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
+            "outside_allocator_gib": round((total - free - torch.cuda.memory_reserved()) / gib, 3),
+            "device_gib": round(total / gib, 2),
+        }
     return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 

@@ -30,18 +30,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work", type=Path, help="models, runs and logs (default: a new temporary directory)")
     parser.add_argument("--budget", type=float, default=BUDGET, help="seconds for all stages together")
     parser.add_argument("--only", help="stages to run, e.g. a,c (default: all)")
-    parser.add_argument("--size", choices=("auto", "full", "reduced"), default="auto",
-                        help="full on a CUDA GPU, reduced (tiny model, CPU) without one")
+    parser.add_argument(
+        "--size",
+        choices=("auto", "full", "reduced"),
+        default="auto",
+        help="full on a CUDA GPU, reduced (tiny model, CPU) without one",
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lorakit-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "LORAKIT_CACHE_DIR": str(work / "lorakit-cache")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "LORAKIT_CACHE_DIR": str(work / "lorakit-cache"),
+    }
     cuda = _cuda(env)
     reduced = args.size == "reduced" or (args.size == "auto" and not cuda)
-    print(f"gpu-check: {'full size on CUDA' if not reduced else 'reduced (no CUDA)' if not cuda else 'reduced'}; "
-          f"results in {args.out}, work in {work}, budget {args.budget:.0f} s", flush=True)
+    print(
+        f"gpu-check: {'full size on CUDA' if not reduced else 'reduced (no CUDA)' if not cuda else 'reduced'}; "
+        f"results in {args.out}, work in {work}, budget {args.budget:.0f} s",
+        flush=True,
+    )
     only = set(args.only.split(",")) if args.only else None
     results = run_stages(STAGES, args.out, work, reduced=reduced, cuda=cuda, budget=args.budget, env=env, only=only)
     print(write_summary(results, args.out / "summary.md", reduced=reduced))
@@ -49,8 +62,9 @@ def main(argv: list[str]) -> int:
 
 
 def _cuda(env: dict) -> bool:
-    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
-                           text=True, env=env)
+    probe = subprocess.run(
+        [PYTHON, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True, env=env
+    )
     return probe.stdout.strip() == "True"
 
 

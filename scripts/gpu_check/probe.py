@@ -1,10 +1,10 @@
 """The child processes of the GPU check: each prints one JSON object on stdout.
 
-    python -m scripts.gpu_check.probe environment            # stage a: versions, CUDA, bitsandbytes kernels
-    python -m scripts.gpu_check.probe build-model SHAPE OUT  # a Llama-shaped model with random weights
-    python -m scripts.gpu_check.probe plan RUN_DIR...        # stage e: lorakit plan vs each run's measured peak
-    python -m scripts.gpu_check.probe adapter-loads BASE RUN # the run's adapter in plain peft, on the GPU
-    python -m scripts.gpu_check.probe compare-adapters RUN_A RUN_B
+python -m scripts.gpu_check.probe environment            # stage a: versions, CUDA, bitsandbytes kernels
+python -m scripts.gpu_check.probe build-model SHAPE OUT  # a Llama-shaped model with random weights
+python -m scripts.gpu_check.probe plan RUN_DIR...        # stage e: lorakit plan vs each run's measured peak
+python -m scripts.gpu_check.probe adapter-loads BASE RUN # the run's adapter in plain peft, on the GPU
+python -m scripts.gpu_check.probe compare-adapters RUN_A RUN_B
 """
 
 from __future__ import annotations
@@ -21,10 +21,34 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pydantic",
-             "pydantic-core", "typer", "rich", "pyyaml", "safetensors", "tokenizers", "huggingface-hub", "numpy",
-             "pyarrow", "fsspec", "dill", "multiprocess", "triton", "liger-kernel", "flash-attn", "deepspeed",
-             "pytest", "pytest-xdist")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "pydantic",
+    "pydantic-core",
+    "typer",
+    "rich",
+    "pyyaml",
+    "safetensors",
+    "tokenizers",
+    "huggingface-hub",
+    "numpy",
+    "pyarrow",
+    "fsspec",
+    "dill",
+    "multiprocess",
+    "triton",
+    "liger-kernel",
+    "flash-attn",
+    "deepspeed",
+    "pytest",
+    "pytest-xdist",
+)
 GIB = 2**30
 
 
@@ -40,17 +64,29 @@ def environment() -> dict:
             libraries[name] = None
             continue
         where = str(dist.locate_file(""))
-        libraries[name] = {"version": dist.version, "from": "carried" if carried and where.startswith(carried)
-                           else "image"}
-    found = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-             "cuda_available": torch.cuda.is_available(), "libraries": libraries,
-             "flash_attn": importlib.util.find_spec("flash_attn") is not None,
-             "liger": importlib.util.find_spec("liger_kernel") is not None,
-             "pip_check": _pip_check()}
+        libraries[name] = {
+            "version": dist.version,
+            "from": "carried" if carried and where.startswith(carried) else "image",
+        }
+    found = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "libraries": libraries,
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "liger": importlib.util.find_spec("liger_kernel") is not None,
+        "pip_check": _pip_check(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        found.update(device=props.name, devices=torch.cuda.device_count(), capability=list(torch.cuda.get_device_capability()),
-                     memory_gib=round(props.total_memory / GIB, 1), bf16=torch.cuda.is_bf16_supported())
+        found.update(
+            device=props.name,
+            devices=torch.cuda.device_count(),
+            capability=list(torch.cuda.get_device_capability()),
+            memory_gib=round(props.total_memory / GIB, 1),
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     found["bitsandbytes"] = _bitsandbytes("cuda" if torch.cuda.is_available() else "cpu")
     found["lorakit"] = _lorakit_cli()
     return found
@@ -107,7 +143,11 @@ def _bitsandbytes(device: str) -> dict:
 
 def _lorakit_cli() -> dict:
     out = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, cwd=ROOT)
-    return {"exit": out.returncode, "version": out.stdout.strip(), "error": out.stderr[-1500:] if out.returncode else ""}
+    return {
+        "exit": out.returncode,
+        "version": out.stdout.strip(),
+        "error": out.stderr[-1500:] if out.returncode else "",
+    }
 
 
 def build_model(shape: str, out: str) -> dict:
@@ -139,15 +179,24 @@ def plan_against_runs(run_dirs: list[str]) -> list[dict]:
         device = memory.get("device_gib", 80)
         plan = plan_mod.run(recipe, gpu_memory=int(device * GIB), with_time=False)
         tensors = sum(line.bytes for line in plan.lines if line.name != "CUDA context and allocator") / GIB
-        row = {"run": run.name, "micro_batch": plan.micro_batch, "sequence": plan.sequence,
-               "layers_note": manifest.get("base_model", ""), "plan_tensors_gib": round(tensors, 3),
-               "plan_total_gib": round(plan.total / GIB, 3), "kernels": manifest.get("kernels", {}),
-               "lines": {line.name: round(line.bytes / GIB, 3) for line in plan.lines}}
+        row = {
+            "run": run.name,
+            "micro_batch": plan.micro_batch,
+            "sequence": plan.sequence,
+            "layers_note": manifest.get("base_model", ""),
+            "plan_tensors_gib": round(tensors, 3),
+            "plan_total_gib": round(plan.total / GIB, 3),
+            "kernels": manifest.get("kernels", {}),
+            "lines": {line.name: round(line.bytes / GIB, 3) for line in plan.lines},
+        }
         if "peak_allocated_gib" in memory:
             measured_total = memory["peak_reserved_gib"] + memory["outside_allocator_gib"]
-            row.update(measured_allocated_gib=memory["peak_allocated_gib"], measured_total_gib=round(measured_total, 3),
-                       tensors_error=round(tensors / memory["peak_allocated_gib"] - 1, 3),
-                       total_error=round(plan.total / GIB / measured_total - 1, 3))
+            row.update(
+                measured_allocated_gib=memory["peak_allocated_gib"],
+                measured_total_gib=round(measured_total, 3),
+                tensors_error=round(tensors / memory["peak_allocated_gib"] - 1, 3),
+                total_error=round(plan.total / GIB / measured_total - 1, 3),
+            )
         rows.append(row)
     return rows
 
@@ -165,7 +214,10 @@ def adapter_loads(base: str, run: str) -> dict:
     with torch.no_grad():
         plain = model(ids).logits.float()
         tuned = PeftModel.from_pretrained(model, run).eval()(ids).logits.float()
-    return {"max_logit_change": round((tuned - plain).abs().max().item(), 4), "finite": bool(torch.isfinite(tuned).all())}
+    return {
+        "max_logit_change": round((tuned - plain).abs().max().item(), 4),
+        "finite": bool(torch.isfinite(tuned).all()),
+    }
 
 
 def compare_adapters(a: str, b: str) -> dict:

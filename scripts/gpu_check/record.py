@@ -16,10 +16,12 @@ from scripts.gpu_check.runner import ROOT, summary_table
 STORE = ROOT / "benchmarks" / "gpu-check"
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-HOW = ("On the CPU machine `bash scripts/gpu_wheels.sh` (the wheels the GPU image lacks, size-checked), then on the "
-       "GPU machine, in one call, `make gpu-check` (or `bash scripts/gpu_check.sh`: results in `$OUT`); then "
-       "`python -m scripts.gpu_check record RESULTS_DIR` here.")
-NOT_YET = ("No GPU run is recorded yet: no GPU machine has been lent to an issue since the check exists. " + HOW)
+HOW = (
+    "On the CPU machine `bash scripts/gpu_wheels.sh` (the wheels the GPU image lacks, size-checked), then on the "
+    "GPU machine, in one call, `make gpu-check` (or `bash scripts/gpu_check.sh`: results in `$OUT`); then "
+    "`python -m scripts.gpu_check record RESULTS_DIR` here."
+)
+NOT_YET = "No GPU run is recorded yet: no GPU machine has been lent to an issue since the check exists. " + HOW
 
 
 def load(folder: Path) -> dict[str, dict]:
@@ -34,16 +36,20 @@ def load(folder: Path) -> dict[str, dict]:
 def _run_line(results: dict) -> str:
     env = results.get("a", {}).get("figures", {})
     date = max(r.get("finished_at", "") for r in results.values())[:10]
-    return (f"Run {date} on {env.get('device', 'no GPU')} ({env.get('nvidia_smi', 'no nvidia-smi')}), torch "
-            f"{env.get('torch', '?')} with CUDA {env.get('torch_cuda')}, bitsandbytes "
-            f"{(env.get('libraries') or {}).get('bitsandbytes', {}) and env['libraries']['bitsandbytes']['version']}"
-            f", flash-attn {'yes' if env.get('flash_attn') else 'no'}, Liger {'yes' if env.get('liger') else 'no'}.")
+    return (
+        f"Run {date} on {env.get('device', 'no GPU')} ({env.get('nvidia_smi', 'no nvidia-smi')}), torch "
+        f"{env.get('torch', '?')} with CUDA {env.get('torch_cuda')}, bitsandbytes "
+        f"{(env.get('libraries') or {}).get('bitsandbytes', {}) and env['libraries']['bitsandbytes']['version']}"
+        f", flash-attn {'yes' if env.get('flash_attn') else 'no'}, Liger {'yes' if env.get('liger') else 'no'}."
+    )
 
 
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
-    return f"{value:,.{digits}g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+    return (
+        f"{value:,.{digits}g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+    )
 
 
 def benchmarks_section(results: dict) -> str:
@@ -54,38 +60,48 @@ def benchmarks_section(results: dict) -> str:
     if speed.get("lorakit") and speed.get("baseline"):
         ours, theirs, ratios = speed["lorakit"], speed["baseline"], speed["ratios"]
         s = speed["settings"]
-        lines += [f"Speed (stage d, `benchmarks/gpu_train.py --preset {speed['preset']}`): {speed['shape_note']}, "
-                  f"QLoRA r=16 on all linear layers, micro-batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed "
-                  f"steps after {s['warmup']}.", "",
-                  "| | lorakit (defaults) | TRL baseline | lorakit / baseline |", "|---|---|---|---|",
-                  f"| tokens/s | {_fmt(ours['tokens_per_s'])} | {_fmt(theirs['tokens_per_s'])} | "
-                  f"{ratios['tokens_per_s']:.2f} |",
-                  f"| MFU | {_fmt(ours.get('mfu'), 3)} | {_fmt(theirs.get('mfu'), 3)} | |",
-                  f"| peak allocated GPU memory (GiB) | {_fmt(ours['peak_gib'])} | {_fmt(theirs['peak_gib'])} | "
-                  f"{ratios['peak_memory']:.2f} |",
-                  f"| mean loss (timed steps) | {_fmt(ours['mean_loss'])} | {_fmt(theirs['mean_loss'])} | "
-                  f"{ratios['mean_loss']:.3f} |",
-                  f"| gradient norm (min-max) | {_fmt(ours['grad_norm_min'], 3)}-{_fmt(ours['grad_norm_max'], 3)} | "
-                  f"{_fmt(theirs['grad_norm_min'], 3)}-{_fmt(theirs['grad_norm_max'], 3)} | |",
-                  f"| longest sequence at batch 1 | {_longest(ours)} | {_longest(theirs)} | |", ""]
+        lines += [
+            f"Speed (stage d, `benchmarks/gpu_train.py --preset {speed['preset']}`): {speed['shape_note']}, "
+            f"QLoRA r=16 on all linear layers, micro-batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed "
+            f"steps after {s['warmup']}.",
+            "",
+            "| | lorakit (defaults) | TRL baseline | lorakit / baseline |",
+            "|---|---|---|---|",
+            f"| tokens/s | {_fmt(ours['tokens_per_s'])} | {_fmt(theirs['tokens_per_s'])} | "
+            f"{ratios['tokens_per_s']:.2f} |",
+            f"| MFU | {_fmt(ours.get('mfu'), 3)} | {_fmt(theirs.get('mfu'), 3)} | |",
+            f"| peak allocated GPU memory (GiB) | {_fmt(ours['peak_gib'])} | {_fmt(theirs['peak_gib'])} | "
+            f"{ratios['peak_memory']:.2f} |",
+            f"| mean loss (timed steps) | {_fmt(ours['mean_loss'])} | {_fmt(theirs['mean_loss'])} | "
+            f"{ratios['mean_loss']:.3f} |",
+            f"| gradient norm (min-max) | {_fmt(ours['grad_norm_min'], 3)}-{_fmt(ours['grad_norm_max'], 3)} | "
+            f"{_fmt(theirs['grad_norm_min'], 3)}-{_fmt(theirs['grad_norm_max'], 3)} | |",
+            f"| longest sequence at batch 1 | {_longest(ours)} | {_longest(theirs)} | |",
+            "",
+        ]
     qlora = results.get("c", {}).get("figures", {})
     if qlora.get("train"):
         train, resume = qlora["train"], qlora.get("resume", {})
         memory = train.get("memory") or {}
-        lines += [f"QLoRA (stage c): {train['model'].rsplit('/', 1)[-1]}, {train['parameters']:,} parameters, "
-                  f"{train['precision']}, {train['optimizer']}, gradient checkpointing; loss "
-                  f"{train['first_losses_mean']:.3f} -> {train['last_losses_mean']:.3f} over {train['steps']} steps, "
-                  f"{_fmt(train['tokens_per_s'])} tokens/s, peak {memory.get('peak_allocated_gib', '-')} GiB "
-                  f"allocated; SIGTERM at step {resume.get('stopped_at', '-')} then --resume: largest loss "
-                  f"difference {_fmt(resume.get('max_abs_diff'))} (bit-exact: {resume.get('bit_exact', '-')}); "
-                  f"merge vs base + adapter: nf4 {_fmt(qlora.get('merge_nf4', {}).get('max_abs_diff'))}, original "
-                  f"{_fmt(qlora.get('merge_original', {}).get('max_abs_diff'))} (max logit difference).", ""]
+        lines += [
+            f"QLoRA (stage c): {train['model'].rsplit('/', 1)[-1]}, {train['parameters']:,} parameters, "
+            f"{train['precision']}, {train['optimizer']}, gradient checkpointing; loss "
+            f"{train['first_losses_mean']:.3f} -> {train['last_losses_mean']:.3f} over {train['steps']} steps, "
+            f"{_fmt(train['tokens_per_s'])} tokens/s, peak {memory.get('peak_allocated_gib', '-')} GiB "
+            f"allocated; SIGTERM at step {resume.get('stopped_at', '-')} then --resume: largest loss "
+            f"difference {_fmt(resume.get('max_abs_diff'))} (bit-exact: {resume.get('bit_exact', '-')}); "
+            f"merge vs base + adapter: nf4 {_fmt(qlora.get('merge_nf4', {}).get('max_abs_diff'))}, original "
+            f"{_fmt(qlora.get('merge_original', {}).get('max_abs_diff'))} (max logit difference).",
+            "",
+        ]
     distributed = results.get("f", {}).get("figures", {})
     for label in ("ddp-gloo", "fsdp-qlora"):
         if label in distributed:
             row = distributed[label]
-            lines.append(f"- {label} (stage f): {row['engine']} x {row['world_size']}, loss {_fmt(row['first_loss'])}"
-                         f" -> {_fmt(row['last_loss'])}, {_fmt(row['tokens_per_s'])} tokens/s.")
+            lines.append(
+                f"- {label} (stage f): {row['engine']} x {row['world_size']}, loss {_fmt(row['first_loss'])}"
+                f" -> {_fmt(row['last_loss'])}, {_fmt(row['tokens_per_s'])} tokens/s."
+            )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -103,14 +119,19 @@ def plan_section(results: dict) -> str:
     head = "## Measured on a GPU (`make gpu-check`, stage e)\n\n"
     if not rows:
         return head + NOT_YET + "\n"
-    lines = [head + _run_line(results) + " Measured total = the allocator's peak pool + what the device held "
-             "outside it (CUDA context, library workspaces); error = plan / measured - 1.\n",
-             "| run | micro-batch x tokens | plan tensors (GiB) | peak allocated (GiB) | error | plan total (GiB) | "
-             "measured total (GiB) | error |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        head + _run_line(results) + " Measured total = the allocator's peak pool + what the device held "
+        "outside it (CUDA context, library workspaces); error = plan / measured - 1.\n",
+        "| run | micro-batch x tokens | plan tensors (GiB) | peak allocated (GiB) | error | plan total (GiB) | "
+        "measured total (GiB) | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['micro_batch']} x {r['sequence']:,} | {r['plan_tensors_gib']:.2f} | "
-                     f"{r['measured_allocated_gib']:.2f} | {r['tensors_error']:+.0%} | {r['plan_total_gib']:.2f} | "
-                     f"{r['measured_total_gib']:.2f} | {r['total_error']:+.0%} |")
+        lines.append(
+            f"| {r['run']} | {r['micro_batch']} x {r['sequence']:,} | {r['plan_tensors_gib']:.2f} | "
+            f"{r['measured_allocated_gib']:.2f} | {r['tensors_error']:+.0%} | {r['plan_total_gib']:.2f} | "
+            f"{r['measured_total_gib']:.2f} | {r['total_error']:+.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -83,12 +83,21 @@ class Context:
         return self.deadline - time.monotonic()
 
     def check(self, name: str, ok: bool, detail: object = "") -> bool:
-        self.checks.append({"name": name, "ok": bool(ok), "detail": detail if isinstance(detail, (int, float)) else
-                            str(detail)[:2000]})
+        self.checks.append(
+            {"name": name, "ok": bool(ok), "detail": detail if isinstance(detail, (int, float)) else str(detail)[:2000]}
+        )
         return bool(ok)
 
-    def command(self, label: str, argv: list, *, env: dict | None = None, timeout: float | None = None,
-                interrupt_first: bool = False, json_out: bool = False) -> Done:
+    def command(
+        self,
+        label: str,
+        argv: list,
+        *,
+        env: dict | None = None,
+        timeout: float | None = None,
+        interrupt_first: bool = False,
+        json_out: bool = False,
+    ) -> Done:
         """Run argv to completion in its own process group (cwd: the repository), its output in a log (with
         `json_out`, stdout in a file of its own); past the stage's deadline (or `timeout`), the group is
         stopped and OutOfTime raised. `interrupt_first` sends SIGINT first (pytest then writes its report)."""
@@ -101,9 +110,14 @@ class Context:
         with open(log, "w") as handle, open(stdout or os.devnull, "w") as out:
             handle.write("$ " + " ".join(map(str, argv)) + "\n")
             handle.flush()
-            proc = subprocess.Popen([str(a) for a in argv], stdout=out if json_out else handle,
-                                    stderr=handle if json_out else subprocess.STDOUT, cwd=ROOT,
-                                    env={**self.env, **(env or {})}, start_new_session=True)
+            proc = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=out if json_out else handle,
+                stderr=handle if json_out else subprocess.STDOUT,
+                cwd=ROOT,
+                env={**self.env, **(env or {})},
+                start_new_session=True,
+            )
             try:
                 code = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -115,8 +129,14 @@ class Context:
         """Start argv in the background (its own process group); the caller waits for it."""
         log = self._log(label)
         handle = open(log, "w")
-        proc = subprocess.Popen([str(a) for a in argv], stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**self.env, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(a) for a in argv],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+        )
         return proc, log
 
     def python(self, label: str, *args, **kwargs) -> Done:
@@ -127,8 +147,11 @@ class Context:
 
     def need(self, done: Done, what: str, codes: tuple[int, ...] = (0,)) -> Done:
         """Record a check that the command exited as expected; stop the stage when it did not."""
-        if not self.check(what, done.code in codes, f"exit {done.code}" if done.code in codes else
-                          f"exit {done.code}: {done.tail[-1500:]}"):
+        if not self.check(
+            what,
+            done.code in codes,
+            f"exit {done.code}" if done.code in codes else f"exit {done.code}: {done.tail[-1500:]}",
+        ):
             raise StageFailed(f"{what}: exit {done.code} (log: {done.log.name})")
         return done
 
@@ -163,8 +186,17 @@ class Stage:
     reduced_cap: float = 300  # seconds on the CPU rehearsal
 
 
-def run_stages(stages: list[Stage], out: Path, work: Path, *, reduced: bool, cuda: bool, budget: float,
-               env: dict, only: set[str] | None = None) -> list[dict]:
+def run_stages(
+    stages: list[Stage],
+    out: Path,
+    work: Path,
+    *,
+    reduced: bool,
+    cuda: bool,
+    budget: float,
+    env: dict,
+    only: set[str] | None = None,
+) -> list[dict]:
     """Every stage in order, within `budget` seconds; returns their results (also written to `out`)."""
     out.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -207,10 +239,19 @@ def _run_one(stage: Stage, end: float, work: Path, logs: Path, *, reduced: bool,
     if status == "passed" and not all(c["ok"] for c in ctx.checks):
         status = "failed"
         reason = "; ".join(c["name"] for c in ctx.checks if not c["ok"])
-    return {"stage": stage.key, "name": stage.name, "status": status, "reason": reason, "reduced": reduced,
-            "cap_s": cap, "seconds": round(time.monotonic() - started, 1),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "checks": ctx.checks,
-            "figures": ctx.figures, "notes": ctx.notes}
+    return {
+        "stage": stage.key,
+        "name": stage.name,
+        "status": status,
+        "reason": reason,
+        "reduced": reduced,
+        "cap_s": cap,
+        "seconds": round(time.monotonic() - started, 1),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checks": ctx.checks,
+        "figures": ctx.figures,
+        "notes": ctx.notes,
+    }
 
 
 def summary_table(results: list[dict]) -> str:
@@ -220,8 +261,10 @@ def summary_table(results: list[dict]) -> str:
         passed = sum(c["ok"] for c in r["checks"])
         status = r["status"] + (f": {r['reason'].splitlines()[0][:120]}" if r["reason"] else "")
         figures = ", ".join(f"{k} {v}" for k, v in headline(r["figures"]).items())
-        lines.append(f"| {r['stage']} {r['name']} | {status} | {r['seconds']:.0f} ({r['cap_s']:.0f}) | "
-                     f"{passed}/{len(r['checks'])} | {figures} |")
+        lines.append(
+            f"| {r['stage']} {r['name']} | {status} | {r['seconds']:.0f} ({r['cap_s']:.0f}) | "
+            f"{passed}/{len(r['checks'])} | {figures} |"
+        )
     return "\n".join(lines) + "\n"
 
 
