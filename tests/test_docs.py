@@ -34,3 +34,67 @@ def test_plan_page_is_current():
     from scripts.gen_plan_docs import render as render_plan
 
     assert PLAN_DOC.read_text() == render_plan(), "docs/plan.md is stale: run `make docs`"
+
+
+def _architecture() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return readme[readme.index("### Architecture") :]
+
+
+def test_readme_architecture_lists_every_module():
+    """The README's architecture section is the plan: every module, in its folder, with a line of its own."""
+    import re
+
+    section = _architecture()
+    block = section[section.index("```") : section.index("```", section.index("```") + 3)]
+    listed, folder = set(), None
+    for line in block.splitlines():
+        name = line.strip().split(" ")[0]
+        if re.fullmatch(r"\w+/", name):
+            folder = name if line.startswith("  ") and not line.startswith("    ") else folder
+            if not line.startswith("  "):
+                folder = None
+        elif name.endswith(".py"):
+            listed.add((folder or "") + name if line.startswith("    ") else name)
+    modules = {str(p.relative_to(ROOT / "lorakit")) for p in (ROOT / "lorakit").rglob("*.py")}
+    expected = {m for m in modules if m.count("/") == 1 and not m.endswith("__init__.py")} | {
+        m for m in modules if "/" not in m and m not in ("__init__.py", "__main__.py")
+    }
+    expected |= {"data/__init__.py"}  # the one package whose __init__ holds code (data.prepare)
+    assert not expected - listed, f"modules missing from the README's architecture: {sorted(expected - listed)}"
+    assert not listed - modules, f"the README lists modules that do not exist: {sorted(listed - modules)}"
+
+
+# Which folders each folder may import (the README's import order); errors, console, upstream and the
+# package's version are shared by all.
+ALLOWED = {
+    "recipe": set(),
+    "rundir": {"recipe"},
+    "data": {"recipe"},
+    "model": {"recipe"},
+    "preflight": {"recipe", "data", "model"},
+    "train": {"recipe", "rundir", "data", "model", "preflight"},
+    "merge": {"recipe", "rundir", "data", "model"},
+    "evaluate": {"recipe", "rundir", "data", "model"},
+    "cli": {"recipe", "rundir", "data", "model", "preflight", "train", "merge", "evaluate"},
+}
+SHARED = {"errors", "console", "upstream", "__version__"}
+
+
+def test_imports_follow_the_readme_order():
+    import re
+
+    wrong = []
+    for path in (ROOT / "lorakit").rglob("*.py"):
+        parts = path.relative_to(ROOT / "lorakit").parts
+        source = parts[0] if len(parts) > 1 else path.stem
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"^\s*from lorakit(?:\.(\w+))?(?:\.\w+)* import ([\w, ]+)", text, re.M):
+            target = match.group(1) or match.group(2).split(",")[0].split(" as ")[0].strip()
+            if target == source or target in SHARED:
+                continue
+            if source in SHARED and source != "__main__":
+                wrong.append(f"{path.name} (shared) imports lorakit.{target}")
+            elif source in ALLOWED and target not in ALLOWED[source]:
+                wrong.append(f"lorakit/{'/'.join(parts)} imports lorakit.{target}")
+    assert not wrong, "imports against the README's order:\n" + "\n".join(wrong)

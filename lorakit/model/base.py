@@ -1,8 +1,9 @@
-"""Tokenizer, base model (4-bit or not), precision, and the LoRA config, from the recipe's sections.
+"""Tokenizer, base model (4-bit or not) and precision, from the recipe's `model:` section.
 
 Owns: choosing precision from the hardware, `from_pretrained` calls, bitsandbytes 4-bit settings,
 `prepare_model_for_kbit_training`, checking that LoRA target modules match the model. Does not own the
-trainer (lorakit.train.trainer) or the data (lorakit.data).
+trainer (lorakit.train.trainer), the data (lorakit.data), the PEFT config (lorakit.model.peft_methods) or
+the run's decisions (lorakit.model.setup, which calls the choosers here once per run).
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def estimate(
     if four_bit:
         double = recipe.model.quantization.bnb_4bit_use_double_quant
         packed = sum(nf4_bytes(n, double) for n in counts.quantized)
-        # the QLoRA preparation upcasts every unquantized parameter to fp32 (not under FSDP/ZeRO-3, see model.py)
+        # the QLoRA preparation upcasts every unquantized parameter to fp32 (not under FSDP/ZeRO-3, see model/base.py)
         other_bytes = counts.other * (compute if sharded else 4)
         lines.append(
             Line(

@@ -2,7 +2,7 @@
 
 Keys use peft's own names (`AdaLoraConfig`, `IA3Config`, `PromptTuningConfig`, `PrefixTuningConfig`). Which
 section applies is chosen by the recipe's top-level `method:`; the rules tying them together live in
-`lorakit.recipe.schema.Recipe`. Nothing here imports torch or the HF stack.
+`MethodRules` below, which `lorakit.recipe.schema.Recipe` inherits. Nothing here imports torch or the HF stack.
 """
 
 from __future__ import annotations

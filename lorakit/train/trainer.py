@@ -1,7 +1,9 @@
 """`lorakit train`: the only module that builds the trainer. Recipe in, complete run directory out.
 
-Order matters: everything that can be refused cheaply (output directory, precision, optimizer name,
-data) is checked before the base model's weights are loaded.
+`run` reads top to bottom as `Training`'s named steps: decide (the set-up, once), claim the directory,
+prepare the data, load the model, build the trainer, train, finish. Order matters: everything that can be
+refused cheaply (set-up, output directory, data) is checked before the base model's weights are loaded.
+What a PEFT method adds is behind its object in lorakit.model.method_training.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def sft_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
-        save_total_limit=None,  # lorakit rotates, and only after a newer checkpoint is complete (resume.py)
+        save_total_limit=None,  # lorakit rotates, and only after a newer checkpoint is complete (train/resume.py)
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
         # one process: no process group (transformers would try to use one for any backend named)
         ddp_backend=train.ddp_backend if distributed.world_size() > 1 else None,
