@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,3 +83,29 @@ def logits(model, ids=IDS) -> list[torch.Tensor]:
 
 def max_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def lorakit(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
+
+
+def write_jsonl(path: Path, rows) -> str:
+    """Rows as a JSONL file (parent folders made); its path as a string, as recipes take it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def tokenizer(tiny_model):
+    """A fresh tiny tokenizer per test (data preparation sets its chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@torch.no_grad()
+def batch_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a batch in eval mode, at the input's own positions (prompt tuning prepends virtual ones)."""
+    return model.eval()(input_ids=ids).logits[:, -ids.shape[1] :]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from conftest import write_jsonl
 from transformers import AutoTokenizer
 
 from lorakit.data import prepare
@@ -24,22 +23,12 @@ def cache(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture
-def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-def write(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 def entries(root) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
 def test_hit_gives_the_same_data(cache, tokenizer, tmp_path):
-    cfg = DataConfig(train=write(tmp_path / "t.jsonl", ROWS), eval_fraction=0.25)
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", ROWS), eval_fraction=0.25)
     first, second = prepare(cfg, tokenizer, seed=0), prepare(cfg, tokenizer, seed=0)
     assert (first.cached, second.cached) == (False, True)
     assert second.train.input_ids == first.train.input_ids and second.train.labels == first.train.labels
@@ -49,7 +38,7 @@ def test_hit_gives_the_same_data(cache, tokenizer, tmp_path):
 
 
 def test_num_proc_shares_the_entry(cache, tokenizer, tmp_path):
-    path = write(tmp_path / "t.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS)
     prepare(DataConfig(train=path, num_proc=1), tokenizer, seed=0)
     assert prepare(DataConfig(train=path, num_proc=2), tokenizer, seed=0).cached
 
@@ -59,7 +48,7 @@ def test_num_proc_shares_the_entry(cache, tokenizer, tmp_path):
     ["file content", "data section", "seed with eval split", "template choice", "template file content", "tokenizer"],
 )
 def test_any_change_misses(cache, tokenizer, tmp_path, tiny_model, change):
-    path = write(tmp_path / "t.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "t.jsonl", ROWS)
     jinja = tmp_path / "chat.jinja"
     jinja.write_text(
         CHATML_EOS.replace("eos_token + '\n'", "eos_token + '\n\n'")
@@ -69,7 +58,7 @@ def test_any_change_misses(cache, tokenizer, tmp_path, tiny_model, change):
     assert prepare(cfg, tokenizer, seed=0).cached
     seed = 0
     if change == "file content":
-        write(tmp_path / "t.jsonl", ROWS[:-1] + [ROWS[0]])
+        write_jsonl(tmp_path / "t.jsonl", ROWS[:-1] + [ROWS[0]])
     elif change == "data section":
         cfg = cfg.model_copy(update={"train_on": "all"})
     elif change == "seed with eval split":
@@ -89,7 +78,7 @@ def test_any_change_misses(cache, tokenizer, tmp_path, tiny_model, change):
 
 
 def test_hit_sets_the_chosen_template_on_the_tokenizer(cache, tiny_model, tmp_path):
-    cfg = DataConfig(train=write(tmp_path / "t.jsonl", ROWS), chat_template="chatml")
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", ROWS), chat_template="chatml")
     prepare(cfg, AutoTokenizer.from_pretrained(tiny_model), seed=0)
     fresh = AutoTokenizer.from_pretrained(tiny_model)
     assert fresh.chat_template != CHATML_EOS
@@ -98,7 +87,7 @@ def test_hit_sets_the_chosen_template_on_the_tokenizer(cache, tiny_model, tmp_pa
 
 
 def test_no_cache_neither_reads_nor_writes(cache, tokenizer, tmp_path):
-    cfg = DataConfig(train=write(tmp_path / "t.jsonl", ROWS))
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", ROWS))
     assert not prepare(cfg, tokenizer, seed=0, use_cache=False).cached
     assert entries(cache) == []
     prepare(cfg, tokenizer, seed=0)
@@ -106,7 +95,7 @@ def test_no_cache_neither_reads_nor_writes(cache, tokenizer, tmp_path):
 
 
 def test_damaged_entry_is_rebuilt(cache, tokenizer, tmp_path):
-    cfg = DataConfig(train=write(tmp_path / "t.jsonl", ROWS))
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", ROWS))
     first = prepare(cfg, tokenizer, seed=0)
     (entry,) = [cache / n for n in entries(cache)]
     for arrow in (entry / "train").glob("*.arrow"):

@@ -6,12 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import lorakit
 
 from lorakit import __version__
-
-
-def lorakit(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])

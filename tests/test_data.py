@@ -5,23 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
+from conftest import write_jsonl
 
 from lorakit.data import IGNORE, prepare
 from lorakit.errors import DataError
 from lorakit.recipe.schema import DataConfig
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    assert tok.pad_token_id == tok.eos_token_id  # the trap this module guards against
-    return tok
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def trained_text(tokenizer, ids, labels) -> str:
@@ -148,3 +136,8 @@ def test_template_without_special_turn_end_is_refused(tokenizer, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     with pytest.raises(DataError, match="never learn to stop"):
         prepare(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), plain, seed=0)
+
+
+def test_the_tiny_tokenizer_pads_with_its_eos(tokenizer):
+    """The trap this module guards against: pad and eos are one token, so masking pad must not mask eos."""
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import lorakit, tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.errors import DataError, LorakitError, ModelError
@@ -23,10 +21,6 @@ from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit.train.trainer import run as train
 
 SETTINGS = EvalConfig(max_new_tokens=12, max_examples=8)
-
-
-def lorakit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,6 @@ INST = (  # Mistral-like: no role headers for the assistant, the eos closes its 
 )
 
 
-@pytest.fixture
-def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def write(tmp_path, rows, name="t.jsonl") -> str:
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import EXAMPLES, IDS, logits, max_diff, tiny_recipe
+from conftest import EXAMPLES, IDS, logits, lorakit, max_diff, tiny_recipe
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,10 +19,6 @@ from lorakit.merge import fold as merge_mod
 from lorakit.model import base as model_mod
 from lorakit.recipe.schema import ModelConfig, Recipe
 from lorakit.train.trainer import run as train
-
-
-def lorakit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

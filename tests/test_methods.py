@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import batch_logits, tiny_recipe
 from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file
@@ -42,18 +42,15 @@ def runs(tiny_model, tmp_path_factory):
     return out
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model.eval()(ids).logits
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_reloads_on_the_original_base_evaluates_and_merges(runs, tiny_model, name):
     result = runs[name]
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    trained = logits(result.model, ids)  # the model as training left it (PiSSA/OLoRA: on the moved base)
-    reloaded = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.run_dir), ids)
-    base = logits(AutoModelForCausalLM.from_pretrained(tiny_model), ids)
+    trained = batch_logits(result.model, ids)  # the model as training left it (PiSSA/OLoRA: on the moved base)
+    reloaded = batch_logits(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.run_dir), ids
+    )
+    base = batch_logits(AutoModelForCausalLM.from_pretrained(tiny_model), ids)
     assert (trained - base).abs().max() > 1e-2  # training moved the model
     assert (reloaded - trained).abs().max() < 1e-3, name
     assert not (result.run_dir / "initial-adapter").exists()

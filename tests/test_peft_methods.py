@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import batch_logits, tiny_recipe
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,11 +75,6 @@ def token_run(tiny_model, tmp_path_factory):
     return train(Recipe.model_validate(recipe), console=Console(stderr=True, quiet=True))
 
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits[:, -ids.shape[1] :]  # prompt tuning: drop the virtual positions
-
-
 def load_like_training(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml")
     return model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model))
@@ -95,9 +90,9 @@ def merge(run_dir):
 def test_method_trains_reloads_with_plain_peft_and_evaluates(runs, name):
     result = runs[name]
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    trained = logits(result.model, ids)
-    base = logits(load_like_training(result.run_dir), ids)
-    reloaded = logits(PeftModel.from_pretrained(load_like_training(result.run_dir), result.run_dir), ids)
+    trained = batch_logits(result.model, ids)
+    base = batch_logits(load_like_training(result.run_dir), ids)
+    reloaded = batch_logits(PeftModel.from_pretrained(load_like_training(result.run_dir), result.run_dir), ids)
     assert (trained - base).abs().max() > 1e-3, "training changed nothing"
     assert (reloaded - trained).abs().max() < 1e-3, name
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
@@ -183,7 +178,7 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
     old_rows = base.get_input_embeddings().weight[[5, 40]].detach().clone()
     tuned = PeftModel.from_pretrained(base, run_dir)
     probe = torch.tensor([[5, 40, ids[0], 70, 80, ids[1]]])
-    assert (logits(tuned, probe) - logits(token_run.model, probe)).abs().max() < 1e-3
+    assert (batch_logits(tuned, probe) - batch_logits(token_run.model, probe)).abs().max() < 1e-3
     embedded = tuned.get_input_embeddings()(torch.tensor(ids + [5, 40]))
     started = token_run.model.get_input_embeddings().token_adapter.trainable_tokens_original["default"]
     assert started.shape == (2, embedded.shape[1])
@@ -206,7 +201,7 @@ def test_new_special_tokens_train_only_their_rows_and_survive_reload_eval_and_me
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
     assert merged.config.vocab_size == base_vocab + 2
     assert len(AutoTokenizer.from_pretrained(run_dir / "merged")) == len(tokenizer)
-    assert (logits(merged, probe) - logits(token_run.model, probe)).abs().max() < 1e-3
+    assert (batch_logits(merged, probe) - batch_logits(token_run.model, probe)).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("known_first", [False, True])
@@ -276,10 +271,10 @@ def test_loftq_starts_closer_to_the_full_precision_model(tiny_model, tmp_path):
     recipe["lora"].update({"init_lora_weights": "loftq"})  # alpha 32 / r 16: scaling 2 (peft#1982 undone)
     result = train(Recipe.model_validate(recipe), console=Console(stderr=True, quiet=True))
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
-    full = logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda(), ids).float()
+    full = batch_logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda(), ids).float()
     quantized = load_like_training(result.run_dir)
-    bare = logits(quantized, ids).float()
-    with_adapter = logits(PeftModel.from_pretrained(quantized, result.run_dir), ids).float()
+    bare = batch_logits(quantized, ids).float()
+    with_adapter = batch_logits(PeftModel.from_pretrained(quantized, result.run_dir), ids).float()
     assert (with_adapter - full).abs().mean() < (bare - full).abs().mean()
     out = merge(result.run_dir)
     assert out.returncode == 0 and json.loads(out.stdout)["verification"]["passed"]

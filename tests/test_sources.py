@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
+from conftest import write_jsonl
 
 from lorakit.data import prepare
 from lorakit.errors import DataError, RecipeError
@@ -14,19 +14,8 @@ from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import DataConfig
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def chat(i: int) -> dict:
     return {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"n{i}"}]}
-
-
-def write(path, rows) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def decoded(tokenizer, split) -> list[str]:
@@ -34,9 +23,9 @@ def decoded(tokenizer, split) -> list[str]:
 
 
 def test_directory_is_read_recursively_in_name_order(tokenizer, tmp_path):
-    write(tmp_path / "d" / "b.jsonl", [chat(2)])
-    write(tmp_path / "d" / "a.jsonl", [chat(1)])
-    write(tmp_path / "d" / "sub" / "c.jsonl", [chat(3)])
+    write_jsonl(tmp_path / "d" / "b.jsonl", [chat(2)])
+    write_jsonl(tmp_path / "d" / "a.jsonl", [chat(1)])
+    write_jsonl(tmp_path / "d" / "sub" / "c.jsonl", [chat(3)])
     (tmp_path / "d" / "notes.txt").write_text("not data")
     data = prepare(DataConfig(train=str(tmp_path / "d")), tokenizer, seed=0)
     assert [t.split("assistant\n")[1][:2] for t in decoded(tokenizer, data.train)] == ["n1", "n2", "n3"]
@@ -44,7 +33,7 @@ def test_directory_is_read_recursively_in_name_order(tokenizer, tmp_path):
 
 
 def test_glob_and_error_positions_name_the_file(tokenizer, tmp_path):
-    write(tmp_path / "part-1.jsonl", [chat(1)])
+    write_jsonl(tmp_path / "part-1.jsonl", [chat(1)])
     bad = tmp_path / "part-2.jsonl"
     bad.write_text(json.dumps(chat(2)) + "\n{oops\n")
     with pytest.raises(DataError, match=rf"^{bad}:2: invalid JSON"):
@@ -65,7 +54,7 @@ def dataset_repo(root):
     """A dataset repository laid out as on the hub: two configurations, each with train and test splits."""
     for subset in ("easy", "hard"):
         for split, numbers in (("train", range(4)), ("test", range(10, 12))):
-            write(
+            write_jsonl(
                 root / subset / f"{split}.jsonl", [{"instruction": f"{subset} {i}", "output": f"o{i}"} for i in numbers]
             )
     (root / "README.md").write_text(
@@ -107,14 +96,14 @@ def test_dataset_errors_name_the_source(tokenizer, tmp_path):
 
 def test_bad_row_in_a_dataset_names_its_row(tokenizer, tmp_path):
     repo = tmp_path / "repo"
-    write(repo / "train.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}])
+    write_jsonl(repo / "train.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}])
     with pytest.raises(DataError, match=r"\[train\] row 2: `output` is empty"):
         prepare(DataConfig(train={"path": str(repo), "split": "train"}), tokenizer, seed=0)
 
 
 def test_several_sources_each_with_format_columns_cap_and_weight(tokenizer, tmp_path):
-    chats = write(tmp_path / "chat.jsonl", [chat(i) for i in range(10)])
-    qa = write(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(6)])
+    chats = write_jsonl(tmp_path / "chat.jsonl", [chat(i) for i in range(10)])
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(6)])
     cfg = DataConfig(
         train=[
             {"path": chats, "max_rows": 8, "weight": 0.5},
@@ -133,14 +122,14 @@ def test_several_sources_each_with_format_columns_cap_and_weight(tokenizer, tmp_
 
 
 def test_weights_never_leak_repeats_into_the_eval_split(tokenizer, tmp_path):
-    rows = write(tmp_path / "t.jsonl", [chat(i) for i in range(20)])
+    rows = write_jsonl(tmp_path / "t.jsonl", [chat(i) for i in range(20)])
     data = prepare(DataConfig(train=[{"path": rows, "weight": 3}], eval_fraction=0.25), tokenizer, seed=0)
     assert data.rows == {"train": 45, "eval": 5}
     assert not set(map(tuple, data.eval.input_ids)) & set(map(tuple, data.train.input_ids))
 
 
 def test_parallel_encoding_gives_the_same_data(tokenizer, tmp_path):
-    rows = write(tmp_path / "t.jsonl", [chat(i) for i in range(300)])
+    rows = write_jsonl(tmp_path / "t.jsonl", [chat(i) for i in range(300)])
     one = prepare(DataConfig(train=rows, num_proc=1), tokenizer, seed=0, use_cache=False)
     two = prepare(DataConfig(train=rows, num_proc=2), tokenizer, seed=0, use_cache=False)
     assert one.train.input_ids == two.train.input_ids and one.train.labels == two.train.labels
@@ -150,18 +139,18 @@ def test_first_error_in_data_order_whatever_the_processes(tokenizer, tmp_path):
     rows = [chat(i) for i in range(300)]
     rows[250]["messages"][1]["role"] = "robot"
     rows[120] = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}
-    path = write(tmp_path / "t.jsonl", rows)
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(DataError, match=r"t.jsonl:251: messages\[1\].role"):
         prepare(DataConfig(train=path, num_proc=2), tokenizer, seed=0)
     rows[250] = chat(250)
-    write(tmp_path / "t.jsonl", rows)
+    write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(DataError, match=r"t.jsonl:121: \d+ tokens, longer than data.max_length=64"):
         prepare(DataConfig(train=path, num_proc=2, max_length=64, on_overflow="error"), tokenizer, seed=0)
 
 
 def test_recipe_resolves_sources_and_refuses_what_cannot_work(tmp_path, write_recipe, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path / "data" / "a.jsonl", [chat(1)])
+    write_jsonl(tmp_path / "data" / "a.jsonl", [chat(1)])
     recipe = {
         "model": {"name_or_path": str(tiny_model)},
         "data": {"train": ["data/a.jsonl", {"path": "data/*.jsonl", "weight": 2}, "org/some-dataset"]},
@@ -223,7 +212,7 @@ def test_null_message_fields_render_as_absent(tokenizer, tmp_path):
         DataConfig(train=str(tmp_path / "t.parquet"), chat_template=str(template)), tokenizer, seed=0, use_cache=False
     )
     from_jsonl = prepare(
-        DataConfig(train=write(tmp_path / "t.jsonl", rows), chat_template=str(template)),
+        DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows), chat_template=str(template)),
         tokenizer,
         seed=0,
         use_cache=False,
@@ -234,17 +223,17 @@ def test_null_message_fields_render_as_absent(tokenizer, tmp_path):
 
 
 def test_a_file_name_with_brackets_is_read_as_a_file_not_a_pattern(tokenizer, tmp_path):
-    write(tmp_path / "train[1].jsonl", [chat(1)])
-    write(tmp_path / "train1.jsonl", [chat(2), chat(3)])
+    write_jsonl(tmp_path / "train[1].jsonl", [chat(1)])
+    write_jsonl(tmp_path / "train1.jsonl", [chat(2), chat(3)])
     data = prepare(DataConfig(train=str(tmp_path / "train[1].jsonl")), tokenizer, seed=0)
     assert data.rows["train"] == 1 and "n1" in decoded(tokenizer, data.train)[0]
 
 
 def test_directory_skips_hidden_folders_and_refuses_mixed_splits(tokenizer, tmp_path):
-    write(tmp_path / "d" / "train.jsonl", [chat(1)])
-    write(tmp_path / "d" / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [chat(9)])
+    write_jsonl(tmp_path / "d" / "train.jsonl", [chat(1)])
+    write_jsonl(tmp_path / "d" / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [chat(9)])
     assert prepare(DataConfig(train=str(tmp_path / "d")), tokenizer, seed=0).rows["train"] == 1
-    write(tmp_path / "d" / "data" / "test-00000.jsonl", [chat(2)])
+    write_jsonl(tmp_path / "d" / "data" / "test-00000.jsonl", [chat(2)])
     with pytest.raises(DataError, match=r"holds what look like several splits \(e.g. data/test-00000.jsonl\)"):
         prepare(DataConfig(train=str(tmp_path / "d")), tokenizer, seed=0)
 

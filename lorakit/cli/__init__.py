@@ -4,7 +4,8 @@ the work, and prints what it returns.
 Modules: `app` (the typer app, the options several commands share, errors -> exit codes), `train_command`,
 `merge_command`, `eval_commands` (eval, generate, chat), `preflight_commands` (data preview, check, plan).
 Heavy libraries (torch, transformers, ...) are imported inside the commands, so `lorakit --help` and a
-rejected recipe answer in well under a second. Exports `app` and `main`.
+rejected recipe answer in well under a second. A command function is long only by its option
+declarations (typer reads them from the signature); its body is a few lines. Exports `app` and `main`.
 """
 
 # isort: off

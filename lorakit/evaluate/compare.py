@@ -113,16 +113,7 @@ def run(
 ) -> dict:
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
     if lm_eval:
-        from lorakit.model import peft_methods as methods
-
-        learned = [a for a in target.adapter_dirs() if methods.peft_type(a) in methods.NOT_MERGEABLE]
-        if learned:
-            raise LorakitError(
-                f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
-                "harness reads the continuation's logits at fixed positions and pads batches on the "
-                "left, which the virtual tokens and peft's dropped position ids both shift, so its "
-                "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics"
-            )
+        _refuse_harness_on_prompt_learning(target)
     output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
     check_output(output)
     started = time.perf_counter()
@@ -151,30 +142,12 @@ def run(
                 f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on {len(prompts)} prompts",
                 highlight=False,
             )
-        loss, tokens = token_loss(model, scored, tokenizer, batch)
-        outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
-        results[name] = {
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 50)),
-            "loss_tokens": tokens,
-            **metrics_mod.score(
-                [o.text for o in outs],
-                [p.reference for p in prompts],
-                [o.tokens for o in outs],
-                [o.stopped for o in outs],
-            ),
-        }
-        samples[name] = outs
+        results[name], samples[name] = _score(model, tokenizer, scored, prompts, stops, settings, batch, seed)
         if lm_eval:
             results[name]["lm_eval"] = harness.run_tasks(
                 model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
             )
-    if target.adapters:  # every adapter must pass every gate
-        gate_results = [
-            {"model": name, **g} for name in target.tuned() for g in metrics_mod.check_gates(gates or [], results[name])
-        ]
-    else:
-        gate_results = metrics_mod.check_gates(gates or [], results["tuned"])
+    gate_results = _gates(target, gates or [], results)
     tuned = {n: str(p) for n, p in target.adapters.items()} if target.adapters else {"tuned": str(target.path)}
     report = {
         "target": str(target.path),
@@ -201,6 +174,40 @@ def run(
     }
     eval_report.write(report, prompts, samples, target.run_dir, output)
     return report
+
+
+def _refuse_harness_on_prompt_learning(target: Target) -> None:
+    from lorakit.model import peft_methods as methods
+
+    learned = [a for a in target.adapter_dirs() if methods.peft_type(a) in methods.NOT_MERGEABLE]
+    if learned:
+        raise LorakitError(
+            f"--lm-eval-tasks: {learned[0]} is a prompt/prefix-tuning adapter; lm-evaluation-"
+            "harness reads the continuation's logits at fixed positions and pads batches on the "
+            "left, which the virtual tokens and peft's dropped position ids both shift, so its "
+            "scores would be wrong. Evaluate it with lorakit's own loss and generation metrics"
+        )
+
+
+def _score(model, tokenizer, scored, prompts, stops, settings: EvalConfig, batch: int, seed: int):
+    """One model's loss over the scored split and its generation metrics over the prompts."""
+    loss, tokens = token_loss(model, scored, tokenizer, batch)
+    outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
+    texts = (
+        [o.text for o in outs],
+        [p.reference for p in prompts],
+        [o.tokens for o in outs],
+        [o.stopped for o in outs],
+    )
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens, **metrics_mod.score(*texts)}
+    return result, outs
+
+
+def _gates(target: Target, gates: list, results: dict) -> list[dict]:
+    """Every gate on the tuned model; with several adapters, every adapter must pass every gate."""
+    if not target.adapters:
+        return metrics_mod.check_gates(gates, results["tuned"])
+    return [{"model": name, **g} for name in target.tuned() for g in metrics_mod.check_gates(gates, results[name])]
 
 
 def check_output(out: Path) -> None:

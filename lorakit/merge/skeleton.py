@@ -26,7 +26,8 @@ class Skeleton:
 
 def on_skeleton(run_dir: Path, base_dir: Path, base: str, checkpoint: Checkpoint) -> Skeleton:
     """The run's adapter loaded by peft onto a weightless copy of the base. Refuses adapters that do not
-    fit this base, and non-finite adapter weights."""
+    fit this base, and non-finite adapter weights. Long on purpose: the meta-device build, peft's load and
+    the fit checks share the state they inspect, in the order peft needs it."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import ModulesToSaveWrapper
     from transformers import AutoConfig, AutoModelForCausalLM

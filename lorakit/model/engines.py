@@ -240,15 +240,9 @@ def quant_storage(model: ModelConfig, engine: Engine, compute_dtype: str) -> str
     return compute_dtype if engine.shards_parameters else "uint8"
 
 
-def check(
-    recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1, gpus: int | None = None
-) -> None:
-    """Refuse, with every reason at once, what would fail (or quietly do something else) under `engine`;
-    `dtype` is the run's training dtype, when already known; `processes` the processes started on this
-    machine and `gpus` its CUDA GPUs, when the caller knows them."""
+def _precision_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+    """mixed precision in the accelerate config against the run's dtype; engines that need CUDA or deepspeed."""
     problems = []
-    where = f" ({engine.source})"
-    problems += _process_placement(recipe, engine, cuda, processes, gpus)
     wanted = _MIXED.get(engine.mixed_precision, engine.mixed_precision)
     if engine.mixed_precision != "no" and dtype is not None and wanted != dtype:
         problems.append(
@@ -258,6 +252,22 @@ def check(
             "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
             "or model.dtype to match"
         )
+    if engine.kind in ("fsdp", "deepspeed") and not cuda:
+        problems.append(
+            f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
+            "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "
+            "accelerate config) here, or run on GPUs"
+        )
+    if engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append(
+            f"{engine.name} needs the `deepspeed` package, which is not installed{where}: pip install deepspeed"
+        )
+    return problems
+
+
+def _method_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+    """what a method or a new-token set-up cannot do under a sharding engine, or without CUDA."""
+    problems = []
     if (
         recipe.model.new_special_tokens
         and engine.kind == "fsdp"
@@ -279,16 +289,17 @@ def check(
             "lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
             "quantization error there only (and none was found); use true or gaussian here"
         )
-    if engine.kind in ("fsdp", "deepspeed") and not cuda:
+    if engine.shards_parameters and recipe.lora.moves_base_weights():
         problems.append(
-            f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
-            "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "
-            "accelerate config) here, or run on GPUs"
+            f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
+            f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian"
         )
-    if engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append(
-            f"{engine.name} needs the `deepspeed` package, which is not installed{where}: pip install deepspeed"
-        )
+    return problems
+
+
+def _storage_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+    """4-bit storage a sharding engine cannot hold."""
+    problems = []
     storage = recipe.model.quantization.bnb_4bit_quant_storage
     if recipe.model.load_in_4bit and engine.shards_parameters and storage == "uint8":
         if engine.kind == "fsdp" and engine.fsdp_version == 2:
@@ -307,11 +318,12 @@ def check(
             f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{where}: {what}. "
             "Set it to `auto` (the training dtype) or bfloat16"
         )
-    if engine.shards_parameters and recipe.lora.moves_base_weights():
-        problems.append(
-            f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
-            f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian"
-        )
+    return problems
+
+
+def _optimizer_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+    """optimizer and checkpointing settings the engine (or its DeepSpeed JSON) contradicts."""
+    problems = []
     optim = default_optim(recipe, engine)
     if engine.kind == "fsdp" and is_bnb_optimizer(optim):
         problems.append(
@@ -345,5 +357,18 @@ def check(
                 f"train.{recipe_key} is {wanted} but the DeepSpeed config sets {ds_key}: {value}{where}; "
                 'set it to "auto" there so the recipe decides'
             )
+    return problems
+
+
+def check(
+    recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1, gpus: int | None = None
+) -> None:
+    """Refuse, with every reason at once, what would fail (or quietly do something else) under `engine`;
+    `dtype` is the run's training dtype, when already known; `processes` the processes started on this
+    machine and `gpus` its CUDA GPUs, when the caller knows them."""
+    where = f" ({engine.source})"
+    problems = _process_placement(recipe, engine, cuda, processes, gpus)
+    for rules in (_precision_problems, _method_problems, _storage_problems, _optimizer_problems):
+        problems += rules(recipe, engine, cuda, dtype, where)
     if problems:
         raise LorakitError("cannot run this recipe with " + engine.name + ":\n  " + "\n  ".join(problems))

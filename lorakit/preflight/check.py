@@ -125,6 +125,9 @@ def _packing(recipe: Recipe, findings: list[Finding]) -> None:
 
 
 def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
+    """The data's findings (bad rows, truncation, trained share, end-of-turn token trained, padding), from
+    the same `data.prepare` training uses. Long on purpose: a flat list of checks over one prepared split,
+    each a few lines of wording."""
     tokenizer = model_mod.load_tokenizer(recipe.model)
     prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
     split = prepared.train

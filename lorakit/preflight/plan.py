@@ -181,7 +181,11 @@ def estimate(
     fused_loss: bool,
     gpu_memory: int | None = None,
 ) -> MemoryPlan:
-    """The per-GPU breakdown for `recipe` (its micro-batch, sequence, checkpointing, optimizer)."""
+    """The per-GPU breakdown for `recipe` (its micro-batch, sequence, checkpointing, optimizer).
+
+    Long on purpose: one formula sheet read top to bottom, each memory term computed next to the line that
+    shows it, over sizes every term shares; split up, the terms would be checked against docs/plan.md in
+    several places instead of one."""
     four_bit = recipe.model.load_in_4bit
     compute = _BYTES[dtype]
     train = recipe.train
@@ -332,7 +336,10 @@ def suggest(
     fused_loss: bool,
     largest_batch: bool = False,
 ) -> list[dict]:
-    """Changes that make a plan fit, each with its new estimate; the largest micro-batch with `largest_batch`."""
+    """Changes that make a plan fit, each with its new estimate; the largest micro-batch with `largest_batch`.
+
+    Long on purpose: the list of levers in the order they are tried (each a recipe change and its
+    re-estimate), kept in one place so the order is visible."""
     if plan.gpu_memory is None:
         return []
 
