@@ -16,6 +16,9 @@ import yaml
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one torch thread each (and in
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the lorakit processes they start), not one per core each
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["LORAKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-cache-")  # never the user's cache
 
 ROOT = Path(__file__).resolve().parent.parent
