@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLES, ROOT, tiny_recipe
+from conftest import EXAMPLES, ROOT, lorakit, tiny_recipe
 
 from lorakit.errors import LorakitError
 from lorakit.model import engines
@@ -165,20 +165,13 @@ def test_environment_set_by_accelerate_launch_is_read(tmp_path):
 def test_fsdp_on_a_machine_without_gpus_is_refused_before_launch(tiny_model, tmp_path, write_recipe):
     run_dir = tmp_path / "run"
     path = write_recipe(tiny_recipe(tiny_model, run_dir))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "train",
-            str(path),
-            "--nproc",
-            "2",
-            "--set",
-            f"distributed.accelerate_config={ACCELERATE / 'fsdp_qlora.yaml'}",
-        ],
-        capture_output=True,
-        text=True,
+    out = lorakit(
+        "train",
+        str(path),
+        "--nproc",
+        "2",
+        "--set",
+        f"distributed.accelerate_config={ACCELERATE / 'fsdp_qlora.yaml'}",
         cwd=ROOT,
         timeout=120,
     )
@@ -187,9 +180,7 @@ def test_fsdp_on_a_machine_without_gpus_is_refused_before_launch(tiny_model, tmp
     assert "Traceback" not in out.stderr and not run_dir.exists()
     # the same recipe started by `accelerate launch` itself: each process reads the engine from its environment
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True, env=env, timeout=120
-    )
+    out = lorakit("train", str(path), env=env, timeout=120)
     assert out.returncode == 2 and "FSDP1 needs CUDA GPUs" in out.stderr and not run_dir.exists()
 
 
@@ -274,9 +265,7 @@ def test_recipe_starts_accelerate_launch_with_its_config(tiny_model, tmp_path, w
             "distributed": {"nproc": 2, "accelerate_config": str(ACCELERATE / "ddp.yaml")},
         }
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True, timeout=600
-    )
+    out = lorakit("train", str(path), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["engine"] == "DDP" and manifest["precision"] == "float32"
@@ -309,20 +298,13 @@ def test_engine_trains_through_accelerate_on_gpus(tiny_model, tmp_path, write_re
         tiny_recipe(tiny_model, run_dir, four_bit=four_bit, steps=8, per_device_train_batch_size=4, save_steps=4)
     )
     nproc = str(min(2, torch.cuda.device_count()))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "train",
-            str(path),
-            "--nproc",
-            nproc,
-            "--set",
-            f"distributed.accelerate_config={ACCELERATE / config}",
-        ],
-        capture_output=True,
-        text=True,
+    out = lorakit(
+        "train",
+        str(path),
+        "--nproc",
+        nproc,
+        "--set",
+        f"distributed.accelerate_config={ACCELERATE / config}",
         cwd=ROOT,
         timeout=900,
     )
