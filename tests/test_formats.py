@@ -203,6 +203,17 @@ def test_bad_rows_skipped_and_counted(tokenizer, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_a_defect_at_the_end_of_a_line_is_placed_on_that_line(tokenizer, tmp_path, ending):
+    """The column is counted on the defective line itself, not on the next (the line ending is not parsed)."""
+    path = tmp_path / "t.jsonl"
+    cut = GOOD[:-1]  # the closing brace missing: the parser runs off the end of the line
+    path.write_text(ending.join([GOOD, cut, GOOD]) + ending, newline="")
+    with pytest.raises(DataError) as caught:
+        prepare(DataConfig(train=str(path)), tokenizer, seed=0)
+    assert str(caught.value) == f"{path}:2: invalid JSON: Expecting ',' delimiter (column {len(cut) + 1})"
+
+
 def test_too_many_bad_rows_is_an_error(tokenizer, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join([GOOD] * 8 + ["{broken", "[1]"]) + "\n")

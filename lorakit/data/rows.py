@@ -109,8 +109,8 @@ def _parse_line(raw: bytes, number: int, path: str) -> list[tuple[int, dict]]:
         raise DataError(f"{path}:{number}: invalid UTF-8 at byte {exc.start}") from None
     if not line.strip():
         return []
-    try:
-        row = json.loads(line)
+    try:  # without its line ending, so that a defect at the end of the line is placed on this line
+        row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(row, dict):
