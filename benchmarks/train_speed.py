@@ -40,10 +40,14 @@ from benchmarks.synthetic import TEMPLATE, chat_rows, word_list, write_jsonl  # 
 SETTINGS = {"learning_rate": 2e-4, "seed": 0, "r": 16, "alpha": 32}
 
 
+THREADS = {"count": 1}  # torch threads of both sides (OMP_NUM_THREADS), set from --threads in main
+
+
 def measured(command: list[str], log: Path) -> dict:
-    """Run `command` in a fresh process; its exit status and peak resident memory."""
+    """Run `command` in a fresh process with THREADS torch threads; its exit status and peak resident memory."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS["count"])}
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -117,13 +121,15 @@ def baseline_run(model: Path, data: Path, template: Path, out: Path, batch: int,
 def held_out_loss(model: Path, adapter: Path, eval_split, tokenizer) -> float:
     from peft import PeftModel
 
-    from lorakit.evaluate.compare import token_loss
     from lorakit.model import base as model_mod
+    from lorakit.model.scoring import token_loss
+    from lorakit.model.setup import for_loading
     from lorakit.recipe.schema import ModelConfig
 
     cfg = ModelConfig(name_or_path=str(model), load_in_4bit=True)
-    base = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
-    return token_loss(PeftModel.from_pretrained(base, adapter), eval_split, tokenizer, batch_size=8)[0]
+    tuned = PeftModel.from_pretrained(model_mod.load_base(cfg, for_loading(cfg)), adapter)
+    data = eval_split.dataset
+    return token_loss(tuned, data["input_ids"], data["labels"], tokenizer.pad_token_id or 0, batch_size=8)[0]
 
 
 def main() -> None:
@@ -135,7 +141,13 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=8, help="examples per step")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads of both sides (default: what lorakit chooses on this machine)"
+    )
     args = parser.parse_args()
+    from lorakit.model.setup import cpu_threads
+
+    THREADS["count"] = args.threads or cpu_threads(1, {}).count
 
     from transformers import AutoTokenizer
 
@@ -188,6 +200,7 @@ def main() -> None:
         "examples": args.examples,
         "tokens": tokens,
         "cpus": os.cpu_count(),
+        "threads": THREADS["count"],
         "speed_ratio": {"median": statistics.median(speed), "min": min(speed), "max": max(speed)},
         "memory_ratio": {"median": statistics.median(memory), "min": min(memory), "max": max(memory)},
         "held_out_loss": losses,
@@ -195,6 +208,7 @@ def main() -> None:
     }
     print(
         f"\n{args.examples} examples, {tokens:,} non-padding tokens, one epoch, {os.cpu_count()} CPUs, "
+        f"{THREADS['count']} torch threads on both sides, "
         f"median of {args.repeats} alternating runs (min-max)\n"
     )
     print("| | lorakit (defaults) | TRL baseline | lorakit / baseline |")

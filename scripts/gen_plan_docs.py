@@ -27,7 +27,9 @@ LoRA adapter there with peft, and prints the memory one GPU needs, whether it fi
 fit, each change with its new estimate. `--suggest` also finds the largest micro-batch that fits. It then
 estimates the training time from the token count of the recipe's data, at a measured tokens/s
 (`--tokens-per-s`, e.g. from `benchmarks/gpu_train.py`) or at an assumed 35% of the GPU's bf16 peak
-(`--gpu-kind H100`, trl's table of peaks). It exits 3 when the plan does not fit, so a script can stop before
+(`--gpu-kind H100`, trl's table of peaks). With `train.max_steps` the epochs are the rows the steps draw
+(steps x global batch) over the rows there are: with packing, the rows trl's packing makes from the data
+(several examples each, as the trainer will pack them), not the examples. It exits 3 when the plan does not fit, so a script can stop before
 renting GPUs.
 
 What is exact and what is estimated:
@@ -67,14 +69,15 @@ def _recipe(name: str):
 
 def render() -> str:
     from lorakit.model import engines
+    from lorakit.model.setup import for_plan
     from lorakit.preflight import plan as plan_mod
 
     out = [INTRO]
-    settings = {"engine": engines.Engine(), "processes": 1, "dtype": "bfloat16", "fused_loss": False}
     for title, name in MODELS.items():
         recipe = _recipe(name)
         counts = plan_mod.count(recipe)
-        plan = plan_mod.estimate(recipe, counts, **settings)
+        planned = for_plan(recipe, engine=engines.Engine(), dtype="bfloat16", fused_loss=False)
+        plan = plan_mod.estimate(recipe, counts, planned, processes=1)
         out.append(f"## {title} (QLoRA, one GPU)\n")
         out.append(f"{counts.total:,} parameters; LoRA adds {counts.lora:,}.\n")
         out.append("| memory | GiB | how |\n|---|---|---|")
@@ -86,7 +89,7 @@ def render() -> str:
         out.append("| GPU memory | verdict | largest micro-batch | what makes it fit |\n|---|---|---|---|")
         for memory in MEMORIES:
             plan.gpu_memory = memory * plan_mod.GIB
-            found = plan_mod.suggest(recipe, counts, plan, largest_batch=True, **settings)
+            found = plan_mod.suggest(recipe, counts, plan, planned, processes=1, largest_batch=True)
             largest = found[-1]["micro_batch"]
             fixes = "; ".join(f"{s['change']} ({s['total_gib']:.1f} GiB)" for s in found[:-1] if s["fits"])
             verdict = f"fits ({plan.total / plan.gpu_memory:.0%})" if plan.fits else "does not fit"

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lorakit.model import base as model_mod
 from lorakit.model import engines
 from lorakit.model import peft_methods as methods
+from lorakit.model.setup import for_loading
 from lorakit.recipe.schema import LoraSection, ModelConfig
 
 
@@ -29,8 +30,9 @@ def build(model_dir: str, version: int, storage: str, dtype: str, upcast_norms: 
         name_or_path=model_dir, load_in_4bit=True, dtype=dtype, quantization={"bnb_4bit_quant_storage": storage}
     )
     engine = engines.Engine("fsdp", fsdp_version=version)
-    base = model_mod.load_base(cfg, model_mod.resolve_precision(cfg), engine)
-    base = model_mod.prepare_for_training(base, cfg, False, engine)
+    loading = for_loading(cfg, engine=engine)
+    base = model_mod.load_base(cfg, loading)
+    base = model_mod.prepare_for_training(base, loading, False)
     if upcast_norms:  # what the single-GPU QLoRA preparation does, and lorakit skips under FSDP
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return get_peft_model(base, methods.lora_config(LoraSection(r=8, lora_alpha=16, lora_dropout=0.0)))

@@ -22,6 +22,7 @@ from lorakit.cli import app
 from lorakit.evaluate import compare as evaluate
 from lorakit.merge import combine
 from lorakit.model import base as model_mod
+from lorakit.model.setup import for_loading
 from lorakit.recipe.schema import EvalConfig, ModelConfig, Recipe
 from lorakit.train.trainer import run as train
 
@@ -51,7 +52,9 @@ def cli(*args):
 
 
 def base_model(tiny_model):
-    return model_mod.load_base(ModelConfig(name_or_path=str(tiny_model)), model_mod.Precision("float32", "cpu"))
+    return model_mod.load_base(
+        ModelConfig(name_or_path=str(tiny_model)), for_loading(ModelConfig(name_or_path=str(tiny_model)))
+    )
 
 
 def deltas(folder) -> dict:
@@ -301,8 +304,7 @@ def test_eval_of_two_adapters_gives_each_its_single_run_figures(runs, side_by_si
 
 def test_switching_adapters_on_one_base_gives_each_adapters_own_logits(runs, tiny_model):
     target = evaluate.resolve_several([runs["one"], runs["two"]])
-    precision = model_mod.Precision("float32", "cpu")
-    seen = {name: logits(model) for name, model in evaluate.load_models(target, precision, ("one", "two", "base"))}
+    seen = {name: logits(model) for name, model in evaluate.load_models(target, ("one", "two", "base"))}
     for name in ("one", "two"):
         assert max_diff(seen[name], logits(PeftModel.from_pretrained(base_model(tiny_model), runs[name]))) < 1e-6
     assert max_diff(seen["base"], logits(base_model(tiny_model))) < 1e-6

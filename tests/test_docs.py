@@ -98,3 +98,20 @@ def test_imports_follow_the_readme_order():
             elif source in ALLOWED and target not in ALLOWED[source]:
                 wrong.append(f"lorakit/{'/'.join(parts)} imports lorakit.{target}")
     assert not wrong, "imports against the README's order:\n" + "\n".join(wrong)
+
+
+def test_the_readmes_cpu_4bit_opt_out_names_the_attribute_bitsandbytes_reads():
+    """The README's one-line opt-out (use the adapter anywhere) must name what bitsandbytes' Linear4bit reads
+    before repacking on AVX512-BF16 CPUs, and what lorakit's own workaround sets."""
+    import inspect
+
+    import bitsandbytes as bnb
+
+    from lorakit import upstream
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    attribute = "support_avx512bf16_for_cpu"
+    assert f"m.{attribute} = False" in readme
+    assert attribute in vars(bnb.nn.Linear4bit(8, 8))
+    assert attribute in inspect.getsource(bnb.nn.Linear4bit.forward)
+    assert attribute in inspect.getsource(upstream.keep_cpu_4bit_weights_exact)

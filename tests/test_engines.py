@@ -14,6 +14,7 @@ from conftest import EXAMPLES, ROOT, lorakit, tiny_recipe
 
 from lorakit.errors import LorakitError
 from lorakit.model import engines
+from lorakit.model.setup import engine_problems, optimizer_for
 from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import Recipe
 
@@ -57,9 +58,9 @@ def test_70b_recipe_is_fsdp_qlora_over_two_gpus(monkeypatch):
     plan = load_recipe(ROOT / "configs" / "llama-3.1-70b-qlora-fsdp.yaml", BUNDLED)
     engine, _ = engines.from_accelerate_config(plan.distributed.accelerate_config)
     assert engine.name == "FSDP1" and engine.offload and plan.distributed.nproc == 2
-    engines.check(plan, engine, cuda=True)  # nothing to refuse on GPUs
-    assert plan.model.load_in_4bit and engines.quant_storage(plan.model, engine, "bfloat16") == "bfloat16"
-    assert engines.default_optim(plan, engine) == "adamw_torch"
+    engine_problems(plan, engine, cuda=True)  # nothing to refuse on GPUs
+    assert plan.model.load_in_4bit and engines.quant_storage(plan.model.quantization, engine, "bfloat16") == "bfloat16"
+    assert optimizer_for(plan, engine) == "adamw_torch"
     assert plan.train.per_device_train_batch_size * plan.train.gradient_accumulation_steps * 2 == 16
 
 
@@ -68,16 +69,16 @@ def test_8b_recipe_is_lora_ddp_over_eight_gpus(monkeypatch):
     plan = load_recipe(ROOT / "configs" / "llama-3.1-8b-lora-ddp8.yaml", BUNDLED)
     assert plan.distributed.nproc == 8 and plan.distributed.accelerate_config is None
     assert not plan.model.load_in_4bit and plan.model.dtype == "bfloat16"
-    engines.check(plan, engines.Engine("ddp"), cuda=True)
+    engine_problems(plan, engines.Engine("ddp"), cuda=True)
     assert plan.train.per_device_train_batch_size * plan.train.gradient_accumulation_steps * 8 == 64
 
 
 def test_quant_storage_follows_the_engine(tiny_model, tmp_path):
     cfg = recipe(tiny_model, tmp_path).model
-    assert engines.quant_storage(cfg, engines.Engine("ddp"), "bfloat16") == "uint8"
-    assert engines.quant_storage(cfg, engines.Engine("deepspeed", zero_stage=2), "bfloat16") == "uint8"
-    assert engines.quant_storage(cfg, engines.Engine("deepspeed", zero_stage=3), "bfloat16") == "bfloat16"
-    assert engines.quant_storage(cfg, engines.Engine("fsdp", fsdp_version=2), "float32") == "float32"
+    assert engines.quant_storage(cfg.quantization, engines.Engine("ddp"), "bfloat16") == "uint8"
+    assert engines.quant_storage(cfg.quantization, engines.Engine("deepspeed", zero_stage=2), "bfloat16") == "uint8"
+    assert engines.quant_storage(cfg.quantization, engines.Engine("deepspeed", zero_stage=3), "bfloat16") == "bfloat16"
+    assert engines.quant_storage(cfg.quantization, engines.Engine("fsdp", fsdp_version=2), "float32") == "float32"
 
 
 @pytest.mark.parametrize(
@@ -92,27 +93,27 @@ def test_integer_quant_storage_is_refused_where_parameters_are_sharded(tiny_mode
     plan = recipe(tiny_model, tmp_path)
     plan.model.quantization.bnb_4bit_quant_storage = "uint8"
     with pytest.raises(LorakitError) as err:
-        engines.check(plan, engine, cuda=True)
+        engine_problems(plan, engine, cuda=True)
     assert "bnb_4bit_quant_storage: uint8" in str(err.value) and message in str(err.value)
-    engines.check(plan, engines.Engine("ddp"), cuda=True)  # DDP keeps each copy whole: uint8 is fine there
+    engine_problems(plan, engines.Engine("ddp"), cuda=True)  # DDP keeps each copy whole: uint8 is fine there
 
 
 def test_bitsandbytes_optimizers_are_refused_under_fsdp(tiny_model, tmp_path):
     plan = recipe(tiny_model, tmp_path, optim="paged_adamw_8bit")
     with pytest.raises(LorakitError, match="paged_adamw_8bit is a bitsandbytes optimizer, which fails when FSDP"):
-        engines.check(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
+        engine_problems(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
     plan.train.optim = "adamw_torch_8bit"  # torchao's, not bitsandbytes'
-    engines.check(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
-    assert engines.default_optim(recipe(tiny_model, tmp_path), engines.Engine("ddp")) == "paged_adamw_8bit"
+    engine_problems(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
+    assert optimizer_for(recipe(tiny_model, tmp_path), engines.Engine("ddp")) == "paged_adamw_8bit"
 
 
 def test_fsdp_activation_checkpointing_and_gradient_checkpointing_are_refused_together(tiny_model, tmp_path):
     plan = recipe(tiny_model, tmp_path, gradient_checkpointing=True)
     engine = engines.Engine("fsdp", fsdp_version=2, fsdp_activation_checkpointing=True)
     with pytest.raises(LorakitError, match="train.gradient_checkpointing is on and the FSDP config"):
-        engines.check(plan, engine, cuda=True)
+        engine_problems(plan, engine, cuda=True)
     plan.train.gradient_checkpointing = False
-    engines.check(plan, engine, cuda=True)
+    engine_problems(plan, engine, cuda=True)
 
 
 def test_deepspeed_json_contradicting_the_recipe_is_refused(tiny_model, tmp_path):
@@ -132,7 +133,7 @@ def test_deepspeed_json_contradicting_the_recipe_is_refused(tiny_model, tmp_path
     assert engine.name == "DeepSpeed ZeRO-2" and engine.offload
     plan = recipe(tiny_model, tmp_path, optim="paged_adamw_8bit")
     with pytest.raises(LorakitError) as err:
-        engines.check(plan, engine, cuda=True)
+        engine_problems(plan, engine, cuda=True)
     text = str(err.value)
     assert "offloads to the CPU, which needs DeepSpeed's own CPU Adam" in text  # every problem at once
     assert "defines its own optimizer (AdamW), which would be used instead" in text
@@ -189,7 +190,7 @@ def test_deepspeed_without_the_package_is_refused(tiny_model, tmp_path, monkeypa
         pytest.skip("deepspeed is installed here")
     monkeypatch.chdir(ROOT)
     with pytest.raises(LorakitError, match="needs the `deepspeed` package, which is not installed"):
-        engines.check(recipe(tiny_model, tmp_path), engine_of("deepspeed_zero3.yaml"), cuda=True)
+        engine_problems(recipe(tiny_model, tmp_path), engine_of("deepspeed_zero3.yaml"), cuda=True)
 
 
 def test_a_missing_or_broken_accelerate_config_names_the_file(tiny_model, tmp_path, write_recipe):
@@ -250,9 +251,9 @@ def test_accelerate_mixed_precision_contradicting_the_run_is_refused(tiny_model,
     plan = recipe(tiny_model, tmp_path)
     engine = engines.from_environment({"WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"})
     with pytest.raises(LorakitError, match="sets mixed_precision: bf16, but this run trains in float32"):
-        engines.check(plan, engine, cuda=False, dtype="float32")
-    engines.check(plan, engine, cuda=True, dtype="bfloat16")
-    engines.check(plan, engines.from_environment({"WORLD_SIZE": "2"}), cuda=False, dtype="float32")
+        engine_problems(plan, engine, cuda=False, dtype="float32")
+    engine_problems(plan, engine, cuda=True, dtype="bfloat16")
+    engine_problems(plan, engines.from_environment({"WORLD_SIZE": "2"}), cuda=False, dtype="float32")
 
 
 def test_recipe_starts_accelerate_launch_with_its_config(tiny_model, tmp_path, write_recipe):
@@ -320,9 +321,9 @@ def test_new_tokens_under_fsdp1_need_original_parameters(tiny_model, tmp_path):
     plan = recipe(tiny_model, tmp_path)
     plan.model.new_special_tokens = ["<t>"]
     with pytest.raises(LorakitError, match="set fsdp_use_orig_params: true"):
-        engines.check(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
-    engines.check(plan, engines.Engine("fsdp", fsdp_version=1, fsdp_use_orig_params=True), cuda=True)
-    engines.check(plan, engines.Engine("fsdp", fsdp_version=2), cuda=True)
+        engine_problems(plan, engines.Engine("fsdp", fsdp_version=1), cuda=True)
+    engine_problems(plan, engines.Engine("fsdp", fsdp_version=1, fsdp_use_orig_params=True), cuda=True)
+    engine_problems(plan, engines.Engine("fsdp", fsdp_version=2), cuda=True)
     assert engines.from_environment(
         {"ACCELERATE_USE_FSDP": "true", "FSDP_USE_ORIG_PARAMS": "true"}
     ).fsdp_use_orig_params
@@ -338,8 +339,8 @@ def test_adalora_is_refused_where_parameters_are_sharded(tiny_model, tmp_path):
         engines.Engine("deepspeed", zero_stage=3),
     ):
         with pytest.raises(LorakitError, match="method: adalora scores every singular value"):
-            engines.check(plan, engine, cuda=True)
-    engines.check(plan, engines.Engine("ddp"), cuda=True)
+            engine_problems(plan, engine, cuda=True)
+    engine_problems(plan, engines.Engine("ddp"), cuda=True)
 
 
 def test_processes_beyond_the_gpus_are_refused_unless_gloo_shares_them(tiny_model, tmp_path):
@@ -351,16 +352,16 @@ def test_processes_beyond_the_gpus_are_refused_unless_gloo_shares_them(tiny_mode
         match=r"2 processes on this machine's 1 GPU: NCCL cannot put two processes "
         r"on one GPU .*--nproc 1.*train.ddp_backend: gloo",
     ):
-        engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
-    engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=2)
-    engines.check(plan, engines.Engine("ddp"), cuda=False, processes=2, gpus=None)  # gloo on CPUs
+        engine_problems(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
+    engine_problems(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=2)
+    engine_problems(plan, engines.Engine("ddp"), cuda=False, processes=2, gpus=None)  # gloo on CPUs
     plan.train.ddp_backend = "gloo"
-    engines.check(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
+    engine_problems(plan, engines.Engine("ddp"), cuda=True, processes=2, gpus=1)
     with pytest.raises(LorakitError, match="FSDP1 runs one process per GPU; start at most 1"):
-        engines.check(plan, engine_of("fsdp_qlora.yaml"), cuda=True, processes=2, gpus=1)
+        engine_problems(plan, engine_of("fsdp_qlora.yaml"), cuda=True, processes=2, gpus=1)
     plan.train.ddp_backend = "nccl"
     with pytest.raises(LorakitError, match="train.ddp_backend: nccl needs CUDA GPUs"):
-        engines.check(plan, engines.Engine("ddp"), cuda=False, processes=2)
+        engine_problems(plan, engines.Engine("ddp"), cuda=False, processes=2)
 
 
 def test_a_named_backend_waits_for_several_processes(tiny_model, tmp_path):
@@ -371,3 +372,16 @@ def test_a_named_backend_waits_for_several_processes(tiny_model, tmp_path):
 
     plan = recipe(tiny_model, tmp_path, ddp_backend="gloo")
     assert sft_config(plan, tmp_path / "run", for_training(plan, processes=1)).ddp_backend is None
+
+
+def test_cpu_threads_follow_the_cores_this_process_may_use():
+    """OMP_NUM_THREADS wins; else the cores of the CPU affinity (and cgroup quota) over the processes."""
+    from lorakit.model.setup import cgroup_cpus, cpu_threads
+
+    assert cpu_threads(1, {"OMP_NUM_THREADS": "3"}).count == 3
+    cores = len(os.sched_getaffinity(0))
+    one, many = cpu_threads(1, {}), cpu_threads(cores * 2, {})
+    assert 1 <= one.count <= cores and "CPU" in one.why and many.count == 1  # never below one thread
+    assert cpu_threads(2, {}).count == max(one.count // 2, 1)
+    assert cgroup_cpus("200000 100000\n") == 2 and cgroup_cpus("50000 100000") == 1
+    assert cgroup_cpus("max 100000") is None and cgroup_cpus(None) is None and cgroup_cpus("junk") is None

@@ -36,6 +36,13 @@ def report(run_dir):
     return evaluate.run(evaluate.resolve(run_dir), settings=SETTINGS, gates=[("loss", "<=", 100.0)])
 
 
+def test_trainings_final_eval_loss_is_the_loss_eval_reports(run_dir, report):
+    """One definition (the mean per trained token): the figure `lorakit train` reports at the end is the one
+    `lorakit eval` gives for the same adapter and data, not the trainer's mean of per-batch means."""
+    results = json.loads((run_dir / "manifest.json").read_text())["results"]
+    assert results["eval_loss"] == pytest.approx(report["metrics"]["tuned"]["loss"], abs=1e-4)
+
+
 def test_report_compares_tuned_and_base_and_writes_its_files(run_dir, report):
     tuned, base = report["metrics"]["tuned"], report["metrics"]["base"]
     for figures in (tuned, base):

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit.errors import LorakitError, ModelError, RunFailed
 from lorakit.merge import fold as merge_mod
 from lorakit.model import base as model_mod
+from lorakit.model.setup import for_loading
 from lorakit.recipe.schema import ModelConfig, Recipe
 from lorakit.train.trainer import run as train
 
@@ -40,7 +41,7 @@ def runs(tiny_model, tmp_path_factory):
 
 def reference(tiny_model, run_dir, four_bit=False):
     cfg = ModelConfig(name_or_path=str(tiny_model), load_in_4bit=four_bit)
-    base = model_mod.load_base(cfg, model_mod.Precision("float32", "cpu"))
+    base = model_mod.load_base(cfg, for_loading(cfg, precision=model_mod.Precision("float32", "cpu")))
     return logits(PeftModel.from_pretrained(base, run_dir))
 
 

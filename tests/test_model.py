@@ -8,13 +8,14 @@ import torch
 from lorakit.errors import LorakitError, ModelError
 from lorakit.model import base as model_mod
 from lorakit.model.engines import check_optim
+from lorakit.model.setup import for_loading
 from lorakit.recipe.schema import LoraSection, ModelConfig
 
 
 @pytest.fixture(scope="module")
 def base(tiny_model):
     cfg = ModelConfig(name_or_path=str(tiny_model))
-    return model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+    return model_mod.load_base(cfg, for_loading(cfg))
 
 
 def test_unmatched_target_module_lists_linear_modules(base):
@@ -44,7 +45,7 @@ def test_modules_to_save_must_exist(base):
 
 def test_4bit_linear_layers_are_listed(tiny_model):
     cfg = ModelConfig(name_or_path=str(tiny_model), load_in_4bit=True)
-    quantized = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+    quantized = model_mod.load_base(cfg, for_loading(cfg))
     assert "q_proj" in model_mod.linear_module_names(quantized)
     assert quantized.is_loaded_in_4bit
 
@@ -58,10 +59,10 @@ def test_cpu_precision():
 
 def test_quantization_config_follows_recipe_and_precision():
     cfg = ModelConfig(name_or_path="x", load_in_4bit=True)
-    q = model_mod.quantization_config(cfg, model_mod.Precision("bfloat16", "cuda"))
+    q = for_loading(cfg, precision=model_mod.Precision("bfloat16", "cuda")).quantization
     assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
-    assert model_mod.quantization_config(ModelConfig(name_or_path="x"), model_mod.Precision("float32", "cpu")) is None
+    assert not for_loading(ModelConfig(name_or_path="x"), precision=model_mod.Precision("float32", "cpu")).four_bit
 
 
 def test_unknown_optimizer_refused_with_suggestion():

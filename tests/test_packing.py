@@ -56,10 +56,11 @@ def test_packed_and_padded_batches_agree(tiny_model, tmp_path):
 
 def test_a_kv_cache_would_join_packed_examples_so_lorakit_loads_without_one(tiny_model, tmp_path):
     from lorakit.model import base as model_mod
+    from lorakit.model.setup import for_loading
     from lorakit.recipe.schema import ModelConfig
 
     cfg = ModelConfig(name_or_path=str(tiny_model))
-    model = model_mod.load_base(cfg, model_mod.resolve_precision(cfg))
+    model = model_mod.load_base(cfg, for_loading(cfg))
     assert model.config.use_cache is False
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [json.loads(line) for line in (EXAMPLES / "train.jsonl").read_text().splitlines()[:4]]

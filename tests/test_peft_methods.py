@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit.evaluate import compare as evaluate
 from lorakit.model import base as model_mod
 from lorakit.model import peft_methods as methods
+from lorakit.model.setup import for_loading
 from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run as train
@@ -77,7 +78,7 @@ def token_run(tiny_model, tmp_path_factory):
 
 def load_like_training(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml")
-    return model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model))
+    return model_mod.load_base(recipe.model, for_loading(recipe.model))
 
 
 def merge(run_dir):

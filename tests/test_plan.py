@@ -16,6 +16,7 @@ from conftest import EXAMPLES, ROOT, tiny_recipe
 
 from lorakit.model import base as model_mod
 from lorakit.model import engines
+from lorakit.model.setup import for_loading, for_plan
 from lorakit.preflight import plan as plan_mod
 from lorakit.recipe.schema import Recipe
 
@@ -64,10 +65,12 @@ def test_weight_and_adapter_terms_equal_a_loaded_4bit_model(tiny_model, tmp_path
     recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "run"))
     recipe.model.quantization.bnb_4bit_use_double_quant = double_quant
     counts = plan_mod.count(recipe)
-    plan = plan_mod.estimate(recipe, counts, engine=engines.Engine(), processes=1, dtype="float32", fused_loss=False)
+    planned = for_plan(recipe, engine=engines.Engine(), dtype="float32", fused_loss=False)
+    plan = plan_mod.estimate(recipe, counts, planned, processes=1)
     lines = {line.name: line.bytes for line in plan.lines}
     cfg = recipe.model
-    base = model_mod.prepare_for_training(model_mod.load_base(cfg, model_mod.resolve_precision(cfg)), cfg, False)
+    loading = for_loading(cfg)
+    base = model_mod.prepare_for_training(model_mod.load_base(cfg, loading), loading, False)
 
     def size(t):
         return t.numel() * t.element_size()
@@ -115,9 +118,9 @@ def plan_for(name: str, memory_gib: float, **changes) -> plan_mod.MemoryPlan:
         for key, value in values.items():
             setattr(getattr(recipe, section), key, value)
     counts = plan_mod.count(recipe)
-    settings = {"engine": engines.Engine(), "processes": 1, "dtype": "bfloat16", "fused_loss": False}
-    plan = plan_mod.estimate(recipe, counts, gpu_memory=int(memory_gib * plan_mod.GIB), **settings)
-    plan.suggestions = plan_mod.suggest(recipe, counts, plan, largest_batch=True, **settings)
+    planned = for_plan(recipe, engine=engines.Engine(), dtype="bfloat16", fused_loss=False)
+    plan = plan_mod.estimate(recipe, counts, planned, processes=1, gpu_memory=int(memory_gib * plan_mod.GIB))
+    plan.suggestions = plan_mod.suggest(recipe, counts, plan, planned, processes=1, largest_batch=True)
     return plan
 
 
@@ -139,23 +142,14 @@ def test_verdicts_and_suggestions():
 def test_engines_divide_what_they_shard():
     recipe = fixture_recipe("llama-3-8b")
     counts = plan_mod.count(recipe)
-    common = {"dtype": "bfloat16", "fused_loss": True}
-    one = {
-        ln.name: ln.bytes
-        for ln in plan_mod.estimate(recipe, counts, engine=engines.Engine(), processes=1, **common).lines
-    }
-    fsdp = {
-        ln.name: ln.bytes
-        for ln in plan_mod.estimate(
-            recipe, counts, engine=engines.Engine("fsdp", fsdp_version=2), processes=4, **common
-        ).lines
-    }
-    zero2 = {
-        ln.name: ln.bytes
-        for ln in plan_mod.estimate(
-            recipe, counts, engine=engines.Engine("deepspeed", zero_stage=2), processes=4, **common
-        ).lines
-    }
+
+    def lines(engine, processes):
+        planned = for_plan(recipe, engine=engine, dtype="bfloat16", fused_loss=True)
+        return {ln.name: ln.bytes for ln in plan_mod.estimate(recipe, counts, planned, processes=processes).lines}
+
+    one = lines(engines.Engine(), 1)
+    fsdp = lines(engines.Engine("fsdp", fsdp_version=2), 4)
+    zero2 = lines(engines.Engine("deepspeed", zero_stage=2), 4)
     assert fsdp["base weights (NF4)"] == pytest.approx(one["base weights (NF4)"] / 4, rel=1e-6)
     assert fsdp["activations"] == one["activations"]  # activations are per process
     assert zero2["base weights (NF4)"] == one["base weights (NF4)"]
@@ -197,3 +191,23 @@ def test_plan_command_json_and_exit_code(tiny_model, tmp_path, write_recipe):
     )
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
     assert not (tmp_path / "run").exists()  # planning writes nothing
+
+
+def test_time_with_packing_and_max_steps_counts_the_packed_rows(tiny_model, tmp_path):
+    """max_steps draw rows: with packing they are trl's packed rows (fewer than the examples), so the run
+    covers more epochs of the same tokens than the example count says."""
+    from lorakit.data import prepare, stats
+    from lorakit.model.base import load_tokenizer
+
+    recipe = Recipe.model_validate(
+        tiny_recipe(tiny_model, tmp_path / "run", steps=150, per_device_train_batch_size=2, packing=True)
+    )
+    plan = plan_mod.run(recipe, gpu_memory=8 * plan_mod.GIB, tokens_per_s=1000)
+    prepared = prepare(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
+    packed = stats.packed_rows(prepared.train, recipe.data.max_length)["rows"]
+    assert packed < prepared.rows["train"]  # several examples per row
+    assert plan.time["rows"] == packed and plan.time["rows_are"] == "packed rows"
+    assert plan.time["epochs"] == pytest.approx(150 * 2 / packed)
+    assert plan.time["seconds"] == pytest.approx(prepared.train.tokens * 150 * 2 / packed / 1000, rel=1e-3)
+    unpacked = plan_mod.run(recipe.model_copy(update={"train": recipe.train.updated(packing=False)}), tokens_per_s=1000)
+    assert unpacked.time["rows_are"] == "examples" and unpacked.time["rows"] == prepared.rows["train"]

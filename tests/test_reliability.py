@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lorakit.errors import ModelError
 from lorakit.model import base as model_mod
+from lorakit.model.setup import for_loading
 from lorakit.recipe.schema import ModelConfig, Recipe
 from lorakit.train.trainer import run as train
 
@@ -24,10 +25,10 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.config.save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
-    precision = model_mod.Precision("float32", "cpu")
+    loading = for_loading(ModelConfig(name_or_path=str(pickled)))
     with pytest.raises(ModelError, match="has no safetensors weights, only pickle files"):
-        model_mod.load_base(ModelConfig(name_or_path=str(pickled)), precision)
-    allowed = model_mod.load_base(ModelConfig(name_or_path=str(pickled), allow_pickle_weights=True), precision)
+        model_mod.load_base(ModelConfig(name_or_path=str(pickled)), loading)
+    allowed = model_mod.load_base(ModelConfig(name_or_path=str(pickled), allow_pickle_weights=True), loading)
     assert torch.equal(allowed.lm_head.weight, model.lm_head.weight)
 
 

@@ -83,6 +83,7 @@ def test_interrupt_saves_and_resume_is_exact(straight, tiny_model, tmp_path, wri
     stopped = max(losses(run_dir))
     assert f"checkpoint-{stopped}" in marked and stopped < STEPS
     assert not (run_dir / "adapter_model.safetensors").exists() and not (run_dir / "manifest.json").exists()
+    marker = json.loads((run_dir / "checkpoints" / f"checkpoint-{stopped}" / MARKER).read_text())  # before rotation
 
     resumed = start(recipe, "--resume")
     out, err = resumed.communicate(timeout=300)
@@ -93,6 +94,34 @@ def test_interrupt_saves_and_resume_is_exact(straight, tiny_model, tmp_path, wri
     assert all(abs(ours[s] - theirs[s]) < 1e-6 for s in theirs), {s: (ours[s], theirs[s]) for s in theirs}
     a, b = load_file(run_dir / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    the_run_not_its_last_part(run_dir, straight, stopped, marker, err)
+
+
+def the_run_not_its_last_part(run_dir, straight, stopped: int, marker: dict, err: str) -> None:
+    """After a resume the figures are the whole run's: each step logged once, times counting on from the
+    checkpoint's, the first loss the run's first, tokens/s over the whole training time."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # the interrupted part's steps after the checkpoint are gone
+    times = [r["time_s"] for r in records]
+    assert times == sorted(times)  # the resumed part counts on from the checkpoint's time, not from zero
+    at_checkpoint = next(r["time_s"] for r in records if r["step"] == stopped and "loss" in r)
+    assert marker["train_seconds"] >= at_checkpoint
+    results = json.loads((run_dir / "manifest.json").read_text())["results"]
+    reference = json.loads((straight / "manifest.json").read_text())["results"]
+    assert results["first_loss"] == records[0]["loss"] == pytest.approx(reference["first_loss"], abs=1e-6)
+    assert results["resumed_from_step"] == stopped and reference["resumed_from_step"] is None
+    assert results["train_runtime_s"] > marker["train_seconds"] and results["tokens_seen"] == reference["tokens_seen"]
+    assert results["tokens_per_s"] == pytest.approx(results["tokens_seen"] / results["train_runtime_s"], rel=0.01)
+    assert all(
+        r["tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["time_s"], rel=0.05)
+        for r in records[1:]
+        if "tokens_per_s" in r
+    )
+    assert f"resumed at step {stopped}" in err
+    card = (run_dir / "README.md").read_text()
+    first, last = f"{results['first_loss']:.4f}", f"{results['last_loss']:.4f}"
+    assert f"| train loss (first -> last) | {first} -> {last} |" in card
 
 
 def test_resume_refuses_a_changed_recipe_and_damaged_checkpoints(straight, tiny_model, tmp_path, write_recipe):

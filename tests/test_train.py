@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.data import prepare
 from lorakit.model import base as model_mod
+from lorakit.model.setup import for_loading
 from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import Recipe
 from lorakit.train.trainer import run
@@ -76,6 +77,9 @@ def test_run_directory_complete(trained, tiny_model):
         "torch_compile": False,
     }
     assert manifest["libraries"]["transformers"] and manifest["libraries"]["peft"]
+    from lorakit.model.setup import cpu_threads
+
+    assert manifest["threads"] == {"torch": cpu_threads(1).count, "why": cpu_threads(1).why}
     saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert Recipe.model_validate(saved) == Recipe.model_validate(recipe.to_saved_dict())
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -100,6 +104,32 @@ def test_terminal_progress_bar(tiny_model, tmp_path):
     assert "training" in out and "tok/s" in out and "4/4" in out
     assert "lorakit train: done" in out and "trainable params" in out
     assert "(preprocessing cache)" in out and "packing: 1600 examples in" in out
+
+
+def test_a_slow_run_shows_a_heartbeat_between_log_lines(tiny_model, tmp_path, monkeypatch):
+    """Off a terminal, a run that has printed nothing for HEARTBEAT_S prints one line with its step, elapsed
+    time and ETA, at most one per HEARTBEAT_S (not one per step)."""
+    import io
+    import re
+    import time as time_mod
+
+    from transformers import TrainerCallback
+
+    from lorakit.train import progress
+
+    class Slow(TrainerCallback):  # a slow model's steps
+        def on_step_end(self, args, state, control, **kwargs):
+            time_mod.sleep(0.4)
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 1.0)
+    buffer = io.StringIO()
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model, tmp_path / "slow", steps=8, logging_steps=1000))
+    started = time_mod.perf_counter()
+    run(recipe, console=Console(file=buffer, force_terminal=False, width=160), callbacks=(Slow(),))
+    took = time_mod.perf_counter() - started
+    beats = [int(b) for b in re.findall(r"step (\d+)/8  elapsed \d+:\d\d  eta \d+:\d\d", buffer.getvalue())]
+    assert 1 <= len(beats) <= took / progress.HEARTBEAT_S, buffer.getvalue()  # at most one per HEARTBEAT_S
+    assert beats == sorted(set(beats)) and len(beats) < 8  # not a line per step
 
 
 def test_loss_goes_down(trained):
@@ -135,7 +165,7 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 def test_base_weights_unchanged_and_adapter_changed(trained, tiny_model):
     recipe, result = trained
-    fresh = base_weights(model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model)))
+    fresh = base_weights(model_mod.load_base(recipe.model, for_loading(recipe.model)))
     after = base_weights(result.model.get_base_model())
     assert set(after) == set(fresh) and len(fresh) > 30
     for name, tensor in after.items():
@@ -152,7 +182,7 @@ def test_adapter_reloads_with_plain_peft_and_gives_same_logits(trained, tiny_mod
     result.model.eval()
     with torch.no_grad():
         in_memory = result.model(**batch).logits
-        base = model_mod.load_base(recipe.model, model_mod.resolve_precision(recipe.model))
+        base = model_mod.load_base(recipe.model, for_loading(recipe.model))
         base_logits = base(**batch).logits
         reloaded = PeftModel.from_pretrained(base, result.run_dir).eval()
         logits = reloaded(**batch).logits

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lorakit.evaluate import compare as evaluate
 from lorakit.evaluate import generation
-from lorakit.model import base as model_mod
 from lorakit.recipe.schema import EvalConfig
 
 HELP = (
@@ -30,18 +29,17 @@ class Models:
 
     def __init__(self, target: evaluate.Target):
         self.target = target
-        self.precision = model_mod.resolve_precision(target.recipe.model)
         self._tuned = self._base = None
 
     def tuned(self):
         if self._tuned is None:
-            ((_, self._tuned),) = evaluate.load_models(self.target, self.precision, ("tuned",))
+            ((_, self._tuned),) = evaluate.load_models(self.target, ("tuned",))
         return self._tuned, nullcontext()
 
     def base(self):
         if self.target.kind == "merged":
             if self._base is None:
-                ((_, self._base),) = evaluate.load_models(self.target, self.precision, ("base",))
+                ((_, self._base),) = evaluate.load_models(self.target, ("base",))
             return self._base, nullcontext()
         tuned, _ = self.tuned()
         return tuned, tuned.disable_adapter()

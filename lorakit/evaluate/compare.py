@@ -13,21 +13,21 @@ lorakit.evaluate.report.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lorakit import data as data_mod
-from lorakit import upstream
 from lorakit.errors import LorakitError, ModelError
 from lorakit.evaluate import generation
 from lorakit.evaluate import metrics as metrics_mod
 from lorakit.evaluate import report as eval_report
 from lorakit.model import base as model_mod
+from lorakit.model import scoring
+from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE
 
@@ -45,6 +45,13 @@ class Target:
     def tuned(self) -> list[str]:
         """The names of the tuned models in reports."""
         return list(self.adapters) if self.adapters else ["tuned"]
+
+    @functools.cached_property
+    def loading(self) -> setup_mod.Loading:
+        """How the base loads, decided once per command: the recipe's precision here and its 4-bit base (the
+        base as trained); a merged model and its base load in full precision."""
+        cfg = self.recipe.model
+        return setup_mod.for_loading(cfg, four_bit=False) if self.kind == "merged" else setup_mod.for_loading(cfg)
 
     def adapter_dirs(self) -> list[Path]:
         """The adapter directories loaded onto the base (none for a merged model)."""
@@ -129,14 +136,13 @@ def run(
     # the saved stop tokens, and the end-of-turn token the data ends turns with (a checkpoint's adapter
     # directory has no generation_config.json of its own)
     stops = sorted(set(generation.stop_ids(target.path, tokenizer)) | {prepared.end_of_turn_id})
-    precision = model_mod.resolve_precision(target.recipe.model)
     if lm_eval:
         from lorakit.evaluate import harness
 
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
     results, samples = {}, {}
-    for name, model in load_models(target, precision, (*target.tuned(), "base") if compare_base else target.tuned()):
+    for name, model in load_models(target, (*target.tuned(), "base") if compare_base else target.tuned()):
         if console:
             console.print(
                 f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on {len(prompts)} prompts",
@@ -148,8 +154,17 @@ def run(
                 model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
             )
     gate_results = _gates(target, gates or [], results)
+    report = _report(target, split, scored, prompts, prepared, settings, batch, stops, results, gate_results)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    eval_report.write(report, prompts, samples, target.run_dir, output)
+    return report
+
+
+def _report(target, split, scored, prompts, prepared, settings, batch, stops, results, gate_results) -> dict:
+    """report.json: what was evaluated, on which data, with which settings; the metrics and gates."""
+    compare_base = "base" in results
     tuned = {n: str(p) for n, p in target.adapters.items()} if target.adapters else {"tuned": str(target.path)}
-    report = {
+    return {
         "target": str(target.path),
         "kind": target.kind,
         "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
@@ -164,16 +179,13 @@ def run(
             **settings.model_dump(),
             "batch_size": batch,
             "stop_token_ids": stops,
-            "precision": precision.dtype,
-            "4bit_base": target.kind != "merged" and target.recipe.model.load_in_4bit,
+            "precision": target.loading.precision.dtype,
+            "4bit_base": target.loading.four_bit,
         },
         "metrics": results,
         "gates": gate_results,
         "passed": all(g["passed"] for g in gate_results),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    eval_report.write(report, prompts, samples, target.run_dir, output)
-    return report
 
 
 def _refuse_harness_on_prompt_learning(target: Target) -> None:
@@ -191,7 +203,8 @@ def _refuse_harness_on_prompt_learning(target: Target) -> None:
 
 def _score(model, tokenizer, scored, prompts, stops, settings: EvalConfig, batch: int, seed: int):
     """One model's loss over the scored split and its generation metrics over the prompts."""
-    loss, tokens = token_loss(model, scored, tokenizer, batch)
+    data = scored.dataset
+    loss, tokens = scoring.token_loss(model, data["input_ids"], data["labels"], tokenizer.pad_token_id or 0, batch)
     outs = generation.generate(model, tokenizer, [p.prompt_ids for p in prompts], stops, settings, batch, seed)
     texts = (
         [o.text for o in outs],
@@ -224,7 +237,7 @@ def tokenizer_for(target: Target):
     return AutoTokenizer.from_pretrained(target.path if own else target.recipe.model.name_or_path)
 
 
-def load_models(target: Target, precision, names: tuple[str, ...]):
+def load_models(target: Target, names: tuple[str, ...]):
     """(name, model) for each of `names` ("tuned", "base", or a "runs" target's adapter names), loading
     nothing that is not asked for: base + adapter shares one loaded base (the adapter is switched off for
     the base); a merged model's base is loaded on its own. Use each model before taking the next: several
@@ -236,16 +249,17 @@ def load_models(target: Target, precision, names: tuple[str, ...]):
             yield (
                 "tuned",
                 AutoModelForCausalLM.from_pretrained(
-                    target.path, dtype=precision.torch_dtype, device_map=model_mod.device_map(precision)
+                    target.path,
+                    dtype=target.loading.precision.torch_dtype,
+                    device_map=model_mod.device_map(target.loading.precision),
                 ),
             )
         if "base" in names:
-            cfg = target.recipe.model.model_copy(update={"load_in_4bit": False})
-            yield "base", model_mod.load_base(cfg, precision)
+            yield "base", model_mod.load_base(target.recipe.model, target.loading)
         return
     from peft import PeftModel
 
-    base = model_mod.load_base(target.recipe.model, precision)
+    base = model_mod.load_base(target.recipe.model, target.loading)
     if target.adapters:
         yield from _switched(base, target, names)
         return
@@ -291,46 +305,16 @@ def _switched(base, target: Target, names):
             yield "base", model
 
 
-@torch.no_grad()
-def token_loss(model, split: data_mod.Split, tokenizer, batch_size: int) -> tuple[float, int]:
-    """Mean loss per trained token over the split, one padded batch at a time (logits never kept)."""
-    collate = upstream.padding_collator(tokenizer.pad_token_id or 0)
-    device = next(model.parameters()).device
-    model.eval()
-    total, count = 0.0, 0
-    ids, labels = split.dataset["input_ids"], split.dataset["labels"]
-    for start in range(0, len(split.dataset), batch_size):
-        batch = collate(
-            [
-                {"input_ids": i, "labels": lab}
-                for i, lab in zip(ids[start : start + batch_size], labels[start : start + batch_size])
-            ]
-        )
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-        ).logits
-        logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning prepends its virtual tokens' logits
-        target = batch["labels"][:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
-        )
-        total += losses.item()
-        count += int((target != -100).sum())
-        del logits
-    return total / max(count, 1), count
-
-
 def replies(target: Target, conversations: list[list[dict]], *, settings: EvalConfig, names) -> dict:
     """{name: generations} for chat conversations, each model with the target's template and stop tokens
     (`lorakit generate`); `names` as for `load_models`."""
     tokenizer = tokenizer_for(target)
     prompts = [generation.prompt_ids(tokenizer, c) for c in conversations]
     stops = generation.stop_ids(target.path, tokenizer)
-    precision = model_mod.resolve_precision(target.recipe.model)
     batch = settings.batch_size or target.recipe.train.per_device_eval_batch_size
     return {
         name: generation.generate(model, tokenizer, prompts, stops, settings, batch, target.recipe.train.seed)
-        for name, model in load_models(target, precision, tuple(names))
+        for name, model in load_models(target, tuple(names))
     }
 
 

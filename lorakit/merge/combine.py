@@ -89,18 +89,9 @@ def plan(
     merge_into: str | None = None,
     overwrite: bool = False,
 ) -> Combination:
+    """Everything refused before a weight is read: the options, the runs, the output; what merge would refuse."""
     combination = combination or "cat"
-    if combination not in COMBINATIONS:
-        raise LorakitError(f"--combination: expected one of {', '.join(COMBINATIONS)}, got {combination!r}")
-    values = _weights(weights, len(paths))
-    if combination in USES_DENSITY and density is None:
-        raise LorakitError(
-            f"--combination {combination} needs --density (the share of each update kept, in (0, 1], e.g. 0.5)"
-        )
-    if density is not None and combination not in USES_DENSITY:
-        raise LorakitError(f"--density is for {', '.join(USES_DENSITY)}; --combination {combination} does not prune")
-    if density is not None and not 0 < density <= 1:
-        raise LorakitError(f"--density: expected a value in (0, 1], got {density}")
+    values = _check_options(combination, weights, density, len(paths))
     if not output:
         raise LorakitError(
             "several runs: give --output (where the combined " + ("adapter" if adapter_only else "model") + " goes)"
@@ -115,8 +106,8 @@ def plan(
         if merge_into or dtype:
             raise LorakitError("--merge-into and --dtype are for merged models; --adapter-only writes an adapter")
         merge_mod.check_output(out, overwrite, REPORT, "combined adapter")
-        first = runs[0].recipe.model.load_in_4bit
-        odd = next((r for r in runs if r.recipe.model.load_in_4bit != first), None)
+        first = runs[0].four_bit
+        odd = next((r for r in runs if r.four_bit != first), None)
         if odd:
             raise LorakitError(
                 f"run {odd.name} trained on a {_kind(odd)} base, run {runs[0].name} on a "
@@ -142,6 +133,22 @@ def plan(
     )
 
 
+def _check_options(combination: str, weights: str | None, density: float | None, count: int) -> list[float]:
+    """The combination's options, refused by name; the weights, one per run."""
+    if combination not in COMBINATIONS:
+        raise LorakitError(f"--combination: expected one of {', '.join(COMBINATIONS)}, got {combination!r}")
+    values = _weights(weights, count)
+    if combination in USES_DENSITY and density is None:
+        raise LorakitError(
+            f"--combination {combination} needs --density (the share of each update kept, in (0, 1], e.g. 0.5)"
+        )
+    if density is not None and combination not in USES_DENSITY:
+        raise LorakitError(f"--density is for {', '.join(USES_DENSITY)}; --combination {combination} does not prune")
+    if density is not None and not 0 < density <= 1:
+        raise LorakitError(f"--density: expected a value in (0, 1], got {density}")
+    return values
+
+
 def _weights(text: str | None, count: int) -> list[float]:
     if text is None:
         return [round(1 / count, 6)] * count
@@ -157,7 +164,7 @@ def _weights(text: str | None, count: int) -> list[float]:
 
 
 def _kind(run: runset.Run) -> str:
-    return "4-bit (QLoRA)" if run.recipe.model.load_in_4bit else "full-precision"
+    return "4-bit (QLoRA)" if run.four_bit else "full-precision"
 
 
 def _check_adapter(run: runset.Run, combination: str) -> None:
@@ -205,7 +212,7 @@ def _check_merge_into(runs: list[runset.Run], resolved: str, asked: str | None) 
             "quantized alike)"
         )
     for run in runs[1:]:
-        default = "nf4" if run.recipe.model.load_in_4bit else "original"
+        default = "nf4" if run.four_bit else "original"
         if (asked or default) != resolved:
             raise LorakitError(
                 f"run {run.name} trained on a {_kind(run)} base and run {runs[0].name} on a "
@@ -300,11 +307,13 @@ def verify_adapter(c: Combination, folder: Path) -> dict:
 
     from lorakit.merge import verify
     from lorakit.model import base as model_mod
+    from lorakit.model import setup as setup_mod
 
     inputs, source = verify.inputs_for(c.runs[0].recipe, AutoTokenizer.from_pretrained(folder))
     precision = model_mod.Precision("float32", "cuda" if torch.cuda.is_available() else "cpu")
     cfg = c.runs[0].recipe.model.model_copy(update={"name_or_path": str(c.base_dir), "revision": None})
-    model = PeftModel.from_pretrained(model_mod.load_base(cfg, precision), folder)
+    loading = setup_mod.for_loading(cfg, precision=precision, four_bit=c.runs[0].four_bit)
+    model = PeftModel.from_pretrained(model_mod.load_base(cfg, loading), folder)
     combined = verify.logits(model, inputs)
     with model.disable_adapter():
         bare = verify.logits(model, inputs)

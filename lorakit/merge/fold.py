@@ -35,6 +35,7 @@ from lorakit.merge import skeleton as adapter_mod
 from lorakit.merge import verify
 from lorakit.model import base as model_mod
 from lorakit.model import peft_methods as methods
+from lorakit.model import setup as setup_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
@@ -92,7 +93,7 @@ def plan(
         raise LorakitError(f"{run_dir}: {reason}")
     recipe = load_recipe(run_dir / RECIPE)
     manifest = json.loads((run_dir / MANIFEST).read_text())
-    four_bit = recipe.model.load_in_4bit
+    four_bit = bool(manifest.get("load_in_4bit"))  # as the run was trained (lorakit.model.setup decided it)
     merge_into = merge_into or ("nf4" if four_bit else "original")
     if merge_into == "nf4" and not four_bit:
         raise LorakitError("--merge-into nf4 is for QLoRA runs; this run trained on a full-precision base")
@@ -278,12 +279,10 @@ def _verify(p: MergeJob, staging: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(p.run_dir)
     inputs, source = verify.inputs_for(p.recipe, tokenizer)
     precision = model_mod.Precision("float32", "cuda" if torch.cuda.is_available() else "cpu")
-    cfg = p.recipe.model.model_copy(
-        update={"name_or_path": str(p.base_dir), "revision": None, "load_in_4bit": p.merge_into == "nf4"}
-    )
+    cfg = p.recipe.model.model_copy(update={"name_or_path": str(p.base_dir), "revision": None})
 
     def base(four_bit: bool):
-        model = model_mod.load_base(cfg.model_copy(update={"load_in_4bit": four_bit}), precision)
+        model = model_mod.load_base(cfg, setup_mod.for_loading(cfg, precision=precision, four_bit=four_bit))
         if p.vocab_size:
             model.resize_token_embeddings(p.vocab_size, mean_resizing=False)
         return model
@@ -302,7 +301,7 @@ def _verify(p: MergeJob, staging: Path) -> dict:
         "merged_vs_reference": verify.compare(reference, merged),
         "merged_vs_base": verify.compare(bare, merged),
     }
-    if p.recipe.model.load_in_4bit and p.merge_into == "original":  # the trade-off, measured
+    if p.manifest.get("load_in_4bit") and p.merge_into == "original":  # the trade-off, measured
         figures["merged_vs_training"] = verify.compare(
             verify.logits(PeftModel.from_pretrained(base(True), p.run_dir), inputs), merged
         )

@@ -21,7 +21,7 @@ from lorakit.errors import ModelError
 from lorakit.model import engines
 from lorakit.model.engines import Engine
 from lorakit.recipe.peft_sections import PROMPT_LEARNING
-from lorakit.recipe.schema import LoraSection, ModelConfig
+from lorakit.recipe.schema import LoraSection, ModelConfig, QuantizationConfig
 
 SINGLE = Engine()
 
@@ -99,20 +99,17 @@ def grow_embeddings(model, vocab_size: int, mean_resizing: bool = False) -> None
         model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
 
 
-def quantization_config(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE):
-    """The bitsandbytes 4-bit config of a QLoRA run (None without `load_in_4bit`)."""
-    if not cfg.load_in_4bit:
-        return None
+def quantization_config(q: QuantizationConfig, precision: Precision, engine: Engine = SINGLE):
+    """The bitsandbytes 4-bit config of a QLoRA base from the recipe's `model.quantization` settings."""
     from transformers import BitsAndBytesConfig
 
-    q = cfg.quantization
     compute = precision.dtype if q.bnb_4bit_compute_dtype == "auto" else q.bnb_4bit_compute_dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=_DTYPES[compute],
-        bnb_4bit_quant_storage=getattr(torch, engines.quant_storage(cfg, engine, compute)),
+        bnb_4bit_quant_storage=getattr(torch, engines.quant_storage(q, engine, compute)),
     )
 
 
@@ -126,14 +123,15 @@ def device_map(precision: Precision, engine: Engine = SINGLE) -> dict | None:
     return {"": "cpu"}
 
 
-def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE, tokenizer=None):
-    """The base model through `from_pretrained`, in 4-bit when the recipe asks for QLoRA. Under FSDP and
+def load_base(cfg: ModelConfig, loading, tokenizer=None):
+    """The base model through `from_pretrained` as `loading` (lorakit.model.setup.Loading) decided: its
+    precision, its placement, in 4-bit with its BitsAndBytesConfig for QLoRA. Under FSDP and
     ZeRO-3 a 4-bit base is loaded in the dtype its packed weights are stored in, so every parameter has one
     dtype and the engine can flatten them. With `model.new_special_tokens` the embeddings grow to the
     tokenizer's length (`tokenizer`, when the caller has it, else the recipe's loaded again)."""
     from transformers import AutoModelForCausalLM
 
-    quantization = quantization_config(cfg, precision, engine)
+    precision, engine, quantization = loading.precision, loading.engine, loading.quantization
     dtype = precision.torch_dtype
     if quantization is not None and engine.shards_parameters and quantization.bnb_4bit_quant_storage.is_floating_point:
         dtype = quantization.bnb_4bit_quant_storage
@@ -171,11 +169,11 @@ def load_base(cfg: ModelConfig, precision: Precision, engine: Engine = SINGLE, t
     return model
 
 
-def prepare_for_training(model, cfg: ModelConfig, gradient_checkpointing: bool, engine: Engine = SINGLE):
+def prepare_for_training(model, loading, gradient_checkpointing: bool):
     """QLoRA preparation (norms in fp32, input grads for checkpointing); a no-op for full-precision bases.
     Skipped under FSDP and ZeRO-3: upcasting the norms would give the engine two dtypes to flatten; the
     trainer turns on checkpointing and input gradients itself."""
-    if not cfg.load_in_4bit or engine.shards_parameters:
+    if not loading.four_bit or loading.engine.shards_parameters:
         return model
     from peft import prepare_model_for_kbit_training
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import ModelConfig, Recipe
+from lorakit.recipe.schema import QuantizationConfig, Recipe
 
 # transformers' optimizer names that are bitsandbytes optimizers.
 _BNB_OPTIMIZERS = frozenset(
@@ -209,16 +209,6 @@ def is_bnb_optimizer(name: str) -> bool:
     return name in _BNB_OPTIMIZERS
 
 
-def default_optim(recipe: Recipe, engine: Engine) -> str:
-    """paged 8-bit AdamW for QLoRA on one process or DDP; plain AdamW where FSDP or DeepSpeed shard the
-    optimizer state themselves (and bitsandbytes optimizers break their checkpoints)."""
-    if recipe.train.optim:
-        return recipe.train.optim
-    if recipe.model.load_in_4bit and engine.kind in ("single", "ddp"):
-        return "paged_adamw_8bit"
-    return "adamw_torch"
-
-
 def check_optim(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
@@ -231,41 +221,53 @@ def check_optim(name: str) -> None:
         raise LorakitError(f"train.optim: unknown optimizer {name!r}{hint}")
 
 
-def quant_storage(model: ModelConfig, engine: Engine, compute_dtype: str) -> str:
+def quant_storage(q: QuantizationConfig, engine: Engine, compute_dtype: str) -> str:
     """The dtype 4-bit weights are packed into: `auto` is uint8, except under FSDP or ZeRO-3 where it is
     the training dtype, so that the packed weights shard and flatten with every other parameter."""
-    chosen = model.quantization.bnb_4bit_quant_storage
+    chosen = q.bnb_4bit_quant_storage
     if chosen != "auto":
         return chosen
     return compute_dtype if engine.shards_parameters else "uint8"
 
 
-def _precision_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+@dataclass(frozen=True)
+class _Run:
+    """What the rules know of the run besides its recipe: the machine, the decided dtype, 4-bit base and
+    optimizer (lorakit.model.setup decides them), and where the engine came from (for the messages)."""
+
+    cuda: bool
+    dtype: str | None
+    four_bit: bool
+    optimizer: str
+    where: str
+
+
+def _precision_problems(recipe: Recipe, engine: Engine, run: _Run) -> list[str]:
     """mixed precision in the accelerate config against the run's dtype; engines that need CUDA or deepspeed."""
     problems = []
     wanted = _MIXED.get(engine.mixed_precision, engine.mixed_precision)
-    if engine.mixed_precision != "no" and dtype is not None and wanted != dtype:
+    if engine.mixed_precision != "no" and run.dtype is not None and wanted != run.dtype:
         problems.append(
             f"the accelerate config sets mixed_precision: {engine.mixed_precision}, but this run trains in "
-            f"{dtype} (model.dtype: {recipe.model.dtype}{' on a machine without CUDA' if not cuda else ''})"
-            f"{where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
+            f"{run.dtype} (model.dtype: {recipe.model.dtype}{' on a machine without CUDA' if not run.cuda else ''})"
+            f"{run.where}, and the trainer would autocast to {engine.mixed_precision} anyway. Set "
             "mixed_precision: 'no' there (lorakit picks the precision from model.dtype and the hardware) "
             "or model.dtype to match"
         )
-    if engine.kind in ("fsdp", "deepspeed") and not cuda:
+    if engine.kind in ("fsdp", "deepspeed") and not run.cuda:
         problems.append(
-            f"{engine.name} needs CUDA GPUs and none was found{where}: accelerate would run the "
+            f"{engine.name} needs CUDA GPUs and none was found{run.where}: accelerate would run the "
             "processes as plain DDP, each holding the whole model. Use DDP (`--nproc N` without an "
             "accelerate config) here, or run on GPUs"
         )
     if engine.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append(
-            f"{engine.name} needs the `deepspeed` package, which is not installed{where}: pip install deepspeed"
+            f"{engine.name} needs the `deepspeed` package, which is not installed{run.where}: pip install deepspeed"
         )
     return problems
 
 
-def _method_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+def _method_problems(recipe: Recipe, engine: Engine, run: _Run) -> list[str]:
     """what a method or a new-token set-up cannot do under a sharding engine, or without CUDA."""
     problems = []
     if (
@@ -276,15 +278,15 @@ def _method_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | No
     ):
         problems.append(
             f"model.new_special_tokens: only the new rows of the embedding train, and FSDP1 flattens "
-            f"the embedding into one parameter that is trained whole or not at all{where}; set "
+            f"the embedding into one parameter that is trained whole or not at all{run.where}; set "
             "fsdp_use_orig_params: true in the accelerate config (peft's requirement), or use FSDP2"
         )
     if recipe.method == "adalora" and engine.shards_parameters:
         problems.append(
             f"method: adalora scores every singular value from its full gradient after each step and "
-            f"penalises whole A and B matrices, which {engine.name} holds in shards{where}; use DDP"
+            f"penalises whole A and B matrices, which {engine.name} holds in shards{run.where}; use DDP"
         )
-    if recipe.lora.init_lora_weights == "loftq" and not cuda:
+    if recipe.lora.init_lora_weights == "loftq" and not run.cuda:
         problems.append(
             "lora.init_lora_weights: loftq needs a CUDA GPU: peft computes the decomposition of the "
             "quantization error there only (and none was found); use true or gaussian here"
@@ -292,16 +294,16 @@ def _method_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | No
     if engine.shards_parameters and recipe.lora.moves_base_weights():
         problems.append(
             f"lora.init_lora_weights: {recipe.lora.init_lora_weights} rewrites the base weights at the start, which lorakit "
-            f"does not do on weights {engine.name} has sharded{where}; use DDP, or true/gaussian"
+            f"does not do on weights {engine.name} has sharded{run.where}; use DDP, or true/gaussian"
         )
     return problems
 
 
-def _storage_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+def _storage_problems(recipe: Recipe, engine: Engine, run: _Run) -> list[str]:
     """4-bit storage a sharding engine cannot hold."""
     problems = []
     storage = recipe.model.quantization.bnb_4bit_quant_storage
-    if recipe.model.load_in_4bit and engine.shards_parameters and storage == "uint8":
+    if run.four_bit and engine.shards_parameters and storage == "uint8":
         if engine.kind == "fsdp" and engine.fsdp_version == 2:
             what = (
                 "accelerate then leaves the 4-bit weights out of the sharding, so every GPU holds the whole "
@@ -315,60 +317,68 @@ def _storage_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | N
         else:
             what = "ZeRO-3 partitions every parameter as a float tensor and cannot hold integer-packed weights"
         problems.append(
-            f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{where}: {what}. "
+            f"model.quantization.bnb_4bit_quant_storage: uint8 under {engine.name}{run.where}: {what}. "
             "Set it to `auto` (the training dtype) or bfloat16"
         )
     return problems
 
 
-def _optimizer_problems(recipe: Recipe, engine: Engine, cuda: bool, dtype: str | None, where: str) -> list[str]:
+def _optimizer_problems(recipe: Recipe, engine: Engine, run: _Run) -> list[str]:
     """optimizer and checkpointing settings the engine (or its DeepSpeed JSON) contradicts."""
     problems = []
-    optim = default_optim(recipe, engine)
+    optim = run.optimizer
     if engine.kind == "fsdp" and is_bnb_optimizer(optim):
         problems.append(
             f"train.optim: {optim} is a bitsandbytes optimizer, which fails when FSDP saves a "
-            f"checkpoint{where}; FSDP already shards the optimizer state: use adamw_torch "
+            f"checkpoint{run.where}; FSDP already shards the optimizer state: use adamw_torch "
             "(the default under FSDP)"
         )
     if engine.kind == "deepspeed" and engine.offload and is_bnb_optimizer(optim):
         problems.append(
             f"train.optim: {optim} is a bitsandbytes optimizer, and the DeepSpeed config offloads to "
-            f"the CPU, which needs DeepSpeed's own CPU Adam{where}: drop train.optim (or set an "
+            f"the CPU, which needs DeepSpeed's own CPU Adam{run.where}: drop train.optim (or set an "
             "`optimizer` in the DeepSpeed JSON)"
         )
     if engine.kind == "fsdp" and engine.fsdp_activation_checkpointing and recipe.train.gradient_checkpointing:
         problems.append(
             f"train.gradient_checkpointing is on and the FSDP config turns on its own activation "
-            f"checkpointing{where}; the trainer refuses both. Keep one: set "
+            f"checkpointing{run.where}; the trainer refuses both. Keep one: set "
             "train.gradient_checkpointing: false, or fsdp_activation_checkpointing: false"
         )
     ds = engine.deepspeed_config or {}
     if ds.get("optimizer") and recipe.train.optim:
         problems.append(
             f"train.optim is {recipe.train.optim} but the DeepSpeed config defines its own optimizer "
-            f"({ds['optimizer'].get('type', '?')}), which would be used instead{where}; remove one"
+            f"({ds['optimizer'].get('type', '?')}), which would be used instead{run.where}; remove one"
         )
     for ds_key, recipe_key in _DS_MATCHING.items():
         value = ds.get(ds_key, "auto")
         wanted = getattr(recipe.train, recipe_key)
         if value != "auto" and value != wanted:
             problems.append(
-                f"train.{recipe_key} is {wanted} but the DeepSpeed config sets {ds_key}: {value}{where}; "
+                f"train.{recipe_key} is {wanted} but the DeepSpeed config sets {ds_key}: {value}{run.where}; "
                 'set it to "auto" there so the recipe decides'
             )
     return problems
 
 
 def check(
-    recipe: Recipe, engine: Engine, *, cuda: bool, dtype: str | None = None, processes: int = 1, gpus: int | None = None
+    recipe: Recipe,
+    engine: Engine,
+    *,
+    cuda: bool,
+    four_bit: bool,
+    optimizer: str,
+    dtype: str | None = None,
+    processes: int = 1,
+    gpus: int | None = None,
 ) -> None:
     """Refuse, with every reason at once, what would fail (or quietly do something else) under `engine`;
     `dtype` is the run's training dtype, when already known; `processes` the processes started on this
     machine and `gpus` its CUDA GPUs, when the caller knows them."""
-    where = f" ({engine.source})"
+    run = _Run(cuda, dtype, four_bit, optimizer, f" ({engine.source})")
     problems = _process_placement(recipe, engine, cuda, processes, gpus)
     for rules in (_precision_problems, _method_problems, _storage_problems, _optimizer_problems):
-        problems += rules(recipe, engine, cuda, dtype, where)
+        problems += rules(recipe, engine, run)
     if problems:
         raise LorakitError("cannot run this recipe with " + engine.name + ":\n  " + "\n  ".join(problems))

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from lorakit import data as data_mod
 from lorakit.errors import LorakitError
 from lorakit.model import base as model_mod
-from lorakit.model import engines
+from lorakit.model import setup as setup_mod
 from lorakit.preflight import plan as plan_mod
 from lorakit.preflight import preview
 from lorakit.recipe.peft_sections import METHOD_NAMES, PROMPT_LEARNING
@@ -26,10 +26,17 @@ class Finding:
     message: str
 
 
-def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True, memory: bool = True) -> list[Finding]:
-    """Every check, in the order a run would meet them; a failing check never hides the others."""
-    import torch
-
+def run(
+    recipe: Recipe,
+    *,
+    gpu_memory: int | None = None,
+    use_cache: bool = True,
+    memory: bool = True,
+    resolution: setup_mod.Resolution | None = None,
+) -> list[Finding]:
+    """Every check, in the order a run would meet them; a failing check never hides the others. The
+    set-up's decisions are `resolution`'s (`lorakit train` resolves it once for the check and the run),
+    else resolved here for one process as the recipe's launch would start it."""
     findings: list[Finding] = []
 
     def attempt(name: str, body) -> object:
@@ -41,34 +48,8 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
             findings.append(Finding(name, "error", f"{recipe.model.name_or_path}: {exc}"))
         return None
 
-    cuda = torch.cuda.is_available()
-    precision = attempt("precision", lambda: model_mod.resolve_precision(recipe.model))
-    if precision is not None:
-        findings.append(Finding("precision", "ok", f"{precision.dtype} on {precision.device}"))
-        attempt("precision", lambda: _model_dtype(recipe, findings))
-    engine = engines.from_environment()
-    if engine.kind in ("single", "ddp") and recipe.distributed.accelerate_config:
-        engine = attempt("engine", lambda: engines.from_accelerate_config(recipe.distributed.accelerate_config)[0])
-    if engine is not None:
-        ok = attempt(
-            "engine",
-            lambda: engines.check(recipe, engine, cuda=cuda, dtype=precision.dtype if precision else None) or True,
-        )
-        if ok:
-            findings.append(
-                Finding(
-                    "engine",
-                    "ok",
-                    f"{engine.name}; each process loads its own copy on its own device (never device_map=auto)"
-                    if engine.kind in ("single", "ddp")
-                    else f"{engine.name}: the engine places and shards the weights",
-                )
-            )
-        optim = engines.default_optim(recipe, engine)
-        if attempt("optimizer", lambda: engines.check_optim(optim) or True):
-            findings.append(Finding("optimizer", "ok", optim))
-    if precision is not None:
-        attempt("liger", lambda: _liger(recipe, precision, findings))
+    decided = resolution or setup_mod.resolve(recipe)
+    _decisions(recipe, decided, findings, attempt)
     counts = attempt("target modules", lambda: plan_mod.count(recipe))
     if counts is not None:
         listed = ", ".join(f"{name} x{n}" for name, n in sorted(counts.targets.items()))
@@ -78,11 +59,58 @@ def run(recipe: Recipe, *, gpu_memory: int | None = None, use_cache: bool = True
             else f"{METHOD_NAMES[recipe.method]} on {sum(counts.targets.values())} layers ({listed})"
         )
         findings.append(Finding("target modules", "ok", f"{where}; {counts.lora:,} trainable parameters"))
-    attempt("packing", lambda: _packing(recipe, findings))
+    _packing(recipe, decided, findings)
     attempt("data", lambda: _data(recipe, findings, use_cache))
     if memory:
         attempt("memory", lambda: _memory(recipe, gpu_memory, findings, counts))
     return findings
+
+
+def _decisions(recipe: Recipe, decided: setup_mod.Resolution, findings: list[Finding], attempt) -> None:
+    """The set-up's findings, in the order it decides: each decision as made, or why it cannot be."""
+    problems = decided.problems
+    precision, engine = decided.precision, decided.engine
+    if "precision" in problems:
+        findings.append(Finding("precision", "error", str(problems["precision"])))
+    elif precision is not None:
+        findings.append(Finding("precision", "ok", f"{precision.dtype} on {precision.device}"))
+        attempt("precision", lambda: _model_dtype(recipe, findings))
+    if "engine" in problems:
+        findings.append(Finding("engine", "error", str(problems["engine"])))
+    elif engine is not None:
+        findings.append(
+            Finding(
+                "engine",
+                "ok",
+                f"{engine.name}; each process loads its own copy on its own device (never device_map=auto)"
+                if engine.kind in ("single", "ddp")
+                else f"{engine.name}: the engine places and shards the weights",
+            )
+        )
+    if "optimizer" in problems:
+        findings.append(Finding("optimizer", "error", str(problems["optimizer"])))
+    elif decided.optimizer is not None:
+        findings.append(Finding("optimizer", "ok", decided.optimizer))
+    if "liger" in problems:
+        findings.append(Finding("liger", "error", str(problems["liger"])))
+    elif decided.liger is not None and recipe.train.use_liger_kernel is not False:
+        on = "Liger kernels on (fused loss)" if decided.liger else "Liger kernels off (needs CUDA and liger-kernel)"
+        findings.append(Finding("liger", "ok", on))
+
+
+def _packing(recipe: Recipe, decided: setup_mod.Resolution, findings: list[Finding]) -> None:
+    problem = decided.problems.get("model") or decided.problems.get("packing")
+    if problem is not None:
+        findings.append(Finding("packing", "error", str(problem)))
+    elif decided.packing is not None:
+        why = (
+            f": {recipe.method} puts its virtual tokens in front of every row"
+            if recipe.method in PROMPT_LEARNING
+            else ""
+        )
+        findings.append(
+            Finding("packing", "ok", "padding-free packing" if decided.packing else f"padding (no packing){why}")
+        )
 
 
 def _model_dtype(recipe: Recipe, findings: list[Finding]) -> None:
@@ -102,26 +130,6 @@ def _model_dtype(recipe: Recipe, findings: list[Finding]) -> None:
                 "activations may overflow float16's range; prefer bfloat16 where the GPU has it",
             )
         )
-
-
-def _liger(recipe: Recipe, precision, findings: list[Finding]) -> None:
-    if recipe.train.use_liger_kernel is False:
-        return
-    used = model_mod.use_liger(recipe.train.use_liger_kernel, precision, model_mod.model_class_for(recipe.model)[1])
-    findings.append(
-        Finding(
-            "liger",
-            "ok",
-            "Liger kernels on (fused loss)" if used else "Liger kernels off (needs CUDA and liger-kernel)",
-        )
-    )
-
-
-def _packing(recipe: Recipe, findings: list[Finding]) -> None:
-    model_class, model_type = model_mod.model_class_for(recipe.model)
-    packing = model_mod.use_packing(recipe.train.packing, model_class, model_type, recipe.method)
-    why = f": {recipe.method} puts its virtual tokens in front of every row" if recipe.method in PROMPT_LEARNING else ""
-    findings.append(Finding("packing", "ok", "padding-free packing" if packing else f"padding (no packing){why}"))
 
 
 def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
@@ -239,15 +247,15 @@ def show(findings: list[Finding], console) -> None:
         console.print(f"{marks[finding.level]} {finding.check}: {finding.message}", highlight=False)
 
 
-def before_training(recipe: Recipe, use_cache: bool) -> None:
-    """`lorakit check` as `lorakit train` runs it first: errors stop the run (exit 2); warnings other than
-    the data's (which the run reports itself) are shown."""
+def before_training(recipe: Recipe, use_cache: bool, resolution: setup_mod.Resolution) -> None:
+    """`lorakit check` as `lorakit train` runs it first, on the run's own set-up: errors stop the run
+    (exit 2); warnings other than the data's (which the run reports itself) are shown."""
     from rich.console import Console
 
     from lorakit.console import quiet_libraries
 
     quiet_libraries()
-    findings = run(recipe, use_cache=use_cache)
+    findings = run(recipe, use_cache=use_cache, resolution=resolution)
     problems = errors(findings)
     if problems:
         raise LorakitError(

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 from lorakit.errors import LorakitError
 from lorakit.model import engines
+from lorakit.model import setup as setup_mod
 from lorakit.model.engines import Engine
+from lorakit.model.setup import Setup
 from lorakit.recipe.schema import Recipe
 
 GIB = 2**30
@@ -172,21 +174,15 @@ def count(recipe: Recipe) -> Counts:
 
 
 def estimate(
-    recipe: Recipe,
-    counts: Counts,
-    *,
-    engine: Engine,
-    processes: int,
-    dtype: str,
-    fused_loss: bool,
-    gpu_memory: int | None = None,
+    recipe: Recipe, counts: Counts, setup: Setup, *, processes: int, gpu_memory: int | None = None
 ) -> MemoryPlan:
-    """The per-GPU breakdown for `recipe` (its micro-batch, sequence, checkpointing, optimizer).
+    """The per-GPU breakdown for `recipe` (its micro-batch, sequence, checkpointing) with the decisions of
+    `setup` (`lorakit.model.setup.for_plan`: engine, dtype, 4-bit base, optimizer, fused loss).
 
     Long on purpose: one formula sheet read top to bottom, each memory term computed next to the line that
     shows it, over sizes every term shares; split up, the terms would be checked against docs/plan.md in
     several places instead of one."""
-    four_bit = recipe.model.load_in_4bit
+    engine, dtype, four_bit, fused_loss = setup.engine, setup.precision.dtype, setup.four_bit, setup.liger
     compute = _BYTES[dtype]
     train = recipe.train
     b, s = train.per_device_train_batch_size, recipe.data.max_length
@@ -256,7 +252,7 @@ def estimate(
             exact=True,
         )
     )
-    optim = engines.default_optim(recipe, engine)
+    optim = setup.optimizer
     per_param = 2 if any(marker in optim for marker in _8BIT_OPTIMIZERS) else 8
     lines.append(
         Line(
@@ -326,15 +322,7 @@ def estimate(
 
 
 def suggest(
-    recipe: Recipe,
-    counts: Counts,
-    plan: MemoryPlan,
-    *,
-    engine: Engine,
-    processes: int,
-    dtype: str,
-    fused_loss: bool,
-    largest_batch: bool = False,
+    recipe: Recipe, counts: Counts, plan: MemoryPlan, setup: Setup, *, processes: int, largest_batch: bool = False
 ) -> list[dict]:
     """Changes that make a plan fit, each with its new estimate; the largest micro-batch with `largest_batch`.
 
@@ -342,16 +330,17 @@ def suggest(
     re-estimate), kept in one place so the order is visible."""
     if plan.gpu_memory is None:
         return []
+    engine, dtype, fused_loss = setup.engine, setup.precision.dtype, setup.liger
 
-    def option(change: str, changed: Recipe, **kwargs) -> dict:
-        settings = {"engine": engine, "processes": processes, "dtype": dtype, "fused_loss": fused_loss, **kwargs}
-        new = estimate(changed, counts, gpu_memory=plan.gpu_memory, **settings)
+    def option(change: str, changed: Recipe, *, engine=engine, processes=processes, fused_loss=fused_loss) -> dict:
+        planned = setup_mod.for_plan(changed, engine=engine, dtype=dtype, fused_loss=fused_loss)
+        new = estimate(changed, counts, planned, processes=processes, gpu_memory=plan.gpu_memory)
         return {"change": change, "total_gib": round(new.total / GIB, 2), "fits": new.fits}
 
     out = []
     train = recipe.train
     if not plan.fits:
-        if not recipe.model.load_in_4bit:
+        if not setup.four_bit:
             out.append(option("model.load_in_4bit: true (QLoRA)", _with(recipe, model={"load_in_4bit": True})))
         if not train.gradient_checkpointing:
             out.append(
@@ -403,15 +392,7 @@ def suggest(
         best = None
         for batch in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             changed = _with(recipe, train={"per_device_train_batch_size": batch})
-            if not estimate(
-                changed,
-                counts,
-                engine=engine,
-                processes=processes,
-                dtype=dtype,
-                fused_loss=fused_loss,
-                gpu_memory=plan.gpu_memory,
-            ).fits:
+            if not estimate(changed, counts, setup, processes=processes, gpu_memory=plan.gpu_memory).fits:
                 break
             best = batch
         out.append(
@@ -452,9 +433,8 @@ def _combined(recipe: Recipe, counts: Counts, plan: MemoryPlan, *, dtype: str, p
     ]
     new = None
     for layout, count_, label in layouts:
-        new = estimate(
-            changed, counts, engine=layout, processes=count_, dtype=dtype, fused_loss=True, gpu_memory=plan.gpu_memory
-        )
+        planned = setup_mod.for_plan(changed, engine=layout, dtype=dtype, fused_loss=True)
+        new = estimate(changed, counts, planned, processes=count_, gpu_memory=plan.gpu_memory)
         if new.fits:
             return {
                 "change": "together: " + ", ".join(steps + ([label] if label else [])),
@@ -558,22 +538,31 @@ def run(
     liger = recipe.train.use_liger_kernel
     fused = liger is True or (liger == "auto" and importlib.util.find_spec("liger_kernel") is not None)
     counts = counts or count(recipe)
-    settings = {"engine": engine, "processes": processes, "dtype": dtype, "fused_loss": fused}
-    result = estimate(recipe, counts, gpu_memory=gpu_memory, **settings)
-    result.suggestions = suggest(recipe, counts, result, largest_batch=largest_batch, **settings)
+    setup = setup_mod.for_plan(recipe, engine=engine, dtype=dtype, fused_loss=fused)
+    result = estimate(recipe, counts, setup, processes=processes, gpu_memory=gpu_memory)
+    result.suggestions = suggest(recipe, counts, result, setup, processes=processes, largest_batch=largest_batch)
     if with_time:
         result.time = _time(
-            recipe, result, counts, tokens_per_s, gpu_kind or (torch.cuda.get_device_name() if cuda else None)
+            recipe,
+            result,
+            counts,
+            setup.packing,
+            tokens_per_s,
+            gpu_kind or (torch.cuda.get_device_name() if cuda else None),
         )
     return result
 
 
 def _time(
-    recipe: Recipe, plan: MemoryPlan, counts: Counts, tokens_per_s: float | None, gpu_kind: str | None
+    recipe: Recipe, plan: MemoryPlan, counts: Counts, packing: bool, tokens_per_s: float | None, gpu_kind: str | None
 ) -> dict | None:
+    """The training time of the recipe's tokens. With `train.max_steps` the epochs are the rows the steps
+    draw over the rows there are: with packing, the rows trl's packing makes (as the trainer will), not the
+    examples."""
     from trl.trainer.utils import get_peak_flops
 
     from lorakit import data as data_mod
+    from lorakit.data import stats
     from lorakit.errors import LorakitError
     from lorakit.model import base as model_mod
 
@@ -583,17 +572,20 @@ def _time(
         return {"hours": None, "basis": f"no estimate: the data could not be tokenized ({str(exc).splitlines()[0]})"}
     peak = get_peak_flops(gpu_kind, "bfloat16") if gpu_kind else None
     epochs = recipe.train.num_train_epochs
+    available = stats.packed_rows(prepared.train, recipe.data.max_length)["rows"] if packing else prepared.rows["train"]
     if recipe.train.max_steps > 0:  # steps x global batch rows; with packing a row is up to max_length tokens
-        rows = (
+        drawn = (
             recipe.train.max_steps
             * recipe.train.per_device_train_batch_size
             * recipe.train.gradient_accumulation_steps
             * plan.processes
         )
-        epochs = rows / max(prepared.rows["train"], 1)
+        epochs = drawn / max(available, 1)
     found = training_time(plan, counts, prepared.train.tokens, epochs, peak, tokens_per_s)
     if found is None:
         return {"hours": None, "basis": "no estimate: give --gpu-kind (e.g. H100) or --tokens-per-s"}
+    found["rows"] = available
+    found["rows_are"] = "packed rows" if packing else "examples"
     return found
 
 
@@ -627,7 +619,12 @@ def show(plan: MemoryPlan, console) -> None:
         when = (f"{hours:.1f} h" if hours >= 1 else f"{plan.time['seconds'] / 60:.1f} min") if hours is not None else ""
         console.print(
             (f"training time: about {when}" if hours is not None else "training time: ")
-            + (f" ({plan.time['tokens']:,} tokens x {plan.time['epochs']:g} epochs; " if hours is not None else "")
+            + (
+                f" ({plan.time['tokens']:,} tokens x {plan.time['epochs']:.3g} epochs of "
+                f"{plan.time['rows']:,} {plan.time['rows_are']}; "
+                if hours is not None
+                else ""
+            )
             + plan.time["basis"]
             + (")" if hours is not None else ""),
             highlight=False,

@@ -118,8 +118,8 @@ def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:
         "status": "complete",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": recipe.model.name_or_path,
-        "method": ("qlora" if recipe.model.load_in_4bit else "lora") if recipe.method == "lora" else recipe.method,
-        "load_in_4bit": recipe.model.load_in_4bit,
+        "method": details["method"],  # as the run's set-up names it (LoRA on a 4-bit base: qlora)
+        "load_in_4bit": details["load_in_4bit"],
         "libraries": {name: _version(name) for name in LIBRARIES},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -160,11 +160,11 @@ def write_model_card(run_dir: Path, recipe: Recipe, details: dict) -> None:
         "---",
         f"base_model: {recipe.model.name_or_path}",
         "library_name: peft",
-        f"tags: [lorakit, {recipe.method.replace('_', '-')}" + (", qlora" if recipe.model.load_in_4bit else "") + "]",
+        f"tags: [lorakit, {recipe.method.replace('_', '-')}" + (", qlora" if details["load_in_4bit"] else "") + "]",
         "---",
         f"# {run_dir.name}",
         "",
-        f"A {name} adapter{' (4-bit NF4 base, QLoRA)' if recipe.model.load_in_4bit else ''} for "
+        f"A {name} adapter{' (4-bit NF4 base, QLoRA)' if details['load_in_4bit'] else ''} for "
         f"`{recipe.model.name_or_path}`, trained with lorakit {__version__}.",
         "",
         "| setting | value |",
@@ -173,14 +173,18 @@ def write_model_card(run_dir: Path, recipe: Recipe, details: dict) -> None:
         f"| precision | {details.get('precision')} |",
         f"| learning rate | {recipe.train.learning_rate} |",
         f"| steps | {loss.get('steps')} |",
-        f"| train loss (first -> last) | {loss.get('first_loss')} -> {loss.get('last_loss')} |",
-        f"| eval loss | {loss.get('eval_loss')} |",
+        f"| train loss (first -> last) | {_rounded(loss.get('first_loss'))} -> {_rounded(loss.get('last_loss'))} |",
+        f"| eval loss | {_rounded(loss.get('eval_loss'))} |",
         f"| data | {', '.join(Path(p).name for p in details.get('data', {}).get('fingerprints', {}))} |",
         "",
         "Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), this_dir)`; "
         "the tokenizer and chat template used in training are saved here too.",
     ]
     (run_dir / CARD).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _rounded(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def template_hash(tokenizer) -> str | None:

@@ -28,6 +28,11 @@ class Run:
     manifest: dict
     adapter: dict  # adapter_config.json
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether it trained on a 4-bit base, as its manifest records the run's set-up."""
+        return bool(self.manifest.get("load_in_4bit"))
+
 
 def read(paths: list[str | Path]) -> list[Run]:
     """The runs, checked to be complete lorakit runs holding an adapter, each named once."""

@@ -32,12 +32,19 @@ def train(
         raise LorakitError(
             "--resume and --overwrite contradict each other: one continues the run, the other deletes it"
         )
-    if not distributed.launched():
+    setup = None
+    if not distributed.launched():  # a launched process resolves its own set-up in its own environment
+        from lorakit.model import setup as setup_mod
+
+        engine, processes, config = _launch_plan(recipe, nproc)
+        resolution = setup_mod.resolve(recipe, processes=processes, engine=engine)
         if preflight:
             from lorakit.preflight import check
 
-            check.before_training(recipe, use_cache)
-        _launch_if_asked(recipe, nproc, resuming, overwrite)
+            check.before_training(recipe, use_cache, resolution)
+        setup = resolution.setup()  # the refusals, before any process starts or the directory is touched
+        if config or processes > 1:
+            _launch(recipe, processes, config, resuming, overwrite)
     if resuming:
         from lorakit.train.resume import run_to_resume
 
@@ -58,20 +65,26 @@ def train(
         resume=resuming,
         force_resume=force_resume,
         resume_command=resume_command,
+        setup=setup,
     )
 
 
-def _launch_if_asked(recipe: Recipe, nproc: int | None, resuming: bool, overwrite: bool) -> None:
-    """Start the launcher when the command line or the recipe asks for several processes (or an engine),
-    once everything that can be refused here has been checked."""
-    config = recipe.distributed.accelerate_config
-    if not config and (nproc or recipe.distributed.nproc or 1) == 1:
-        return
-    from lorakit.model import engines, setup
+def _launch_plan(recipe: Recipe, nproc: int | None):
+    """(engine, processes, accelerate config) of the launch the command line and the recipe ask for: the
+    accelerate config's engine, DDP for several processes, else this process's own environment."""
+    from lorakit.model import engines
 
-    engine, config_processes = engines.from_accelerate_config(config) if config else (engines.Engine("ddp"), None)
-    processes = nproc or recipe.distributed.nproc or config_processes or 1
-    setup.for_training(recipe, processes=processes, engine=engine)  # the refusals, before any process starts
+    config = recipe.distributed.accelerate_config
+    if config:
+        engine, config_processes = engines.from_accelerate_config(config)
+        return engine, nproc or recipe.distributed.nproc or config_processes or 1, config
+    processes = nproc or recipe.distributed.nproc or 1
+    return (engines.Engine("ddp") if processes > 1 else engines.from_environment()), processes, None
+
+
+def _launch(recipe: Recipe, processes: int, config: str | None, resuming: bool, overwrite: bool) -> None:
+    """Replace this process by the launcher (torchrun, or `accelerate launch` with a config), which starts
+    this command once per process; the run directory is checked free first."""
     if not resuming:
         from lorakit.rundir.directory import check_free
 

@@ -55,8 +55,9 @@ def run_to_resume(output_dir: str) -> Path:
     return run_dir
 
 
-def write_marker(checkpoint: Path, step: int, fingerprints: dict) -> None:
-    """Flush every file of the checkpoint, then record them; the marker appears atomically, last."""
+def write_marker(checkpoint: Path, step: int, fingerprints: dict, train_seconds: float | None = None) -> None:
+    """Flush every file of the checkpoint, then record them (and the run's training time so far, which a
+    resumed run counts on from); the marker appears atomically, last."""
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER):
         with open(path, "rb") as handle:
@@ -66,7 +67,8 @@ def write_marker(checkpoint: Path, step: int, fingerprints: dict) -> None:
     if missing:
         raise LorakitError(f"{checkpoint}: the trainer wrote no {', '.join(missing)}; the checkpoint cannot resume")
     tmp = checkpoint / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files, "data_fingerprints": fingerprints}, indent=1))
+    marker = {"step": step, "files": files, "data_fingerprints": fingerprints, "train_seconds": train_seconds}
+    tmp.write_text(json.dumps(marker, indent=1))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, checkpoint / MARKER)
@@ -155,12 +157,20 @@ def keep_newest(directory: Path, limit: int | None) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-class CheckpointGuard(TrainerCallback):
-    """Marks each checkpoint complete after the trainer saved it, then rotates; stops on SIGTERM/SIGINT
-    after the current step with a complete checkpoint. A second SIGINT aborts at once."""
+def resumed_at(checkpoint: Path) -> tuple[int, float | None]:
+    """(step, training seconds before it) of the checkpoint a run resumes from, as its marker records them
+    (no seconds in the markers of an older lorakit)."""
+    marker = json.loads((checkpoint / MARKER).read_text())
+    return int(marker["step"]), marker.get("train_seconds")
 
-    def __init__(self, fingerprints: dict, save_total_limit: int | None):
-        self.fingerprints, self.limit = fingerprints, save_total_limit
+
+class CheckpointGuard(TrainerCallback):
+    """Marks each checkpoint complete after the trainer saved it (with the run's training time from `clock`),
+    then rotates; stops on SIGTERM/SIGINT after the current step with a complete checkpoint. A second SIGINT
+    aborts at once."""
+
+    def __init__(self, fingerprints: dict, save_total_limit: int | None, clock=None):
+        self.fingerprints, self.limit, self.clock = fingerprints, save_total_limit, clock
         self.signal: int | None = None
         self._previous = {}
 
@@ -189,7 +199,8 @@ class CheckpointGuard(TrainerCallback):
         if state.is_world_process_zero:
             incoming = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             directory = incoming.parent.parent
-            write_marker(incoming, state.global_step, self.fingerprints)
+            seconds = round(self.clock(), 2) if self.clock else None
+            write_marker(incoming, state.global_step, self.fingerprints, seconds)
             final = directory / incoming.name
             if final.exists():  # a damaged checkpoint of the same step, skipped when resuming
                 shutil.rmtree(final)

@@ -25,7 +25,7 @@ from lorakit import upstream
 from lorakit.console import quiet_libraries
 from lorakit.errors import Interrupted, RunFailed
 from lorakit.model import base as model_mod
-from lorakit.model import method_training
+from lorakit.model import method_training, scoring
 from lorakit.model import peft_methods as methods
 from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import Recipe, TrainConfig
@@ -110,17 +110,19 @@ def run(
     resume_command: str | None = None,
     console: Console | None = None,
     callbacks: tuple = (),
+    setup: setup_mod.Setup | None = None,
 ) -> TrainResult:
     """Train the recipe and write the complete run directory; with `resume`, continue the run in
-    `train.output_dir` from its newest complete checkpoint."""
+    `train.output_dir` from its newest complete checkpoint. `setup`: this process's set-up when the caller
+    resolved it already (`lorakit train` does, before its preflight)."""
     training = Training(recipe, console, resume_command)
-    training.decide(resume)  # everything refused cheaply comes first, before the directory is touched
+    training.decide(resume, setup)  # everything refused cheaply comes first, before the directory is touched
     training.claim(overwrite, resume)
     training.prepare_data(use_cache, resume, force_resume)
     training.load_model()
     training.build_trainer(callbacks)
-    output = training.train()
-    return training.finish(output)
+    training.train()
+    return training.finish()
 
 
 class Training:
@@ -134,10 +136,11 @@ class Training:
         self.method = method_training.for_recipe(recipe)
         self.checkpoint = None
 
-    def decide(self, resume: bool) -> None:
+    def decide(self, resume: bool, setup: setup_mod.Setup | None) -> None:
         """The set-up (precision, engine, optimizer, Liger, packing), decided once, and the method's refusals."""
         quiet_libraries()
-        self.setup = setup_mod.for_training(self.recipe, processes=distributed.local_processes())
+        self.setup = setup or setup_mod.for_training(self.recipe, processes=distributed.local_processes())
+        torch.set_num_threads(self.setup.threads.count)  # the intra-op pool, as decided for this machine
         if self.recipe.train.hub_token is not None:  # reaches the hub client without entering args or logs
             os.environ.setdefault("HF_TOKEN", self.recipe.train.hub_token.get_secret_value())
         if resume:
@@ -176,20 +179,18 @@ class Training:
     def load_model(self) -> None:
         """The (4-bit) base, grown for new tokens (their rows train), prepared for training."""
         recipe, setup = self.recipe, self.setup
-        self.console.print(setup.describe_loading(recipe.model.name_or_path), highlight=False)
+        self.console.print(setup.loading.describe(recipe.model.name_or_path), highlight=False)
         if setup.precision.device == "cpu" and "paged" in setup.optimizer:
             self.console.print(
                 f"note: {setup.optimizer} pages optimizer state between GPU and CPU memory; on a CPU "
                 "bitsandbytes keeps it in RAM (the 8-bit state is the same)",
                 highlight=False,
             )
-        base = model_mod.load_base(recipe.model, setup.precision, setup.engine, self.tokenizer)
+        base = model_mod.load_base(recipe.model, setup.loading, self.tokenizer)
         if recipe.method in ("lora", "adalora"):
             model_mod.check_target_modules(base, recipe.lora)
         self.quantized = model_mod.quantization_record(base) if setup.four_bit else None
-        self.base = model_mod.prepare_for_training(
-            base, recipe.model, recipe.train.gradient_checkpointing, setup.engine
-        )
+        self.base = model_mod.prepare_for_training(base, setup.loading, recipe.train.gradient_checkpointing)
         self.attention = upstream.attention_implementation(self.base)
 
     def build_trainer(self, callbacks: tuple) -> None:
@@ -206,22 +207,25 @@ class Training:
             self.console,
             self.method,
             new_token_ids,
+            self.checkpoint,
         )
         self.parameters = model_mod.trainable_parameters(self.trainer.model)  # before the engine shards them
         self.method.before_training(self.trainer, self.run_dir, distributed.is_main())
         for callback in callbacks:
             self.trainer.add_callback(callback)
         self.nonfinite = resume_mod.NonFiniteGuard(self.recipe.train.max_nonfinite_steps, self.console)
-        self.guard = resume_mod.CheckpointGuard(self.prepared.fingerprints, self.recipe.train.save_total_limit)
+        self.guard = resume_mod.CheckpointGuard(
+            self.prepared.fingerprints, self.recipe.train.save_total_limit, clock=self.progress.elapsed
+        )
         self.trainer.add_callback(self.nonfinite)
         self.trainer.add_callback(self.guard)
 
-    def train(self):
+    def train(self) -> None:
         """The training loop; a full disk, non-finite gradients or a signal end it, naming the checkpoint to
         resume from."""
         self.guard.install()
         try:
-            output = self.trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+            self.trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
             if not _disk_full(exc, self.run_dir):
                 raise
@@ -246,7 +250,6 @@ class Training:
                 f"{self.resume_command}",
                 self.guard.exit_code,
             )
-        return output
 
     def _last_checkpoint(self, kind: str, none: str = "no checkpoint is complete") -> str:
         """The newest complete checkpoint, in the words each stop uses (written once here)."""
@@ -255,7 +258,7 @@ class Training:
             return none
         return f"{saved.name} is the last {kind} checkpoint" if kind else f"{saved.name} is complete"
 
-    def finish(self, output) -> TrainResult:
+    def finish(self) -> TrainResult:
         """The final eval loss, the adapter saved (every process takes part: FSDP and ZeRO-3 gather the
         shards), then, on the main process, the run directory completed and the summary printed."""
         trainer, recipe = self.trainer, self.recipe
@@ -271,7 +274,6 @@ class Training:
         )
         details = _details(
             trainer,
-            output,
             self.progress,
             self.prepared,
             self.tokenizer,
@@ -282,7 +284,14 @@ class Training:
             self.parameters,
             recipe.model.trust_remote_code,
         )
-        details.update(quantization=self.quantized, optimizer=self.setup.optimizer, **self.method.details(trainer))
+        details.update(
+            method=self.setup.method_name(recipe.method),
+            load_in_4bit=self.setup.four_bit,
+            quantization=self.quantized,
+            optimizer=self.setup.optimizer,
+            **self.method.details(trainer),
+        )
+        details["threads"] = {"torch": torch.get_num_threads(), "why": self.setup.threads.why}
         details["kernels"] = {
             "attention": self.attention,
             "liger": self.setup.liger,
@@ -296,19 +305,33 @@ class Training:
         return TrainResult(self.run_dir, trainer.model, details)
 
     def _final_eval_loss(self) -> float | None:
-        """The last logged eval loss at the final step, else one evaluation now. The trainer's own log (kept on
-        every process) decides, so all processes make the same collective calls."""
+        """The run's eval loss at its end with `lorakit eval`'s definition (lorakit.model.scoring: the mean
+        per trained token), so the two agree for the same adapter and data. Every process computes it over
+        the whole split, making the same forward calls (FSDP and ZeRO-3 gather weights in them)."""
         if not self.prepared.eval:
             return None
-        state = self.trainer.state
-        last = [r for r in state.log_history if "eval_loss" in r and r.get("step") == state.global_step]
-        return last[-1]["eval_loss"] if last else self.trainer.evaluate()["eval_loss"]
+        data, model = self.prepared.eval.dataset, self.trainer.model_wrapped
+        was_training = model.training
+        loss, _ = scoring.token_loss(
+            model,
+            data["input_ids"],
+            data["labels"],
+            self.tokenizer.pad_token_id or 0,
+            self.recipe.train.per_device_eval_batch_size,
+        )
+        model.train(was_training)
+        return loss
 
     def _summary(self, details: dict) -> dict:
         results, params, train = details["results"], details["trainable_parameters"], self.recipe.train
         return {
             "steps": results["steps"],
-            "wall time": f"{time.perf_counter() - self.started:.1f} s",
+            "train time": f"{results['train_runtime_s']:.1f} s"
+            + (
+                f" (resumed at step {results['resumed_from_step']}; this part {time.perf_counter() - self.started:.1f} s)"
+                if results["resumed_from_step"] is not None
+                else ""
+            ),
             "tokens/s": results["tokens_per_s"],
             "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
             "eval loss": _fmt(results["eval_loss"]),
@@ -333,12 +356,15 @@ def _build_trainer(
     console: Console,
     method: method_training.MethodTraining,
     new_token_ids: list[int],
+    checkpoint: Path | None = None,
 ):
     """SFTTrainer (or the method's subclass) over lorakit's pre-tokenized data, with lorakit's progress in
-    place of the trainer's."""
+    place of the trainer's (continuing the figures of the run `checkpoint` resumes)."""
     from transformers.trainer_callback import PrinterCallback
 
-    progress = RunProgress(run_dir / run_files.METRICS, console)
+    progress = RunProgress(
+        run_dir / run_files.METRICS, console, resume_mod.resumed_at(checkpoint) if checkpoint else None
+    )
     trainer = method.trainer_class()(
         model=base,
         args=sft_config(recipe, run_dir, setup),
@@ -378,7 +404,6 @@ def _build_trainer(
 
 def _details(
     trainer,
-    output,
     progress,
     prepared,
     tokenizer,
@@ -392,7 +417,7 @@ def _details(
     """The figures that go into manifest.json, the model card and the summary."""
     losses = progress.losses()
     memory = memory_record(precision.device)
-    runtime = output.metrics["train_runtime"]
+    runtime = progress.elapsed()  # the whole run's training time, earlier parts of a resumed run included
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     trainable, total = parameters
     return {
@@ -429,7 +454,8 @@ def _details(
             "last_loss": losses[-1] if losses else None,
             "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
             "tokens_seen": tokens,
-            "tokens_per_s": round(tokens / runtime, 1),
+            "tokens_per_s": round(tokens / max(runtime, 1e-9), 1),
+            "resumed_from_step": progress.resumed[0] if progress.resumed else None,
         },
     }
 
