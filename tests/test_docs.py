@@ -78,7 +78,7 @@ ALLOWED = {
     "evaluate": {"recipe", "rundir", "data", "model"},
     "cli": {"recipe", "rundir", "data", "model", "preflight", "train", "merge", "evaluate"},
 }
-SHARED = {"errors", "console", "upstream", "__version__"}
+SHARED = {"errors", "console", "upstream", "locations", "__version__"}
 
 
 def test_imports_follow_the_readme_order():

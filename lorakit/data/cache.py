@@ -6,14 +6,13 @@ except `num_proc` (which does not change the result), the seed where it matters 
 and lorakit's version. Any change gives a new key, so a stale entry is never read. Entries are written
 to a temporary directory and renamed into place, so a reader never sees half of one.
 
-Location: `$LORAKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/lorakit`, else `~/.cache/lorakit`; safe to delete.
+Location: lorakit.locations.cache_root(); safe to delete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,16 +22,10 @@ from pathlib import Path
 
 from lorakit import __version__
 from lorakit.data.templates import chosen_template
+from lorakit.locations import cache_root
 from lorakit.recipe.schema import DataConfig
 
 FORMAT = 1  # bump when the stored layout or the encoding rules change
-
-
-def cache_root() -> Path:
-    if os.environ.get("LORAKIT_CACHE_DIR"):
-        return Path(os.environ["LORAKIT_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lorakit"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

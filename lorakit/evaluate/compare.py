@@ -234,7 +234,7 @@ def tokenizer_for(target: Target):
     from transformers import AutoTokenizer
 
     own = (target.path / "tokenizer_config.json").is_file() or (target.path / "tokenizer.json").is_file()
-    return AutoTokenizer.from_pretrained(target.path if own else target.recipe.model.name_or_path)
+    return AutoTokenizer.from_pretrained(target.path if own else model_mod.source(target.recipe.model))
 
 
 def load_models(target: Target, names: tuple[str, ...]):

@@ -22,6 +22,7 @@ import torch
 from lorakit.errors import LorakitError, RunFailed
 from lorakit.merge import fold as merge_mod
 from lorakit.merge import weighted as combination_mod
+from lorakit.model import base as model_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.rundir import group as runset
 from lorakit.rundir.directory import swap_into_place
@@ -114,7 +115,7 @@ def plan(
                 f"{_kind(runs[0])} one: one combined adapter is served on one base; combine runs of "
                 "one kind, or merge them (--merge-into original) instead"
             )
-        base_dir = ckpt_mod.locate(base or runs[0].recipe.model.name_or_path, runs[0].recipe.model.revision)
+        base_dir = ckpt_mod.locate(base or model_mod.source(runs[0].recipe.model), runs[0].recipe.model.revision)
     else:  # everything merge would refuse, refused now (the first run stands in for the combined one)
         first = merge_mod.plan(
             runs[0].path, output=str(out), dtype=dtype, base=base, merge_into=merge_into, overwrite=overwrite
@@ -306,7 +307,6 @@ def verify_adapter(c: Combination, folder: Path) -> dict:
     from transformers import AutoTokenizer
 
     from lorakit.merge import verify
-    from lorakit.model import base as model_mod
     from lorakit.model import setup as setup_mod
 
     inputs, source = verify.inputs_for(c.runs[0].recipe, AutoTokenizer.from_pretrained(folder))

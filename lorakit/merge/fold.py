@@ -110,7 +110,7 @@ def plan(
         )
     out = Path(output).expanduser().resolve() if output else run_dir / "merged"
     check_output(out, overwrite)
-    base = base or recipe.model.name_or_path
+    base = base or model_mod.source(recipe.model)  # a GGUF base: the checkpoint converted from it
     base_dir = ckpt_mod.locate(base, recipe.model.revision)
     if not (base_dir / "config.json").is_file():
         raise ModelError(f"--base {base}: no config.json in {base_dir}")

@@ -18,7 +18,7 @@ import torch
 
 from lorakit import upstream
 from lorakit.errors import ModelError
-from lorakit.model import engines
+from lorakit.model import engines, gguf
 from lorakit.model.engines import Engine
 from lorakit.recipe.peft_sections import PROMPT_LEARNING
 from lorakit.recipe.schema import LoraSection, ModelConfig, QuantizationConfig
@@ -65,11 +65,19 @@ def resolve_precision(cfg: ModelConfig) -> Precision:
     return Precision("float32" if cfg.dtype == "auto" else cfg.dtype, "cpu")
 
 
+def source(cfg: ModelConfig) -> str:
+    """Where `from_pretrained` reads the base: `name_or_path`, or for a GGUF base the checkpoint converted
+    from it (lorakit.model.gguf, converted the first time)."""
+    if not gguf.is_gguf(cfg):
+        return cfg.name_or_path
+    return str(gguf.materialize(cfg).directory)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer_name_or_path or cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        cfg.tokenizer_name_or_path or source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     if tokenizer.pad_token is None:  # labels are built by lorakit, so pad == eos cannot hide the eos from the loss
         tokenizer.pad_token = tokenizer.eos_token
@@ -144,7 +152,7 @@ def load_base(cfg: ModelConfig, loading, tokenizer=None):
         kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path,
+            source(cfg),
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
@@ -364,13 +372,11 @@ def model_class_for(cfg: ModelConfig) -> tuple[type, str]:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    config = AutoConfig.from_pretrained(source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     auto_map = getattr(config, "auto_map", None) or {}
     if cfg.trust_remote_code and "AutoModelForCausalLM" in auto_map:
         return get_class_from_dynamic_module(
-            auto_map["AutoModelForCausalLM"], cfg.name_or_path, revision=cfg.revision
+            auto_map["AutoModelForCausalLM"], source(cfg), revision=cfg.revision
         ), config.model_type
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config.model_type

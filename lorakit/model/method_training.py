@@ -76,9 +76,10 @@ class AdaLoraTraining(MethodTraining):
 class LoftQTraining(MethodTraining):
     def built(self, trainer) -> None:
         from lorakit.model import shards
+        from lorakit.model.base import source
 
         model = self.recipe.model
-        peft_methods.init_loftq(trainer.model, shards.locate(model.name_or_path, model.revision))
+        peft_methods.init_loftq(trainer.model, shards.locate(source(model), model.revision))
 
 
 class MovedBaseTraining(MethodTraining):

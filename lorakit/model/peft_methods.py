@@ -69,6 +69,8 @@ def peft_config(recipe: Recipe, model=None, new_token_ids: list[int] | None = No
     if method == "prompt_tuning":
         from peft import PromptTuningConfig
 
+        from lorakit.model.base import source as base_source
+
         pt = recipe.prompt_tuning
         text = pt.prompt_tuning_init == "TEXT"
         return PromptTuningConfig(
@@ -76,7 +78,7 @@ def peft_config(recipe: Recipe, model=None, new_token_ids: list[int] | None = No
             num_virtual_tokens=pt.num_virtual_tokens,
             prompt_tuning_init=pt.prompt_tuning_init,
             prompt_tuning_init_text=pt.prompt_tuning_init_text if text else None,
-            tokenizer_name_or_path=(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path) if text else None,
+            tokenizer_name_or_path=(recipe.model.tokenizer_name_or_path or base_source(recipe.model)) if text else None,
         )
     from peft import PrefixTuningConfig
 

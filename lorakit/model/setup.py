@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from lorakit.errors import LorakitError
 from lorakit.model import engines
+from lorakit.model import gguf as gguf_mod
 from lorakit.model.base import (
     SINGLE,
     Precision,
@@ -38,6 +39,7 @@ class Loading:
     precision: Precision
     engine: Engine = SINGLE
     quantization: object | None = None  # transformers' BitsAndBytesConfig of a QLoRA base
+    gguf: gguf_mod.GgufBase | None = None  # a GGUF base: its file and the checkpoint converted from it
 
     @property
     def four_bit(self) -> bool:
@@ -45,7 +47,8 @@ class Loading:
 
     def describe(self, name: str) -> str:
         weights = "4-bit NF4" if self.four_bit else self.precision.dtype
-        return f"loading {name} ({weights}, {self.precision.device}, compute {self.precision.dtype})"
+        origin = f"; weights dequantized from {self.gguf.main_type} GGUF" if self.gguf else ""
+        return f"loading {name} ({weights}, {self.precision.device}, compute {self.precision.dtype}{origin})"
 
 
 def for_loading(
@@ -55,7 +58,8 @@ def for_loading(
     float32, a merged model's base is full precision)."""
     precision = precision or resolve_precision(cfg)
     four_bit = cfg.load_in_4bit if four_bit is None else four_bit
-    return Loading(precision, engine, quantization_config(cfg.quantization, precision, engine) if four_bit else None)
+    quantization = quantization_config(cfg.quantization, precision, engine) if four_bit else None
+    return Loading(precision, engine, quantization, gguf_mod.materialize(cfg) if gguf_mod.is_gguf(cfg) else None)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def _model_dtype(recipe: Recipe, findings: list[Finding]) -> None:
 
     cfg = recipe.model
     config = AutoConfig.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        model_mod.source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     trained = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "").replace("torch.", "")
     if cfg.dtype == "float16" and trained == "bfloat16":

@@ -127,7 +127,7 @@ def count(recipe: Recipe) -> Counts:
 
     cfg = recipe.model
     config = AutoConfig.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        model_mod.source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)

@@ -146,8 +146,9 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
         raise RecipeError("\n".join(problems))
     for key in ("name_or_path", "tokenizer_name_or_path"):
         value = getattr(recipe.model, key)
-        if value and Path(value).expanduser().is_dir():
-            setattr(recipe.model, key, str(Path(value).expanduser().resolve()))
+        local = Path(value).expanduser() if value else None
+        if local is not None and (local.is_dir() or (local.suffix.lower() == ".gguf" and local.is_file())):
+            setattr(recipe.model, key, str(local.resolve()))
     if recipe.train.output_dir is None:
         recipe.train.output_dir = str(Path("runs") / path.stem)
     return recipe

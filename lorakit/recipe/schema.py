@@ -75,7 +75,14 @@ class ModelConfig(Section):
     """The base model and how it is loaded."""
 
     name_or_path: str = Field(
-        description="Hub id (`meta-llama/Llama-3.1-8B-Instruct`) or local directory, passed to `from_pretrained`."
+        description="Hub id (`meta-llama/Llama-3.1-8B-Instruct`) or local directory, passed to `from_pretrained`; "
+        "or a `.gguf` file (llama.cpp / Ollama), read once through transformers and the `gguf` package "
+        "(dequantized) into a standard checkpoint in lorakit's cache."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside `name_or_path` (a local directory or a hub repository), as "
+        "`from_pretrained(..., gguf_file=...)` takes it; or name the `.gguf` file in `name_or_path` directly.",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit to load.")
     tokenizer_name_or_path: str | None = Field(
@@ -117,6 +124,14 @@ class ModelConfig(Section):
         description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
         "Off: lorakit loads safetensors only and refuses a model that has no safetensors weights.",
     )
+
+    @model_validator(mode="after")
+    def _one_gguf(self) -> ModelConfig:
+        if self.gguf_file and self.name_or_path.lower().endswith(".gguf"):
+            raise ValueError("`name_or_path` names a .gguf file and `gguf_file` another; name the file in one of them")
+        if self.gguf_file and not self.gguf_file.lower().endswith(".gguf"):
+            raise ValueError(f"`gguf_file`: expected a .gguf file name, got {self.gguf_file!r}")
+        return self
 
     @model_validator(mode="after")
     def _quantization_needs_4bit(self) -> ModelConfig:

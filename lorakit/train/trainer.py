@@ -291,6 +291,8 @@ class Training:
             optimizer=self.setup.optimizer,
             **self.method.details(trainer),
         )
+        if self.setup.loading.gguf is not None:
+            details["base_gguf"] = self.setup.loading.gguf.record()
         details["threads"] = {"torch": torch.get_num_threads(), "why": self.setup.threads.why}
         details["kernels"] = {
             "attention": self.attention,
@@ -324,6 +326,7 @@ class Training:
 
     def _summary(self, details: dict) -> dict:
         results, params, train = details["results"], details["trainable_parameters"], self.recipe.train
+        gguf = details.get("base_gguf")
         return {
             "steps": results["steps"],
             "train time": f"{results['train_runtime_s']:.1f} s"
@@ -342,6 +345,7 @@ class Training:
             **self.method.summary(details),
             "peak memory": details["peak_memory"],
             "adapter": str(self.run_dir),
+            **({"base": f"{gguf['file']} (weights dequantized from {gguf['dequantized_from']} GGUF)"} if gguf else {}),
             **({"remote code": "ran (model.trust_remote_code)"} if self.recipe.model.trust_remote_code else {}),
         }
 
