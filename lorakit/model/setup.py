@@ -13,7 +13,7 @@ Exports `Loading`, `Setup`, `Threads`, `cpu_threads`, `Resolution`, `resolve`, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from lorakit.errors import LorakitError
 from lorakit.model import engines
@@ -263,8 +263,3 @@ def for_plan(recipe: Recipe, *, engine: Engine, dtype: str, fused_loss: bool) ->
         fused_loss,
         packing,
     )
-
-
-def full_precision(loading: Loading) -> Loading:
-    """The same loading without 4-bit: a merged model's base, or the published weights a merge goes into."""
-    return replace(loading, quantization=None)
