@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import cli_process
 import pytest
 import torch
 import yaml
@@ -16,6 +16,10 @@ import yaml
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MKL's conditional numerical reproducibility: otherwise CPU matmuls may round differently from one process to
+# the next (buffer alignment), and bit-exact comparisons between processes (a straight run and an interrupted
+# then resumed one) would be about MKL. Set before torch loads MKL, here and in every CLI process.
+os.environ["MKL_CBWR"] = "AUTO,STRICT"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one torch thread each (and in
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the lorakit processes they start), not one per core each
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -88,9 +92,10 @@ def max_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def lorakit(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in its own process."""
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
+def lorakit(*args: str, env=None, cwd=None, input: str | None = None, timeout: float | None = None):
+    """The CLI as a user runs it, in its own process (tests/cli_process.py): a CompletedProcess with text
+    stdout and stderr."""
+    return cli_process.run(*args, env=env, cwd=cwd, input=input, timeout=timeout)
 
 
 def write_jsonl(path: Path, rows) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-from conftest import tiny_recipe
+from conftest import lorakit, tiny_recipe
 
 from lorakit.evaluate import compare as evaluate
 from lorakit.recipe.schema import Recipe
@@ -24,13 +23,7 @@ def run_dir(tiny_model, tmp_path_factory):
 
 
 def chat(run_dir, lines: list[str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", "chat", str(run_dir), "--max-new-tokens", "12", *args],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return lorakit("chat", str(run_dir), "--max-new-tokens", "12", *args, input="\n".join(lines) + "\n", timeout=300)
 
 
 def reply(run_dir, conversation, base=False) -> str:

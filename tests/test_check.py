@@ -4,12 +4,10 @@ train` runs it first."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, lorakit, tiny_recipe
 
 from lorakit.preflight import check as check_mod
 from lorakit.recipe.schema import Recipe
@@ -106,17 +104,11 @@ def test_malformed_rows_skipped_are_a_warning(tiny_model, tmp_path):
 
 def test_memory_that_does_not_fit_is_an_error(tiny_model, tmp_path, write_recipe):
     path = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "1MiB", "--json"],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("check", str(path), "--gpu-memory", "1MiB", "--json")
     assert out.returncode == 2, out.stderr[-2000:]
     memory = [f for f in json.loads(out.stdout) if f["check"] == "memory"]
     assert memory[0]["level"] == "error" and "GiB available" in memory[0]["message"]
-    fine = subprocess.run(
-        [sys.executable, "-m", "lorakit", "check", str(path), "--gpu-memory", "8GiB"], capture_output=True, text=True
-    )
+    fine = lorakit("check", str(path), "--gpu-memory", "8GiB")
     assert fine.returncode == 0 and "error" not in fine.stdout
 
 
@@ -125,12 +117,10 @@ def test_train_runs_the_preflight_first(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, run_dir)
     recipe["lora"]["target_modules"] = ["q_proj", "qkv_proj"]
     path = write_recipe(recipe)
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    out = lorakit("train", str(path))
     assert out.returncode == 2 and "the preflight found problems" in out.stderr and "qkv_proj" in out.stderr
     assert not run_dir.exists()
-    skipped = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path), "--no-check"], capture_output=True, text=True
-    )
+    skipped = lorakit("train", str(path), "--no-check")
     assert skipped.returncode == 2 and "preflight" not in skipped.stderr and "qkv_proj" in skipped.stderr
 
 

@@ -4,12 +4,10 @@ written by the main process, one log, the global batch in the summary."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import lorakit, tiny_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -43,12 +41,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
     single = write_recipe(
         tiny_recipe(tiny_model, single_dir, four_bit=four_bit, steps=6, per_device_train_batch_size=8), name="single"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(recipe), "--nproc", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = lorakit("train", str(recipe), "--nproc", "2", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 8 and manifest["engine"] == "DDP"
@@ -59,9 +52,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
     assert steps == sorted(set(steps))  # one writer: no step logged twice
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
-    solo = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(single)], capture_output=True, text=True, timeout=600
-    )
+    solo = lorakit("train", str(single), timeout=600)
     assert solo.returncode == 0, solo.stderr[-3000:]
     solo_records = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
@@ -81,11 +72,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
 def test_nproc_refuses_a_bad_recipe_before_starting_processes(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, tmp_path / "run")
     recipe["lora"]["rank"] = 8
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe)), "--nproc", "2"],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("train", str(write_recipe(recipe)), "--nproc", "2")
     assert out.returncode == 2 and "did you mean 'lora.r'" in out.stderr and "torch.distributed" not in out.stderr
 
 
@@ -93,11 +80,7 @@ def test_nccl_without_gpus_is_refused_before_starting_processes(tiny_model, tmp_
     if torch.cuda.is_available():
         pytest.skip("checks the refusal on a machine without GPUs")
     recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(recipe), "--nproc", "2", "--set", "train.ddp_backend=nccl"],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("train", str(recipe), "--nproc", "2", "--set", "train.ddp_backend=nccl")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "train.ddp_backend: nccl needs CUDA GPUs" in out.stderr and "torch.distributed" not in out.stderr
     assert not (tmp_path / "run").exists()

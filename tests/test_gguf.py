@@ -30,7 +30,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-    return smollm2_gguf()
+    return smollm2_gguf().resolve()  # as lorakit records it (a venv may be a symlink)
 
 
 def recipe(gguf_file: Path, root: Path, *, four_bit: bool = True, steps: int = 4) -> dict:

@@ -4,12 +4,10 @@ the logits training ended with, evaluates, and merges with verification."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import batch_logits, tiny_recipe
+from conftest import batch_logits, lorakit, tiny_recipe
 from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file
@@ -64,12 +62,7 @@ def test_variant_reloads_on_the_original_base_evaluates_and_merges(runs, tiny_mo
     # the trainer's eval loss averages per batch of packed rows, lorakit's per token: close, not equal
     trained_eval = json.loads((result.run_dir / "manifest.json").read_text())["results"]["eval_loss"]
     assert report["metrics"]["tuned"]["loss"] == pytest.approx(trained_eval, rel=0.02)
-    merged = subprocess.run(
-        [sys.executable, "-m", "lorakit", "merge", str(result.run_dir), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    merged = lorakit("merge", str(result.run_dir), "--json", timeout=300)
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert json.loads(merged.stdout)["verification"]["passed"]
 
@@ -101,9 +94,7 @@ def test_loraplus_moves_b_faster(runs):
 def test_a_pattern_that_matches_nothing_is_refused(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, tmp_path / "run")
     recipe["lora"]["rank_pattern"] = {"mlp": 4}  # names the container, which holds no LoRA layer itself
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "check", str(write_recipe(recipe))], capture_output=True, text=True
-    )
+    out = lorakit("check", str(write_recipe(recipe)))
     assert out.returncode == 2 and "lora.rank_pattern: 'mlp' matches no module" in out.stdout
 
 

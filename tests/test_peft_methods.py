@@ -5,12 +5,10 @@ where there is something to merge (prompt and prefix tuning are refused with the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import batch_logits, tiny_recipe
+from conftest import batch_logits, lorakit, tiny_recipe
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,9 +80,7 @@ def load_like_training(run_dir):
 
 
 def merge(run_dir):
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", "merge", str(run_dir), "--json"], capture_output=True, text=True, timeout=300
-    )
+    return lorakit("merge", str(run_dir), "--json", timeout=300)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -210,12 +206,7 @@ def test_new_tokens_already_in_the_vocabulary_are_refused(tiny_model, tmp_path, 
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False)
     known = AutoTokenizer.from_pretrained(tiny_model).eos_token
     recipe["model"]["new_special_tokens"] = [known, "<fresh>"] if known_first else ["<fresh>", known]
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = lorakit("train", str(write_recipe(recipe)), timeout=300)
     assert out.returncode == 2 and f"model.new_special_tokens: {known} already in the tokenizer" in out.stderr
 
 
@@ -253,12 +244,7 @@ def test_saved_recipe_keeps_only_the_chosen_method(runs):
 def test_loftq_without_cuda_is_refused_before_loading(tiny_model, tmp_path, write_recipe):
     recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=True)
     recipe["lora"]["init_lora_weights"] = "loftq"
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(write_recipe(recipe))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = lorakit("train", str(write_recipe(recipe)), timeout=300)
     assert out.returncode == 2 and "loftq needs a CUDA GPU" in out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -342,12 +328,7 @@ def test_a_loftq_adapter_is_not_merged_into_the_published_weights(tiny_model, tm
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     saved["lora"]["init_lora_weights"] = "loftq"
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "merge", str(run_dir), "--merge-into", "original"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = lorakit("merge", str(run_dir), "--merge-into", "original", timeout=300)
     assert out.returncode == 2 and "would count that correction twice" in out.stderr
     assert not (run_dir / "merged").exists()
 

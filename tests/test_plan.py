@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, tiny_recipe
+from conftest import EXAMPLES, ROOT, lorakit, tiny_recipe
 
 from lorakit.model import base as model_mod
 from lorakit.model import engines
@@ -158,37 +156,14 @@ def test_engines_divide_what_they_shard():
 
 def test_plan_command_json_and_exit_code(tiny_model, tmp_path, write_recipe):
     path = write_recipe(tiny_recipe(tiny_model, tmp_path / "run"))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "plan",
-            str(path),
-            "--gpu-memory",
-            "8GiB",
-            "--json",
-            "--tokens-per-s",
-            "1000",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("plan", str(path), "--gpu-memory", "8GiB", "--json", "--tokens-per-s", "1000")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["fits"] is True and report["parameters"]["lora"] == 262_144
     assert report["time"]["seconds"] > 0 and "1,000 tokens/s per GPU (given)" in report["time"]["basis"]
-    tight = subprocess.run(
-        [sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "1MiB", "--no-time"],
-        capture_output=True,
-        text=True,
-    )
+    tight = lorakit("plan", str(path), "--gpu-memory", "1MiB", "--no-time")
     assert tight.returncode == 3 and "does not fit" in tight.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "lorakit", "plan", str(path), "--gpu-memory", "24 parsecs"],
-        capture_output=True,
-        text=True,
-    )
+    bad = lorakit("plan", str(path), "--gpu-memory", "24 parsecs")
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
     assert not (tmp_path / "run").exists()  # planning writes nothing
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, lorakit
 
 
 def preview(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lorakit", "data", "preview", *args], capture_output=True, text=True, cwd=cwd
-    )
+    return lorakit("data", "preview", *args, cwd=cwd)
 
 
 @pytest.fixture

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, lorakit
 
 from lorakit.errors import RecipeError
 from lorakit.recipe.loading import load_recipe
@@ -182,7 +179,7 @@ def test_secret_not_saved(write_recipe):
 
 def test_cli_bad_recipe_exit_2_without_traceback(write_recipe):
     path = write_recipe(base_text(extra_lora="  rank: 16\n"))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    out = lorakit("train", str(path))
     assert out.returncode == 2
     assert out.stderr == f"error: {path}:5: unknown key 'lora.rank'; did you mean 'lora.r'?\n"
     assert "Traceback" not in out.stderr
@@ -190,11 +187,7 @@ def test_cli_bad_recipe_exit_2_without_traceback(write_recipe):
 
 def test_cli_dry_run_prints_resolved_recipe(write_recipe):
     path = write_recipe(base_text())
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path), "--dry-run", "--set", "lora.r=4"],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("train", str(path), "--dry-run", "--set", "lora.r=4")
     assert out.returncode == 0, out.stderr
     assert "r: 4" in out.stdout and "learning_rate: 0.0001" in out.stdout
 

@@ -4,12 +4,10 @@ and bit-identical runs from the same recipe and seed."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import lorakit, tiny_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -36,12 +34,7 @@ def test_a_canary_secret_reaches_no_file_and_no_output(tiny_model, tmp_path, wri
     env_secret, recipe_secret = "hf_canaryENV1234567890", "hf_canaryRECIPE0987654321"
     recipe = tiny_recipe(tiny_model, tmp_path / "run", steps=4, save_steps=2, hub_token=recipe_secret)
     path = write_recipe(recipe)
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_TOKEN": env_secret, "WANDB_API_KEY": env_secret},
-    )
+    out = lorakit("train", str(path), env={**os.environ, "HF_TOKEN": env_secret, "WANDB_API_KEY": env_secret})
     assert out.returncode == 0, out.stderr
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any("checkpoint-" in str(p) for p in written)  # checkpoints (with pickled trainer state) are searched too

@@ -7,31 +7,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from cli_process import CliProcess
+from conftest import lorakit, tiny_recipe
 from safetensors.torch import load_file
 
 from lorakit.train.resume import INCOMING, MARKER
 
 STEPS = 40
-# Every run in its own process, with MKL's conditional numerical reproducibility on: otherwise CPU matmuls
-# may round differently from one process to the next (buffer alignment), and bit-exact comparisons between
-# a straight run and an interrupted-then-resumed one would be about MKL, not about resuming.
-ENV = {**os.environ, "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"}
+# Every run in its own process at one torch thread (MKL_CBWR is set for every process in conftest): the
+# straight run and the interrupted-then-resumed one compute alike, so their comparison is about resuming.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def start(recipe_path, *args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "lorakit", "train", str(recipe_path), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+def start(recipe_path, *args) -> CliProcess:
+    return CliProcess(["train", str(recipe_path), *args], env=ENV)
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -170,15 +163,9 @@ def test_a_save_killed_midway_is_ignored(straight, tiny_model, tmp_path, write_r
 
 def test_resume_needs_a_run_and_a_checkpoint(tiny_model, tmp_path, write_recipe):
     recipe = write_recipe(tiny_recipe(tiny_model, tmp_path / "none", four_bit=False))
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(recipe), "--resume"], capture_output=True, text=True
-    )
+    out = lorakit("train", str(recipe), "--resume")
     assert out.returncode == 2 and "holds no lorakit run to resume" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(recipe), "--resume", "--overwrite"],
-        capture_output=True,
-        text=True,
-    )
+    out = lorakit("train", str(recipe), "--resume", "--overwrite")
     assert out.returncode == 2 and "contradict" in out.stderr
 
 
@@ -233,21 +220,18 @@ def test_a_second_sigint_stops_at_once_and_keeps_the_last_checkpoint(tiny_model,
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path, write_recipe):
     """On a small tmpfs that holds one checkpoint and not two (needs the right to mount; skipped without)."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")  # asked first: the probe run costs seconds
+    subprocess.run(["umount", str(disk)], check=True)
     probe = tmp_path / "probe"
     recipe = tiny_recipe(tiny_model, probe, four_bit=False, steps=2, save_steps=2)
     proc = start(write_recipe(recipe, name="probe"))
     assert proc.wait(timeout=300) == 0
     checkpoint = sum(p.stat().st_size for p in (probe / "checkpoints" / "checkpoint-2").rglob("*") if p.is_file())
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
     size = int(checkpoint * 1.6) + (256 << 10)
-    if (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
     try:
         path = write_recipe(tiny_recipe(tiny_model, disk / "run", four_bit=False, steps=8, save_steps=2), name="full")
         proc = start(path)

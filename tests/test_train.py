@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import lorakit, tiny_recipe
 from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,7 +200,7 @@ def test_non_empty_output_dir_refused(trained, tmp_path):
     recipe, result = trained
     path = tmp_path / "again.yaml"
     path.write_text(yaml.safe_dump(recipe.to_saved_dict()))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    out = lorakit("train", str(path))
     assert out.returncode == 2
     assert out.stderr.startswith(f"error: train.output_dir: {result.run_dir} is not empty")
     assert (result.run_dir / "manifest.json").is_file()  # nothing lost
@@ -213,9 +211,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_model, tmp_path, w
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("keep me")
     path = write_recipe(tiny_recipe(tiny_model, out_dir))
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "train", str(path), "--overwrite"], capture_output=True, text=True
-    )
+    out = lorakit("train", str(path), "--overwrite")
     assert out.returncode == 2
     assert "is not a lorakit run" in out.stderr
     assert (out_dir / "notes.txt").read_text() == "keep me"
@@ -265,7 +261,7 @@ def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
 def test_liger_kernels_asked_for_without_a_gpu_are_refused_before_loading(tiny_model, tmp_path, write_recipe):
     run_dir = tmp_path / "run"
     path = write_recipe(tiny_recipe(tiny_model, run_dir, use_liger_kernel=True))
-    out = subprocess.run([sys.executable, "-m", "lorakit", "train", str(path)], capture_output=True, text=True)
+    out = lorakit("train", str(path))
     assert out.returncode == 2, out.stderr[-2000:]
     assert "train.use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs" in out.stderr
     assert "loading" not in out.stderr and not run_dir.exists()  # refused before the run or the weights

@@ -153,7 +153,7 @@ def qlora(ctx: Context) -> None:
     work.mkdir(exist_ok=True)
     model = _model(ctx, "llama-1b", LLAMA_1B)
     steps, save, stop_at = (24, 8, 9) if ctx.reduced else (60, 20, 25)
-    env = {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1"} if ctx.reduced else {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    env = {"MKL_CBWR": "AUTO,STRICT", "OMP_NUM_THREADS": "1"} if ctx.reduced else {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     straight = _recipe(work / "straight", model, steps, save)
     done = ctx.need(ctx.lorakit("train", "train", straight, env=env), "QLoRA training runs")
     run = work / "straight"
