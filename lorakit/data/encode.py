@@ -106,6 +106,7 @@ class Encoder:
         self.train_on, self.on_overflow = train_on, on_overflow
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         self.prefix = _post_processor_prefix(tokenizer)
+        self.closing = _conversation_closing(tokenizer)
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn.
@@ -206,21 +207,27 @@ class Encoder:
         return text, [(0 if self.train_on == "all" else len(example.prompt), len(text))]
 
     def _render_chat(self, example: Chat, where: str) -> tuple[str, list[tuple[int, int]]]:
+        """Each trained assistant turn is the text between the generation prompt for it (the conversation
+        before it, add_generation_prompt=True) and the end of the conversation rendered through it; both
+        must be prefixes of the whole rendering, or the model would be trained on text that generation
+        never shows it (`_unmaskable` says which way the template breaks that)."""
         render = self.tokenizer.apply_chat_template
         messages = example.messages
         full = render(messages, tokenize=False)
+        closing = self.closing if self.closing and full.endswith(self.closing) else ""
+        body = full[: len(full) - len(closing)]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example.trained_from]
         if self.train_on == "last_assistant":
             turns = turns[-1:]
         spans = []
         for i in turns:
-            through = full if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
+            through = body if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
+            if closing and through.endswith(closing) and i != len(messages) - 1:
+                through = through[: -len(closing)]
             before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
-                raise DataError(
-                    f"{where}: the chat template renders earlier turns differently once later turns "
-                    "follow, so assistant turns cannot be located; lorakit cannot mask this template"
-                )
+            problem = _unmaskable(messages, i, before, through, body)
+            if problem:
+                raise DataError(f"{where}: {problem}; lorakit cannot mask this conversation under this template")
             start = len(before) if i else through.find(messages[0]["content"])  # after bos and the turn's header
             if start < 0:
                 raise RowError(
@@ -231,6 +238,71 @@ class Encoder:
         if self.train_on == "all" and spans:
             spans = [(0, spans[-1][1])]
         return full, spans
+
+
+def _unmaskable(messages: list[dict], i: int, before: str, through: str, body: str) -> str | None:
+    """Why assistant turn `i` cannot be trained as the model will generate it, or None."""
+    if not through.startswith(before):
+        lost = next(
+            (
+                m["role"]
+                for m in messages[:i]
+                if m["content"].strip() and m["content"] in before and m["content"] not in through
+            ),
+            None,
+        )
+        if lost:
+            return (
+                f"the chat template drops the {lost} message once an assistant reply follows it (it renders it "
+                "only when the conversation ends with a user turn), so the reply would be trained without it; "
+                f"move the {lost} text into the first user turn or use a template that keeps it (data.chat_template)"
+            )
+        common = len(_common_prefix(before, through))
+        return (
+            f"the generation prompt for assistant turn {i} ends in {before[common:]!r}, which the chat template does "
+            "not render before that reply (a reasoning opener it adds only at generation, or a reply it rewrites, "
+            "e.g. by dropping its <think> block), so training text and generation prompts would differ; use a "
+            "template that renders replies as generated (data.chat_template)"
+        )
+    if not body.startswith(through):
+        return (
+            f"the chat template renders assistant turn {i} differently once later turns follow (it drops reasoning "
+            "from the history or moves text between turns), so that turn cannot be trained as the model generates "
+            "it; set data.train_on: last_assistant to train only each conversation's final reply"
+        )
+    return None
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+PROBE = [
+    {"role": "user", "content": "ping"},
+    {"role": "assistant", "content": "pong"},
+    {"role": "user", "content": "ping again"},
+    {"role": "assistant", "content": "pong again"},
+]
+
+
+def _conversation_closing(tokenizer) -> str:
+    """Text the chat template appends only after a conversation's last message, when no generation prompt
+    follows (Phi-3 appends eos after `<|end|>`); it ends no turn, so turns end before it and it is not trained.
+    Found by rendering a two-turn probe with and without its second turn; empty for most templates."""
+    if not tokenizer.chat_template:
+        return ""
+    try:
+        one = tokenizer.apply_chat_template(PROBE[:2], tokenize=False)
+        two = tokenizer.apply_chat_template(PROBE, tokenize=False)
+    except Exception:  # a template that refuses the probe has no closing lorakit can rely on
+        return ""
+    a, b = (tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text in (one, two))
+    k = next((k for k, (x, y) in enumerate(zip(a["input_ids"], b["input_ids"])) if x != y), None)
+    if k is None:  # compared by tokens: `<|endoftext|>` and `<|user|>` share their first characters
+        return ""
+    shared, tail = one[: a["offset_mapping"][k][0]], one[a["offset_mapping"][k][0] :]
+    return tail if tail.strip() and two.endswith(tail) and "pong" in shared and "pong" not in tail else ""
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
