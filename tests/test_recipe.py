@@ -240,3 +240,14 @@ def test_quantization_keys_exist_in_bitsandbytes_config():
     params = set(inspect.signature(BitsAndBytesConfig).parameters)
     ours = set(Recipe.model_fields["model"].annotation.model_fields["quantization"].annotation.model_fields)
     assert ours - params == set()
+
+
+def test_every_float_setting_must_be_finite(write_recipe):
+    """`.inf` as a learning rate made every adapter tensor NaN on the first update (issue 20, fault 5)."""
+    path = write_recipe(base_text())
+    assert error_of(path, ["train.learning_rate=.inf"]) == (
+        "--set train.learning_rate=.inf: train.learning_rate: input should be a finite number (got inf)"
+    )
+    assert "lora.lora_dropout: input should be a finite number" in error_of(path, ["lora.lora_dropout=.nan"])
+    in_file = write_recipe(base_text().replace("learning_rate: 1e-4", "learning_rate: -.inf"), name="inf")
+    assert error_of(in_file) == f"{in_file}:8: train.learning_rate: input should be a finite number (got -inf)"

@@ -15,7 +15,7 @@ from cli_process import CliProcess
 from conftest import lorakit, tiny_recipe
 from safetensors.torch import load_file
 
-from lorakit.train.resume import INCOMING, MARKER
+from lorakit.train.resume import INCOMING, MARKER, read_marker
 
 STEPS = 40
 # Every run in its own process at one torch thread (MKL_CBWR is set for every process in conftest): the
@@ -140,6 +140,37 @@ def test_resume_refuses_a_changed_recipe_and_damaged_checkpoints(straight, tiny_
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "checkpoint-40 is damaged (optimizer.pt has" in err and "resuming from checkpoint-30" in err
+
+
+def test_damaged_markers_are_skipped_with_the_reason_and_set_aside_out_of_rotation(
+    straight, tiny_model, tmp_path, write_recipe
+):
+    """A marker that is not JSON, or that lacks its fields, is a damaged checkpoint (issue 20, fault 8): the
+    run falls back to the one before, says why, and renames the damaged ones so rotation never keeps them
+    over the checkpoint it resumed from."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    for name in ("manifest.json", "adapter_model.safetensors"):
+        (run_dir / name).unlink()
+    checkpoints = run_dir / "checkpoints"
+    missing = tmp_path / "missing"  # a marker without its fields, read as resuming reads it
+    shutil.copytree(checkpoints / "checkpoint-30", missing)
+    marker = json.loads((missing / MARKER).read_text())
+    del marker["data_fingerprints"]
+    (missing / MARKER).write_text(json.dumps(marker))
+    assert read_marker(missing) == (None, f"its {MARKER} lacks data_fingerprints")
+    (checkpoints / "checkpoint-40" / MARKER).write_text("{not json")
+    recipe = tiny_recipe(tiny_model, run_dir, four_bit=False, steps=STEPS, logging_steps=1, save_steps=10)
+    recipe["train"]["save_total_limit"] = 1  # may change on resume
+    proc = start(write_recipe(recipe), "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    said = " ".join(err.split())  # the console wraps long lines
+    assert f"checkpoint-40 is damaged (its {MARKER} is unreadable (JSONDecodeError)); set aside as damaged" in said
+    assert "resuming from checkpoint-30" in said
+    assert (checkpoints / "damaged-checkpoint-40").is_dir()
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-40"]  # the new, good one
+    assert json.loads((checkpoints / "checkpoint-40" / MARKER).read_text())["step"] == 40
 
 
 def test_a_save_killed_midway_is_ignored(straight, tiny_model, tmp_path, write_recipe):

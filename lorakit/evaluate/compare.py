@@ -30,6 +30,7 @@ from lorakit.model import scoring
 from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import EvalConfig, Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE
+from lorakit.rundir.lock import hold_for_reading
 
 
 @dataclass
@@ -78,6 +79,7 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
         recipe = load_recipe(run_dir / RECIPE)
         recipe.model.name_or_path = report["base"]
         return Target("merged", path, recipe, None if "combination" in report else run_dir)
+    hold_for_reading(path)
     if not (path / RECIPE).is_file():
         raise LorakitError(f"{target} is neither a lorakit run, a merged model, nor a recipe")
     if not (path / "adapter_config.json").is_file():

@@ -39,6 +39,7 @@ from lorakit.model import setup as setup_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
+from lorakit.rundir.lock import hold_for_reading
 
 REPORT = "merge_report.json"
 TOKENIZER_FILES = (
@@ -84,6 +85,7 @@ def plan(
     from lorakit.recipe.loading import load_recipe
 
     run_dir = Path(run_dir).expanduser().resolve()
+    hold_for_reading(run_dir)
     if not (run_dir / RECIPE).is_file() or not (run_dir / "adapter_config.json").is_file():
         raise LorakitError(f"{run_dir} is not a lorakit run (no {RECIPE} or adapter_config.json)")
     if not (run_dir / MANIFEST).is_file():

@@ -4,7 +4,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # every float finite
 
     def updated(self, **changes):
         """A copy with `changes` (those not None) applied and validated like the recipe, e.g. command-line

@@ -16,6 +16,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 from lorakit.recipe.schema import Recipe
 from lorakit.rundir.directory import MANIFEST, RECIPE
+from lorakit.rundir.lock import hold_for_reading
 
 RESERVED = ("base", "tuned", "where", "prompt", "reference")  # names eval reports already use
 
@@ -42,6 +43,7 @@ def read(paths: list[str | Path]) -> list[Run]:
     for i, path in enumerate(resolved):
         if path in resolved[:i]:
             raise LorakitError(f"{path} is given twice")
+        hold_for_reading(path)
         if not (path / RECIPE).is_file() or not (path / "adapter_config.json").is_file():
             raise LorakitError(f"{path} is not a lorakit run (no {RECIPE} or adapter_config.json)")
         if not (path / MANIFEST).is_file():

@@ -32,6 +32,10 @@ def train(
         raise LorakitError(
             "--resume and --overwrite contradict each other: one continues the run, the other deletes it"
         )
+    if distributed.is_main():  # before anything else: a second writer is refused in well under a second
+        from lorakit.rundir.lock import hold_for_writing
+
+        hold_for_writing(recipe.train.output_dir, "lorakit " + " ".join(sys.argv[1:]))
     setup = None
     if not distributed.launched():  # a launched process resolves its own set-up in its own environment
         from lorakit.model import setup as setup_mod

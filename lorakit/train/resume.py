@@ -74,20 +74,50 @@ def write_marker(checkpoint: Path, step: int, fingerprints: dict, train_seconds:
     os.replace(tmp, checkpoint / MARKER)
 
 
-def complete_checkpoints(directory: Path, warn=print) -> list[Path]:
+def complete_checkpoints(directory: Path, warn=print, set_aside: bool = False) -> list[Path]:
     """Complete checkpoints, newest first. Unmarked ones (a save that never finished) are skipped silently;
-    marked ones whose files changed (truncated, corrupted) are skipped with a warning."""
+    marked ones whose marker is malformed or whose files changed (truncated, corrupted) are skipped with a
+    warning, and with `set_aside` (resuming) renamed `damaged-checkpoint-N`, out of rotation's way: a damaged
+    newer checkpoint is never kept over the good one the run resumes from."""
     found = []
     for checkpoint in sorted(directory.glob("checkpoint-*"), key=_step, reverse=True):
         marker = checkpoint / MARKER
         if not marker.is_file():
             continue
-        problem = _damage(checkpoint, json.loads(marker.read_text()))
+        recorded, problem = read_marker(checkpoint)
+        problem = problem or _damage(checkpoint, recorded)
         if problem:
-            warn(f"warning: {checkpoint.name} is damaged ({problem}); falling back to an earlier checkpoint")
+            aside = checkpoint.with_name(f"damaged-{checkpoint.name}")
+            if set_aside:
+                shutil.rmtree(aside, ignore_errors=True)
+                checkpoint.rename(aside)
+            kept = f"; set aside as {aside.name}" if set_aside else ""
+            warn(f"warning: {checkpoint.name} is damaged ({problem}){kept}; falling back to an earlier checkpoint")
             continue
         found.append(checkpoint)
     return found
+
+
+def read_marker(checkpoint: Path) -> tuple[dict | None, str | None]:
+    """The checkpoint's completion marker, or why it cannot be trusted (not JSON, fields missing)."""
+    try:
+        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"its {MARKER} is unreadable ({type(exc).__name__})"
+    if not isinstance(marker, dict):
+        return None, f"its {MARKER} is not an object"
+    missing = [key for key in ("step", "files", "data_fingerprints") if key not in marker]
+    if missing:
+        return None, f"its {MARKER} lacks {', '.join(missing)}"
+    files = marker["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)
+        for f in files.values()
+    ):
+        return None, f"its {MARKER} lists files without their size and sha256"
+    if not isinstance(marker["step"], int) or not isinstance(marker["data_fingerprints"], dict):
+        return None, f"its {MARKER} has a malformed step or data_fingerprints"
+    return marker, None
 
 
 def _damage(checkpoint: Path, marker: dict) -> str | None:
@@ -121,12 +151,12 @@ def recipe_changes(saved: dict, new: dict) -> list[str]:
 
 def check_resumable(run_dir: Path, new_recipe: dict, fingerprints: dict, force: bool, warn=print) -> Path:
     """The checkpoint to resume from; refuses changed recipes and data (unless forced)."""
-    checkpoint = next(iter(complete_checkpoints(run_dir / "checkpoints", warn)), None)
+    checkpoint = next(iter(complete_checkpoints(run_dir / "checkpoints", warn, set_aside=True)), None)
     if checkpoint is None:
         raise LorakitError(f"{run_dir}: no complete checkpoint to resume from")
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     changes = recipe_changes(saved, new_recipe)
-    marked = json.loads((checkpoint / MARKER).read_text())["data_fingerprints"]
+    marked = read_marker(checkpoint)[0]["data_fingerprints"]
     changes += [
         f"data {name}: content changed"
         for name in sorted(set(marked) | set(fingerprints))
@@ -147,20 +177,20 @@ def keep_newest(directory: Path, limit: int | None) -> None:
         return
     # marked ones, newest first; not re-hashed (that is for choosing what to resume from, and checkpoints
     # of large runs hold gigabytes of optimizer state)
-    complete = sorted((c for c in directory.glob("checkpoint-*") if (c / MARKER).is_file()), key=_step, reverse=True)
+    complete = sorted((c for c in directory.glob("checkpoint-*") if read_marker(c)[0]), key=_step, reverse=True)
     for old in complete[limit:]:
         shutil.rmtree(old, ignore_errors=True)
     newest = _step(complete[0]) if complete else None
     unfinished = [*directory.glob("checkpoint-*"), *(directory / INCOMING).glob("checkpoint-*")]
     for partial in unfinished:  # saves that never finished, older than a complete checkpoint
-        if newest is not None and _step(partial) < newest and not (partial / MARKER).is_file():
+        if newest is not None and _step(partial) < newest and not read_marker(partial)[0]:
             shutil.rmtree(partial, ignore_errors=True)
 
 
 def resumed_at(checkpoint: Path) -> tuple[int, float | None]:
     """(step, training seconds before it) of the checkpoint a run resumes from, as its marker records them
     (no seconds in the markers of an older lorakit)."""
-    marker = json.loads((checkpoint / MARKER).read_text())
+    marker = read_marker(checkpoint)[0]
     return int(marker["step"]), marker.get("train_seconds")
 
 
