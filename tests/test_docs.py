@@ -76,7 +76,8 @@ ALLOWED = {
     "train": {"recipe", "rundir", "data", "model", "preflight"},
     "merge": {"recipe", "rundir", "data", "model"},
     "evaluate": {"recipe", "rundir", "data", "model"},
-    "cli": {"recipe", "rundir", "data", "model", "preflight", "train", "merge", "evaluate"},
+    "export": {"recipe", "rundir", "data", "model", "merge"},
+    "cli": {"recipe", "rundir", "data", "model", "preflight", "train", "merge", "export", "evaluate"},
 }
 SHARED = {"errors", "console", "upstream", "locations", "__version__"}
 

@@ -82,7 +82,17 @@ def test_the_run_says_its_weights_were_dequantized_from_which_gguf(gguf_run, ggu
     assert manifest["end_of_turn_token"] == "<|im_end|>"
 
 
-def test_eval_merge_plan_check_and_chat_work_on_a_gguf_run(gguf_run, tmp_path):
+@pytest.fixture(scope="module")
+def merged(gguf_run):
+    """The run's verified merge (default for QLoRA: into the NF4 weights training saw), in RUN/merged."""
+    run_dir, _ = gguf_run
+    out = lorakit("merge", str(run_dir), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["verification"]["passed"]
+    return run_dir / "merged"
+
+
+def test_eval_merge_plan_check_and_chat_work_on_a_gguf_run(gguf_run, merged, tmp_path):
     run_dir, _ = gguf_run
     recipe_path = str(run_dir / "recipe.yaml")
     check = lorakit("check", recipe_path)
@@ -93,11 +103,123 @@ def test_eval_merge_plan_check_and_chat_work_on_a_gguf_run(gguf_run, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["settings"]["4bit_base"] is True and set(report["metrics"]) == {"tuned", "base"}
-    merged = lorakit("merge", str(run_dir), "--output", str(tmp_path / "merged"))
-    assert merged.returncode == 0, merged.stderr[-2000:]
-    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["verification"]["passed"]
+    assert report["metrics"]["tuned"]["loss"] < report["metrics"]["base"]["loss"]  # held out, 4 QLoRA steps
+    original = lorakit("merge", str(run_dir), "--merge-into", "original", "--output", str(tmp_path / "original"))
+    assert original.returncode == 0, original.stderr[-2000:]
+    both = [json.loads((d / "merge_report.json").read_text()) for d in (merged, tmp_path / "original")]
+    assert [r["merge_into"] for r in both] == ["nf4", "original"] and all(r["verification"]["passed"] for r in both)
     chat = lorakit("chat", str(run_dir), "--max-new-tokens", "6", input="reverse: cat dog\n/quit\n", timeout=300)
     assert chat.returncode == 0 and "tuned>" in chat.stdout, chat.stderr[-2000:]
+
+
+def test_smollm2s_masks_train_replies_and_im_end_never_its_default_system_prompt(gguf_run, tmp_path):
+    """SmolLM2's template inserts "You are a helpful AI assistant named SmolLM..." when a conversation has
+    no system turn: in the input, never trained; every reply ends on a trained <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data import IGNORE, prepare
+    from lorakit.recipe.schema import DataConfig
+
+    run_dir, _ = gguf_run
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    rows = [
+        {"messages": [{"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": "b a"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye"},
+            ]
+        },
+    ]
+    data = prepare(DataConfig(train=write_jsonl(tmp_path / "chats.jsonl", rows)), tokenizer, seed=0, use_cache=False)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert data.end_of_turn_id == im_end
+    replies = []
+    for ids, labels in zip(data.train.input_ids, data.train.labels):
+        trained = [j for j, label in enumerate(labels) if label != IGNORE]
+        ends = [j for j in trained if j + 1 not in trained]  # the last token of each trained run
+        assert [ids[j] for j in ends] == [im_end] * len(ends)
+        replies.append(tokenizer.decode([ids[j] for j in trained]))
+    assert replies == ["b a<|im_end|>", "Hello<|im_end|>Goodbye<|im_end|>"]
+    assert "named SmolLM" in tokenizer.decode(data.train.input_ids[0])  # inserted by the template, masked
+
+
+def test_a_short_lora_run_on_the_real_model_beats_the_base_on_held_out_loss(gguf_file, tmp_path):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(gguf_file, tmp_path, four_bit=False, steps=4)))
+    trained = lorakit("train", str(path))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = lorakit("eval", str(tmp_path / "run"), "--output", str(tmp_path / "eval"), "--max-new-tokens", "4")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["metrics"]
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+
+
+PROMPTS = ["Say hi.", "Name a colour.", "reverse: cat dog"]
+
+
+def test_generation_stops_on_im_end_and_plain_transformers_and_peft_give_the_same_greedy_replies(gguf_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    run_dir, _ = gguf_run
+    args = [a for p in PROMPTS for a in ("--prompt", p)]
+    out = lorakit("generate", str(run_dir), *args, "--max-new-tokens", "24", "--greedy", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = [json.loads(line) for line in out.stdout.splitlines()]
+    assert any(r["stopped"] for r in ours)  # stopped on <|im_end|>, the run's registered stop token
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    q = manifest["quantization"]
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q["quant_type"],
+        bnb_4bit_use_double_quant=q["double_quant"],
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(manifest["base_gguf"]["converted"], quantization_config=bnb)
+    model = PeftModel.from_pretrained(base, run_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    stops = manifest["eos_token_ids"]
+    for prompt, reply in zip(PROMPTS, ours):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        tokens = new[0, ids["input_ids"].shape[1] :].tolist()
+        cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        assert tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip() == reply["reply"].strip()
+
+
+def test_gguf_in_fine_tune_merge_gguf_out_reads_back_with_the_same_greedy_answers(gguf_run, merged):
+    """The whole round trip on the real model: its GGUF -> QLoRA -> merge -> `lorakit export` (f16) -> the
+    file read back by transformers answers greedily as the merged model does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = gguf_run
+    done = lorakit("export", str(run_dir), "--outtype", "f16", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    check = report["verification"]
+    assert check["passed"] and check["tokenizer_identical"] and check["chat_template_identical"]
+    assert report["merged"] == str(merged) and report["end_of_turn_token"] == "<|im_end|>"
+    assert 'PARAMETER stop "<|im_end|>"' in (run_dir / "gguf" / "Modelfile").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(run_dir / "gguf", gguf_file=report["file"], dtype=torch.float32).eval()
+    stops = json.loads((run_dir / "manifest.json").read_text())["eos_token_ids"]
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        kwargs = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": stops, "pad_token_id": stops[0]}
+        with torch.no_grad():
+            assert ours.generate(**ids, **kwargs).tolist() == back.generate(**ids, **kwargs).tolist()
 
 
 def test_the_converted_checkpoint_computes_as_transformers_reads_the_gguf(gguf_run, gguf_file):

@@ -90,6 +90,14 @@ def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[
     return out
 
 
+def conversations(cfg: DataConfig, seed: int, count: int = 8) -> list[list[dict]]:
+    """Up to `count` chat conversations of the eval split (else train), each up to its last assistant turn:
+    what a model is prompted with, as messages."""
+    train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
+    chats = [example for _, example, _ in (evaluation or train) if isinstance(example, Chat)][:count]
+    return [c.messages[: max(i for i, m in enumerate(c.messages) if m["role"] == "assistant")] for c in chats]
+
+
 def _open(cfg: DataConfig) -> dict[str, list[Opened]]:
     return {
         key: [open_source(s, _label(key, i, sources)) for i, s in enumerate(sources)]

@@ -106,7 +106,7 @@ class Encoder:
         self.train_on, self.on_overflow = train_on, on_overflow
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         self.prefix = _post_processor_prefix(tokenizer)
-        self.closing = _conversation_closing(tokenizer)
+        self.closing = conversation_closing(tokenizer)
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn.
@@ -286,7 +286,7 @@ PROBE = [
 ]
 
 
-def _conversation_closing(tokenizer) -> str:
+def conversation_closing(tokenizer) -> str:
     """Text the chat template appends only after a conversation's last message, when no generation prompt
     follows (Phi-3 appends eos after `<|end|>`); it ends no turn, so turns end before it and it is not trained.
     Found by rendering a two-turn probe with and without its second turn; empty for most templates."""

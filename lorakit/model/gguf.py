@@ -44,6 +44,7 @@ class GgufBase:
     sha256: str
     architecture: str
     quantization: dict  # GGUF tensor type -> number of tensors stored in it
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name, written back by `lorakit export`
 
     @property
     def main_type(self) -> str:
@@ -58,6 +59,7 @@ class GgufBase:
             "architecture": self.architecture,
             "dequantized_from": self.main_type,
             "tensor_types": self.quantization,
+            "tokenizer_pre": self.tokenizer_pre,
             "converted": str(self.directory),
         }
 
@@ -78,10 +80,12 @@ def materialize(cfg: ModelConfig) -> GgufBase:
     marker = directory / MARKER
     if marker.is_file():
         info = json.loads(marker.read_text())
-        base = GgufBase(file, directory, info["sha256"], info["architecture"], info["tensor_types"])
+        base = GgufBase(
+            file, directory, info["sha256"], info["architecture"], info["tensor_types"], info.get("tokenizer_pre")
+        )
     else:
-        architecture, types = _inspect(file)
-        base = GgufBase(file, directory, _sha256(file), architecture, types)
+        architecture, types, pre = _inspect(file)
+        base = GgufBase(file, directory, _sha256(file), architecture, types, pre)
         _convert(base, cfg)
     _DONE[key] = base
     return base
@@ -110,8 +114,9 @@ def _local_file(cfg: ModelConfig) -> Path:
     return path.resolve()
 
 
-def _inspect(file: Path) -> tuple[str, dict]:
-    """The architecture and tensor types from the file's metadata; refuses what transformers cannot read."""
+def _inspect(file: Path) -> tuple[str, dict, str | None]:
+    """The architecture, tensor types and pre-tokenizer name from the file's metadata; refuses what
+    transformers cannot read."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -125,8 +130,12 @@ def _inspect(file: Path) -> tuple[str, dict]:
         reader = GGUFReader(file)
     except (ValueError, OSError) as exc:
         raise ModelError(f"model.name_or_path: {file} is not a readable GGUF file: {exc}") from None
-    field = reader.fields.get("general.architecture")
-    architecture = bytes(field.parts[field.data[0]]).decode() if field else "?"
+
+    def text(key: str) -> str | None:
+        field = reader.fields.get(key)
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+
+    architecture = text("general.architecture") or "?"
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"model.name_or_path: {file.name} holds a GGUF of architecture {architecture!r}, which transformers "
@@ -134,7 +143,7 @@ def _inspect(file: Path) -> tuple[str, dict]:
             "that model in Hugging Face format"
         )
     types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
-    return architecture, dict(sorted(types.items()))
+    return architecture, dict(sorted(types.items())), text("tokenizer.ggml.pre")
 
 
 def _convert(base: GgufBase, cfg: ModelConfig) -> None:
