@@ -117,7 +117,7 @@ def test_nan_adapter_is_refused(runs, tmp_path):
     key = next(k for k in state if "lora_B" in k)
     state[key][0, 0] = float("nan")
     save_file(state, broken / "adapter_model.safetensors")
-    out = lorakit("merge", str(broken))
+    out = lorakit("merge", str(broken), "--accept-changed-adapter")  # past the hash check, to the NaN one
     assert out.returncode == 2 and f"the adapter holds NaN or inf values (first: {key})" in out.stderr
     assert not (broken / "merged").exists()
 
@@ -147,7 +147,7 @@ def test_an_adapter_that_changes_nothing_fails_verification_and_keeps_nothing(ru
         {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}, zero / "adapter_model.safetensors"
     )
     with pytest.raises(RunFailed, match="the merged model equals the base"):
-        merge_mod.run(merge_mod.plan(zero))
+        merge_mod.run(merge_mod.plan(zero, accept_changed_adapter=True))  # past the hash check, to verification
     assert not (zero / "merged").exists() and not list(zero.glob(".merged.partial-*"))
     assert json.loads((zero / "merge_report.failed.json").read_text())["verification"]["passed"] is False
 
@@ -247,4 +247,4 @@ def test_an_adapter_missing_a_tensor_is_refused(runs, tmp_path):
     del state[key]
     save_file(state, broken / "adapter_model.safetensors")
     with pytest.raises(ModelError, match="the adapter file has no .*lora_B"):
-        merge_mod.run(merge_mod.plan(broken, output=str(tmp_path / "m")), check=False)
+        merge_mod.run(merge_mod.plan(broken, output=str(tmp_path / "m"), accept_changed_adapter=True), check=False)

@@ -4,6 +4,7 @@ errors become messages and exit codes."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -35,6 +36,10 @@ SAMPLE = typer.Option(
 )
 TEMP = typer.Option("--temperature", help="Sampling temperature.")
 TOP_P = typer.Option("--top-p", help="Nucleus sampling mass.")
+ACCEPT_CHANGED = typer.Option(
+    "--accept-changed-adapter",
+    help="Use a run whose adapter files no longer match the sha256 its manifest recorded (refused otherwise).",
+)
 
 
 def json_out(value, ensure_ascii: bool = True) -> None:
@@ -64,6 +69,7 @@ def guarded(work) -> None:
     from lorakit.errors import Interrupted, LorakitError, RunFailed
 
     debug = os.environ.get("LORAKIT_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _terminated)  # `finally` blocks run: no staging directory is left behind
     try:
         work()
     except typer.Exit:  # a command's own exit code (e.g. 3 for a missed gate)
@@ -81,6 +87,14 @@ def guarded(work) -> None:
             raise
         error(f"the run failed: {type(exc).__name__}: {exc}\n(set LORAKIT_DEBUG=1 for the traceback)")
         raise typer.Exit(1) from None
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM outside training (which stops at a checkpoint instead: lorakit.train.resume) ends the command
+    with 143 through the normal error path, so staging directories are removed and nothing half-written stays."""
+    from lorakit.errors import Interrupted
+
+    raise Interrupted("terminated by SIGTERM; nothing half-written was kept (outputs are moved into place whole)", 143)
 
 
 def error(message: str) -> None:

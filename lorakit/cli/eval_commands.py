@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorakit.cli.app import BATCH, MAX_NEW, SAMPLE, TEMP, TOP_P, app, error, guarded, json_out
+from lorakit.cli.app import ACCEPT_CHANGED, BATCH, MAX_NEW, SAMPLE, TEMP, TOP_P, app, error, guarded, json_out
 
 
 @app.command(name="eval")
@@ -71,6 +71,7 @@ def eval_(
         Optional[Path],
         typer.Option(help="Report directory (default: TARGET/eval; with several runs, FIRST_RUN/eval-compare)."),
     ] = None,
+    accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Evaluate a tuned model and its base on the eval data: loss, perplexity, exact match, ROUGE-L, stop
@@ -103,6 +104,7 @@ def eval_(
             lm_eval_tasks=lm_eval_tasks,
             lm_eval_include=lm_eval_include,
             lm_eval_limit=lm_eval_limit,
+            accept_changed_adapter=accept_changed_adapter,
             output=output,
             console=console,
         )
@@ -143,6 +145,7 @@ def generate(
     do_sample: Annotated[Optional[bool], SAMPLE] = None,
     temperature: Annotated[Optional[float], TEMP] = None,
     top_p: Annotated[Optional[float], TOP_P] = None,
+    accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
 ) -> None:
     """Generate replies with a tuned model (or its base), using the run's chat template and stop tokens.
@@ -163,6 +166,7 @@ def generate(
                 temperature=temperature,
                 top_p=top_p,
             ),
+            accept_changed_adapter=accept_changed_adapter,
         )
         if isinstance(replies, dict):
             _print_side_by_side(conversations, replies, settings.max_new_tokens, as_json)
@@ -219,6 +223,7 @@ def chat(
     do_sample: Annotated[Optional[bool], SAMPLE] = None,
     temperature: Annotated[Optional[float], TEMP] = None,
     top_p: Annotated[Optional[float], TOP_P] = None,
+    accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
 ) -> None:
     """Chat with a tuned model in the terminal, with the run's template and stop tokens, replies streamed.
     /tuned, /base and /compare choose who answers; /reset, /save FILE (a `messages` JSONL line), /quit."""
@@ -237,6 +242,7 @@ def chat(
             start_with="base" if base else "tuned",
             read=input,
             write=write,
+            accept_changed_adapter=accept_changed_adapter,
         )
 
     guarded(work)

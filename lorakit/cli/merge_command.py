@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorakit.cli.app import app, guarded, json_out
+from lorakit.cli.app import ACCEPT_CHANGED, app, guarded, json_out
 
 
 @app.command()
@@ -74,6 +74,7 @@ def merge(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier merge in the output directory.")
     ] = False,
+    accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the merge report as JSON on stdout.")] = False,
 ) -> None:
     """Fold a run's adapter into its base and write a standard Hugging Face checkpoint, shard by shard,
@@ -100,6 +101,7 @@ def merge(
             verify=not no_verify,
             overwrite=overwrite,
             console=console,
+            accept_changed_adapter=accept_changed_adapter,
         )
         for table in merged.tables():
             console.print(table)

@@ -9,15 +9,15 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 
-def _target(targets: list[Path], adapter: Path | None = None):
+def _target(targets: list[Path], adapter: Path | None = None, accept_changed_adapter: bool = False):
     from lorakit.evaluate import compare
 
     if len(targets) > 1 and adapter is not None:
         raise LorakitError("--adapter goes with one recipe; several targets are run directories")
     return (
-        compare.resolve_several(targets)
+        compare.resolve_several(targets, accept_changed_adapter)
         if len(targets) > 1
-        else compare.resolve(targets[0], str(adapter) if adapter else None)
+        else compare.resolve(targets[0], str(adapter) if adapter else None, accept_changed_adapter)
     )
 
 
@@ -36,6 +36,7 @@ def evaluate(
     lm_eval_limit: int | None,
     output: Path | None,
     console,
+    accept_changed_adapter: bool = False,
 ) -> dict:
     """The eval report (written under `output`); `settings` are eval: keys given on the command line."""
     from lorakit.evaluate import metrics
@@ -58,7 +59,7 @@ def evaluate(
             "include": lm_eval_include,
             "limit": lm_eval_limit,
         }
-    target = _target(targets, adapter)
+    target = _target(targets, adapter, accept_changed_adapter)
     chosen = target.recipe.eval.updated(**settings)
     from lorakit.console import quiet_libraries
 
@@ -87,12 +88,19 @@ def conversations(prompts: list[str], file: Path | None, system: str | None) -> 
     return [[{"role": "system", "content": system}] + c for c in out] if system else out
 
 
-def generate(targets: list[Path], conversations: list[list[dict]], *, base: bool, settings: dict):
+def generate(
+    targets: list[Path],
+    conversations: list[list[dict]],
+    *,
+    base: bool,
+    settings: dict,
+    accept_changed_adapter: bool = False,
+):
     """Replies: {model name: [Generated, ...]} with several runs (each adapter, and the base with `base`),
     else [Generated, ...] of the tuned model (or the base); and the settings used."""
     from lorakit.evaluate import compare
 
-    target = _target(targets)
+    target = _target(targets, accept_changed_adapter=accept_changed_adapter)
     chosen = target.recipe.eval.updated(**settings)
     from lorakit.console import quiet_libraries
 
@@ -103,10 +111,19 @@ def generate(targets: list[Path], conversations: list[list[dict]], *, base: bool
     return compare.reply(target, conversations, settings=chosen, base=base), chosen
 
 
-def chat(target: Path, *, settings: dict, system: str | None, start_with: str, read, write) -> None:
+def chat(
+    target: Path,
+    *,
+    settings: dict,
+    system: str | None,
+    start_with: str,
+    read,
+    write,
+    accept_changed_adapter: bool = False,
+) -> None:
     from lorakit.evaluate import compare
 
-    resolved = compare.resolve(target)
+    resolved = compare.resolve(target, accept_changed_adapter=accept_changed_adapter)
     chosen = resolved.recipe.eval.updated(**settings)
     from lorakit.console import quiet_libraries
 

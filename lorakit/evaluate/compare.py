@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from lorakit.model import base as model_mod
 from lorakit.model import scoring
 from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import EvalConfig, Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE
+from lorakit.rundir.directory import MANIFEST, RECIPE, adapter_hashes, check_adapter
 from lorakit.rundir.lock import hold_for_reading
 
 
@@ -61,7 +62,7 @@ class Target:
         return [] if self.kind == "merged" else [self.path]
 
 
-def resolve(target: str | Path, adapter: str | None = None) -> Target:
+def resolve(target: str | Path, adapter: str | None = None, accept_changed_adapter: bool = False) -> Target:
     """Refuse, before loading anything, what cannot be evaluated."""
     from lorakit.recipe.loading import load_recipe
 
@@ -89,15 +90,18 @@ def resolve(target: str | Path, adapter: str | None = None) -> Target:
         )
     if not (path / MANIFEST).is_file():
         raise LorakitError(f"{target} is an incomplete run (no {MANIFEST})")
+    notice = check_adapter(path, json.loads((path / MANIFEST).read_text()), accept_changed_adapter)
+    if notice:
+        print(notice, file=sys.stderr)
     return Target("run", path, load_recipe(path / RECIPE), path)
 
 
-def resolve_several(targets: list[str | Path]) -> Target:
+def resolve_several(targets: list[str | Path], accept_changed_adapter: bool = False) -> Target:
     """Runs evaluated side by side on one loaded base: they must share the base, the way it is loaded, the
     chat template and the kind of adapter."""
     from lorakit.rundir import group as runset
 
-    runs = runset.read(targets)
+    runs = runset.read(targets, accept_changed_adapter)
     runset.check_same_base(runs)
     runset.check_same_loading(runs)
     for run in runs[1:]:
@@ -170,6 +174,7 @@ def _report(target, split, scored, prompts, prepared, settings, batch, stops, re
         "target": str(target.path),
         "kind": target.kind,
         "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
+        "adapter_sha256": {n: adapter_hashes(Path(p)) for n, p in tuned.items() if target.kind != "merged"},
         "data": {
             "split": split,
             "loss_examples": len(scored.dataset),

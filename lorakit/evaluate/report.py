@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from lorakit.evaluate import metrics as metrics_mod
-from lorakit.rundir.directory import METRICS, swap_into_place
+from lorakit.rundir.directory import METRICS, staging_for, swap_into_place
 
 
 def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path) -> None:
     """All files into a fresh directory, then swapped in for the previous report."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".eval-", dir=out.parent))
+    staging = staging_for(out)
     try:
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with open(staging / "samples.jsonl", "w") as handle:

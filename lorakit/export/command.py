@@ -6,13 +6,12 @@ examples, and only then moved into place."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError, ModelError, RunFailed
-from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
+from lorakit.rundir.directory import MANIFEST, RECIPE, staging_for, swap_into_place
 from lorakit.rundir.lock import hold_for_reading
 
 REPORT = "export_report.json"
@@ -112,9 +111,8 @@ def _write_and_check(found: Source, out: Path, outtype: str, name: str, verify: 
     pre = (manifest.get("base_gguf") or {}).get("tokenizer_pre")
     vocab = writer.vocabulary(tokenizer, config["vocab_size"], pre)
     file_name = f"{name}-{outtype}.gguf"
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_for(out)
     try:
         console.print(f"writing {file_name} ({outtype}) from {found.merged}", highlight=False)
         if outtype in writer.K_QUANTS:

@@ -25,7 +25,7 @@ from lorakit.merge import weighted as combination_mod
 from lorakit.model import base as model_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.rundir import group as runset
-from lorakit.rundir.directory import swap_into_place
+from lorakit.rundir.directory import remove_stale_staging, swap_into_place
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
 USES_DENSITY = ("ties", "dare_linear", "dare_ties")
@@ -89,6 +89,7 @@ def plan(
     base: str | None = None,
     merge_into: str | None = None,
     overwrite: bool = False,
+    accept_changed_adapter: bool = False,
 ) -> Combination:
     """Everything refused before a weight is read: the options, the runs, the output; what merge would refuse."""
     combination = combination or "cat"
@@ -97,7 +98,7 @@ def plan(
         raise LorakitError(
             "several runs: give --output (where the combined " + ("adapter" if adapter_only else "model") + " goes)"
         )
-    runs = runset.read(paths)
+    runs = runset.read(paths, accept_changed_adapter)
     runset.check_same_base(runs)
     for run in runs:
         _check_adapter(run, combination)
@@ -249,6 +250,7 @@ def run(
     console.print(f"combining {names} with {c.combination}", highlight=False)
     suffix = "partial" if c.adapter_only else "combined"
     staging = c.output.parent / f".{c.output.name}.{suffix}-{os.getpid()}"
+    remove_stale_staging(c.output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -278,7 +280,7 @@ def run(
 
 def build(c: Combination, folder: Path) -> None:
     """The combined adapter and the first run's companions, written into `folder` like a run."""
-    from lorakit.rundir.directory import MANIFEST, RECIPE
+    from lorakit.rundir.directory import MANIFEST, RECIPE, adapter_hashes
 
     state, config, c.figures = combination_mod.combine(c.runs, c.weights, c.combination, c.density, c.seed, c.base_dir)
     wrong = [f for f in c.figures["checks"] if not f["passed"]]
@@ -297,6 +299,7 @@ def build(c: Combination, folder: Path) -> None:
             shutil.copy2(first / name, folder / name)
     manifest = {**c.runs[0].manifest, "combination": c.record()}
     manifest.pop("results", None)  # the first run's training figures are not this adapter's
+    manifest["adapter_sha256"] = adapter_hashes(folder)  # this adapter's, checked like a run's
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

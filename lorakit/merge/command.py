@@ -44,6 +44,7 @@ def merge(
     verify: bool,
     overwrite: bool,
     console,
+    accept_changed_adapter: bool = False,
 ) -> Merged:
     if merge_into not in (None, "nf4", "original"):
         raise LorakitError(f"--merge-into: expected nf4 or original, got {merge_into!r}")
@@ -78,6 +79,7 @@ def merge(
             base=base,
             merge_into=merge_into,
             overwrite=overwrite,
+            accept_changed_adapter=accept_changed_adapter,
         )
         report = combine.run(
             job, check=verify, dtype=dtype, base=base, merge_into=merge_into, overwrite=overwrite, console=console
@@ -85,6 +87,14 @@ def merge(
     else:
         from lorakit.merge import fold
 
-        job = fold.plan(run_dirs[0], output=out, dtype=dtype, base=base, merge_into=merge_into, overwrite=overwrite)
+        job = fold.plan(
+            run_dirs[0],
+            output=out,
+            dtype=dtype,
+            base=base,
+            merge_into=merge_into,
+            overwrite=overwrite,
+            accept_changed_adapter=accept_changed_adapter,
+        )
         report = fold.run(job, check=verify)
     return Merged(report, job.output, adapter_only, len(run_dirs) > 1)

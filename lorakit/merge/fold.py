@@ -21,8 +21,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from lorakit.model import peft_methods as methods
 from lorakit.model import setup as setup_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.recipe.schema import Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE, swap_into_place
+from lorakit.rundir.directory import MANIFEST, RECIPE, check_adapter, staging_for, swap_into_place
 from lorakit.rundir.lock import hold_for_reading
 
 REPORT = "merge_report.json"
@@ -80,8 +80,9 @@ def plan(
     base: str | None = None,
     merge_into: str | None = None,
     overwrite: bool = False,
+    accept_changed_adapter: bool = False,
 ) -> MergeJob:
-    """Check everything that can be refused cheaply: the run, the output directory, the options."""
+    """Check everything that can be refused cheaply: the run, its adapter, the output directory, the options."""
     from lorakit.recipe.loading import load_recipe
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -95,6 +96,9 @@ def plan(
         raise LorakitError(f"{run_dir}: {reason}")
     recipe = load_recipe(run_dir / RECIPE)
     manifest = json.loads((run_dir / MANIFEST).read_text())
+    notice = check_adapter(run_dir, manifest, accept_changed_adapter)
+    if notice:
+        print(notice, file=sys.stderr)
     four_bit = bool(manifest.get("load_in_4bit"))  # as the run was trained (lorakit.model.setup decided it)
     merge_into = merge_into or ("nf4" if four_bit else "original")
     if merge_into == "nf4" and not four_bit:
@@ -149,9 +153,7 @@ def check_output(out: Path, overwrite: bool, report: str = REPORT, what: str = "
 def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> dict:
     """Stream the merge into a staging directory, verify it, then move it into place."""
     console = console or Console(stderr=True)
-    staging = p.output.parent / f".{p.output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(p.output)
     try:
         what = "the combined adapter" if p.combination else p.run_dir.name
         console.print(f"merging {what} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)

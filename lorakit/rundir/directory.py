@@ -78,6 +78,43 @@ def claim(output_dir: str, overwrite: bool) -> Path:
     return run_dir
 
 
+# `.OUT.partial-PID` being written, `.OUT.combined-PID` a combination laid out like a run, `.OUT.replaced-PID`
+# the previous output moved aside
+STAGING_KINDS = ("partial", "combined", "replaced")
+
+
+def staging_for(out: Path) -> Path:
+    """A fresh, empty staging directory beside `out` for this process, after removing the ones that
+    processes killed before they could clean up (kill -9, power loss) left behind."""
+    remove_stale_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove `.OUT.partial-PID` / `.OUT.replaced-PID` beside `out` whose process no longer runs."""
+    removed = []
+    for kind in STAGING_KINDS:
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def swap_into_place(staging: Path, out: Path) -> None:
     """Put a finished output directory (merge, combined adapter, eval report) where the earlier one was: the
     earlier one is moved aside, not deleted, until the new one is in place, so a failure never leaves neither."""
@@ -109,6 +146,38 @@ def write_generation_config(run_dir: Path, model, tokenizer, end_of_turn_id: int
     )
     generation.save_pretrained(run_dir)
     return eos_ids
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ACCEPT_FLAG = "--accept-changed-adapter"
+
+
+def adapter_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of the adapter's files as training wrote them, for manifest.json."""
+    hashes = {}
+    for name in ADAPTER_FILES:
+        if (run_dir / name).is_file():
+            with open(run_dir / name, "rb") as handle:
+                hashes[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return hashes
+
+
+def check_adapter(run_dir: Path, manifest: dict, accept_changed: bool = False) -> str | None:
+    """Refuse an adapter whose files no longer match what the manifest recorded at the end of training
+    (bytes flipped, a file replaced): merging or evaluating it would measure something else. With
+    `accept_changed`, returns the notice to print instead. Runs of an older lorakit record no hashes."""
+    recorded = manifest.get("adapter_sha256") or {}
+    now = adapter_hashes(run_dir) if recorded else {}
+    changed = [name for name, digest in recorded.items() if now.get(name) != digest]
+    if not changed:
+        return None
+    what = ", ".join(f"{run_dir / name} ({'missing' if name not in now else 'changed'})" for name in changed)
+    if accept_changed:
+        return f"warning: {what}: no longer as training wrote it ({MANIFEST}); used anyway ({ACCEPT_FLAG})"
+    raise LorakitError(
+        f"{what}: no longer matches the sha256 {MANIFEST} recorded when training finished, so it is not the "
+        f"adapter that was trained; pass {ACCEPT_FLAG} to use it anyway"
+    )
 
 
 def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:

@@ -10,12 +10,13 @@ names); refusing runs on different bases or with different chat templates. Does 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.recipe.schema import Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE
+from lorakit.rundir.directory import MANIFEST, RECIPE, check_adapter
 from lorakit.rundir.lock import hold_for_reading
 
 RESERVED = ("base", "tuned", "where", "prompt", "reference")  # names eval reports already use
@@ -35,7 +36,7 @@ class Run:
         return bool(self.manifest.get("load_in_4bit"))
 
 
-def read(paths: list[str | Path]) -> list[Run]:
+def read(paths: list[str | Path], accept_changed_adapter: bool = False) -> list[Run]:
     """The runs, checked to be complete lorakit runs holding an adapter, each named once."""
     from lorakit.recipe.loading import load_recipe
 
@@ -48,6 +49,9 @@ def read(paths: list[str | Path]) -> list[Run]:
             raise LorakitError(f"{path} is not a lorakit run (no {RECIPE} or adapter_config.json)")
         if not (path / MANIFEST).is_file():
             raise LorakitError(f"{path} is an incomplete run (no {MANIFEST}: training did not finish)")
+        notice = check_adapter(path, json.loads((path / MANIFEST).read_text()), accept_changed_adapter)
+        if notice:
+            print(notice, file=sys.stderr)
     names = unique_names([p.name for p in resolved])
     return [
         Run(

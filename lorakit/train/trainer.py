@@ -301,6 +301,7 @@ class Training:
             "gradient_checkpointing": recipe.train.gradient_checkpointing,
             "torch_compile": recipe.train.torch_compile,
         }
+        details["adapter_sha256"] = run_files.adapter_hashes(self.run_dir)  # readers check the adapter against it
         run_files.write_model_card(self.run_dir, recipe, details)
         run_files.write_manifest(self.run_dir, recipe, details)
         self.console.print(summary_table(self._summary(details)))
