@@ -57,6 +57,8 @@ def hold_for_reading(run_dir: Path) -> None:
     path = lock_file(run_dir)
     if os.environ.get(HELD) == str(path) or not run_dir.parent.is_dir():
         return
+    if not path.exists() and not (run_dir / "recipe.yaml").is_file():
+        return  # not a run, and no writer ever took it (a writer makes the lock file first): leave no file
     try:
         handle = _opened(path)
     except OSError:  # a read-only place: nothing can write the run there either
