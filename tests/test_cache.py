@@ -103,3 +103,36 @@ def test_damaged_entry_is_rebuilt(cache, tokenizer, tmp_path):
     again = prepare(cfg, tokenizer, seed=0)
     assert not again.cached and again.train.input_ids == first.train.input_ids
     assert prepare(cfg, tokenizer, seed=0).cached
+
+
+@pytest.mark.parametrize("damage", ["one bit", "random bytes", "garbage dataset_info.json"])
+def test_a_changed_entry_is_discarded_with_a_notice_and_rebuilt_never_trained_on(
+    cache, tokenizer, tmp_path, capsys, damage
+):
+    """Issue 20, fault 2: one flipped bit in a cached arrow file changed a trained label unnoticed; random
+    bytes put labels like -7.4e17 into training; a garbage dataset_info.json failed every run with a
+    TypeError that did not mention the cache."""
+    import random
+
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", ROWS))
+    first = prepare(cfg, tokenizer, seed=0)
+    (entry,) = [cache / n for n in entries(cache)]
+    (arrow,) = list((entry / "train").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    if damage == "one bit":
+        data[-200] ^= 0x04
+        arrow.write_bytes(bytes(data))
+    elif damage == "random bytes":
+        start = len(data) // 2
+        data[start : start + 200] = random.Random(0).randbytes(200)
+        arrow.write_bytes(bytes(data))
+    else:
+        (entry / "train" / "dataset_info.json").write_text("17")
+    capsys.readouterr()
+    again = prepare(cfg, tokenizer, seed=0)
+    notice = capsys.readouterr().err
+    assert f"the preprocessing cache entry {entry} is damaged" in notice and "rebuilding it" in notice
+    assert ("dataset_info.json" if "dataset_info" in damage else arrow.name) in notice
+    assert not again.cached
+    assert again.train.input_ids == first.train.input_ids and again.train.labels == first.train.labels
+    assert prepare(cfg, tokenizer, seed=0).cached  # the rebuilt entry is whole again

@@ -4,7 +4,10 @@ The key covers the content of every data source (sha256), the tokenizer (its ful
 special tokens and own chat template), a chat template file's content, the whole `data:` section
 except `num_proc` (which does not change the result), the seed where it matters (eval split, weights)
 and lorakit's version. Any change gives a new key, so a stale entry is never read. Entries are written
-to a temporary directory and renamed into place, so a reader never sees half of one.
+to a temporary directory and renamed into place, so a reader never sees half of one; `meta.json`, written
+last, holds the sha256 of every file of the entry, and a reader checks them all: an entry whose files
+changed (a flipped bit, random bytes, a garbage dataset_info.json) is discarded with a notice naming the
+file and rebuilt, never trained on.
 
 Location: lorakit.locations.cache_root(); safe to delete.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 import time
 from datetime import date
@@ -25,7 +29,7 @@ from lorakit.data.templates import chosen_template
 from lorakit.locations import cache_root
 from lorakit.recipe.schema import DataConfig
 
-FORMAT = 1  # bump when the stored layout or the encoding rules change
+FORMAT = 2  # bump when the stored layout or the encoding rules change (2: file hashes in meta.json)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -58,7 +62,7 @@ def cache_key(cfg: DataConfig, fingerprints: dict[str, str], tokenizer, seed: in
 
 
 def load(key: str):
-    """(meta, {split name: Dataset}) for a complete entry, or None."""
+    """(meta, {split name: Dataset}) for a complete, intact entry, or None (a damaged one is removed)."""
     entry = cache_root() / key
     meta_file = entry / "meta.json"
     if not meta_file.is_file():
@@ -67,10 +71,35 @@ def load(key: str):
 
     try:
         meta = json.loads(meta_file.read_text())
-        return meta, {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
-    except (OSError, ValueError, KeyError):  # damaged by hand: rebuild it
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
+        problem = _damage(entry, meta.get("files"))
+        if problem is None:
+            return meta, {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
+    except Exception as exc:  # whatever a damaged entry makes datasets raise: it is rebuilt, not trusted
+        problem = f"it cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+    print(f"notice: the preprocessing cache entry {entry} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def _hashes(entry: Path) -> dict[str, str]:
+    files = sorted(p for p in entry.rglob("*") if p.is_file() and p.name != "meta.json")
+    out = {}
+    for path in files:
+        with open(path, "rb") as handle:
+            out[str(path.relative_to(entry))] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return out
+
+
+def _damage(entry: Path, recorded: dict | None) -> str | None:
+    if not isinstance(recorded, dict):
+        return "its meta.json records no file hashes"
+    now = _hashes(entry)
+    for name in sorted(set(recorded) | set(now)):
+        if name not in now:
+            return f"{name} is missing"
+        if recorded.get(name) != now[name]:
+            return f"{name} changed since it was written" if name in recorded else f"{name} was added"
+    return None
 
 
 def store(key: str, meta: dict, splits: dict) -> None:
@@ -85,7 +114,8 @@ def store(key: str, meta: dict, splits: dict) -> None:
     try:
         for name, dataset in splits.items():
             dataset.save_to_disk(str(staging / name))
-        (staging / "meta.json").write_text(json.dumps({**meta, "splits": list(splits)}, indent=1))
+        files = _hashes(staging)
+        (staging / "meta.json").write_text(json.dumps({**meta, "splits": list(splits), "files": files}, indent=1))
         staging.rename(root / key)
     except OSError:  # disk full, or another process stored the same key first (theirs is as good)
         shutil.rmtree(staging, ignore_errors=True)
