@@ -274,3 +274,37 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_
         assert not (disk / "run" / "checkpoints" / "checkpoint-4" / MARKER).exists()
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_resume_refuses_a_base_changed_in_place(tiny_model, tmp_path, write_recipe):
+    """Issue 20, fault 3: re-randomized weights, an edited chat template or tokenizer in the same base
+    directory resumed silently (with the edited template the trained-token count doubled)."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    recipe = write_recipe(tiny_recipe(base, tmp_path / "run", four_bit=False, steps=10, save_steps=5))
+    first = start(recipe)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    for name in ("manifest.json", "adapter_model.safetensors"):
+        (tmp_path / "run" / name).unlink()  # as if interrupted after its last checkpoint
+
+    def resume() -> str:
+        proc = start(recipe, "--resume")
+        _, said = proc.communicate(timeout=300)
+        assert proc.returncode == 2, said
+        return " ".join(said.split())
+
+    template = base / "chat_template.jinja"
+    original = template.read_text()
+    template.write_text(original.replace("<|im_start|>", "<|im_start|> "))
+    assert "base chat_template.jinja: content changed" in resume()
+    template.write_text(original)
+    weights = load_file(base / "model.safetensors")
+    save_file(
+        {k: torch.randn_like(v) for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"}
+    )
+    said = resume()
+    assert "base model.safetensors (sampled): content changed" in said and "chat_template" not in said
+    assert "--force-resume" in said

@@ -7,6 +7,7 @@ shards) and writing shards plus their index. Does not own what is done to the te
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,42 @@ def locate(name_or_path: str, revision: str | None = None) -> Path:
             f"base model {name_or_path!r} is neither a local directory nor downloadable: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
+
+
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+)
+SAMPLE = 1 << 20  # bytes read at the start, middle and end of each weight file
+
+
+def base_fingerprints(directory: Path) -> dict[str, str]:
+    """What a resumed run must find unchanged in a local base directory: the config, tokenizer and chat
+    template files whole, and each weight file by its size and three 1 MiB samples (start, middle, end),
+    which re-randomized or replaced weights change without reading gigabytes at every start. Keys are
+    `base FILE`; a hub id (whose files change only with its revision, which the recipe pins) gives none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    out = {}
+    for name in BASE_FILES:
+        if (directory / name).is_file():
+            out[f"base {name}"] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    for weights in sorted(directory.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(weights, "rb") as handle:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE))
+        out[f"base {weights.name} (sampled)"] = digest.hexdigest()
+    return out
 
 
 @dataclass

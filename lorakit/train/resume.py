@@ -157,8 +157,10 @@ def check_resumable(run_dir: Path, new_recipe: dict, fingerprints: dict, force: 
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     changes = recipe_changes(saved, new_recipe)
     marked = read_marker(checkpoint)[0]["data_fingerprints"]
+    if not any(name.startswith("base ") for name in marked):  # a checkpoint of an older lorakit: data only
+        fingerprints = {k: v for k, v in fingerprints.items() if not k.startswith("base ")}
     changes += [
-        f"data {name}: content changed"
+        f"{name}: content changed" if name.startswith("base ") else f"data {name}: content changed"
         for name in sorted(set(marked) | set(fingerprints))
         if marked.get(name) != fingerprints.get(name)
     ]

@@ -25,7 +25,7 @@ from lorakit import upstream
 from lorakit.console import quiet_libraries
 from lorakit.errors import Interrupted, RunFailed
 from lorakit.model import base as model_mod
-from lorakit.model import method_training, scoring
+from lorakit.model import method_training, scoring, shards
 from lorakit.model import peft_methods as methods
 from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import Recipe, TrainConfig
@@ -168,9 +168,14 @@ class Training:
         with distributed.main_first():
             self.prepared = data_mod.prepare(recipe.data, self.tokenizer, recipe.train.seed, use_cache=use_cache)
         _report_data(console, self.prepared, recipe)
+        # what checkpoints record and a resume must find unchanged: the data's content and the base's files
+        self.fingerprints = {
+            **self.prepared.fingerprints,
+            **shards.base_fingerprints(Path(model_mod.source(recipe.model))),
+        }
         if resume:
             self.checkpoint = resume_mod.check_resumable(
-                self.run_dir, recipe.to_saved_dict(), self.prepared.fingerprints, force_resume, warn=console.print
+                self.run_dir, recipe.to_saved_dict(), self.fingerprints, force_resume, warn=console.print
             )
             if distributed.is_main():
                 run_files.write_recipe(self.run_dir, recipe)
@@ -215,7 +220,7 @@ class Training:
             self.trainer.add_callback(callback)
         self.nonfinite = resume_mod.NonFiniteGuard(self.recipe.train.max_nonfinite_steps, self.console)
         self.guard = resume_mod.CheckpointGuard(
-            self.prepared.fingerprints, self.recipe.train.save_total_limit, clock=self.progress.elapsed
+            self.fingerprints, self.recipe.train.save_total_limit, clock=self.progress.elapsed
         )
         self.trainer.add_callback(self.nonfinite)
         self.trainer.add_callback(self.guard)
