@@ -72,7 +72,7 @@ ALLOWED = {
     "rundir": {"recipe"},
     "data": {"recipe"},
     "model": {"recipe"},
-    "preflight": {"recipe", "data", "model"},
+    "preflight": {"recipe", "rundir", "data", "model"},
     "train": {"recipe", "rundir", "data", "model", "preflight"},
     "merge": {"recipe", "rundir", "data", "model"},
     "evaluate": {"recipe", "rundir", "data", "model"},

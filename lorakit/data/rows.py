@@ -102,7 +102,15 @@ def read_jsonl(path: str, bad: list[str] | None = None, limit: int | None = None
     return rows
 
 
+MAX_ROW_BYTES = 1 << 20  # 1 MiB of text is ~250k tokens: past any max_length; a 50 MB row aborted the tokenizer
+
+
 def _parse_line(raw: bytes, number: int, path: str) -> list[tuple[int, dict]]:
+    if len(raw) > MAX_ROW_BYTES:
+        raise DataError(
+            f"{path}:{number}: the row is {len(raw) / 2**20:.1f} MiB, over lorakit's limit of "
+            f"{MAX_ROW_BYTES >> 20} MiB per row (longer than any max_length can keep; split it)"
+        )
     try:
         line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as exc:
@@ -113,8 +121,18 @@ def _parse_line(raw: bytes, number: int, path: str) -> list[tuple[int, dict]]:
         row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+    if "\\ud" in line.lower():  # only a \uXXXX escape can make a lone surrogate: not text, tokenizers fail on it
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(
+                f"{path}:{number}: the row holds a lone UTF-16 surrogate ({exc.object[exc.start : exc.end]!r}), "
+                "which is not text"
+            ) from None
     return [(number, row)]
 
 

@@ -8,6 +8,7 @@ the same prepared data the trainer uses (`data.prepare`, its cache included), so
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from lorakit import data as data_mod
 from lorakit.errors import LorakitError
@@ -17,6 +18,7 @@ from lorakit.preflight import plan as plan_mod
 from lorakit.preflight import preview
 from lorakit.recipe.peft_sections import METHOD_NAMES, PROMPT_LEARNING
 from lorakit.recipe.schema import Recipe
+from lorakit.rundir.directory import unwritable
 
 
 @dataclass
@@ -60,6 +62,12 @@ def run(
         )
         findings.append(Finding("target modules", "ok", f"{where}; {counts.lora:,} trainable parameters"))
     _packing(recipe, decided, findings)
+    problem = unwritable(recipe.train.output_dir)
+    findings.append(
+        Finding("output directory", "error", f"train.output_dir: {problem}")
+        if problem
+        else Finding("output directory", "ok", str(Path(recipe.train.output_dir).expanduser().resolve()))
+    )
     attempt("data", lambda: _data(recipe, findings, use_cache))
     if memory:
         attempt("memory", lambda: _memory(recipe, gpu_memory, findings, counts))

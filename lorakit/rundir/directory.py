@@ -62,6 +62,23 @@ def check_free(output_dir: str, overwrite: bool) -> Path:
     return run_dir
 
 
+def unwritable(output_dir: str | Path) -> str | None:
+    """Why a run directory cannot be created or written at `output_dir` (an ancestor that is a file, a
+    read-only filesystem, no permission), or None."""
+    run_dir = Path(output_dir).expanduser().resolve()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if existing != run_dir and not existing.is_dir():
+        return f"{existing} is a file, so no directory can be made under it"
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK):
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return f"{folder} is {'on a read-only filesystem' if read_only else 'not writable by this user'}"
+    return None
+
+
 _SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr", "/var")
 
 

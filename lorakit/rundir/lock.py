@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.rundir.directory import unwritable
 
 HELD = "LORAKIT_RUN_LOCK_HELD"  # the lock file a launching lorakit process holds for the processes it starts
 _open: list = []  # the held lock files stay open (and locked) until the process exits
@@ -34,7 +35,14 @@ def hold_for_writing(run_dir: Path, command: str) -> None:
     path = lock_file(run_dir)
     if os.environ.get(HELD) == str(path):
         return  # the lorakit process that launched this one holds it
-    handle = _opened(path)
+    problem = unwritable(run_dir)
+    if problem:
+        raise LorakitError(f"train.output_dir: {run_dir} cannot be written: {problem}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = _opened(path)
+    except OSError as exc:  # whatever else the filesystem says: where, and its words
+        raise LorakitError(f"train.output_dir: cannot write beside {run_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,0 +1,54 @@
+"""Hostile or broken input ends in a message naming the file and line (or key), never a raw crash
+(issue 20, faults 6 and 9): a lone surrogate, JSON nested 100k deep, a row of megabytes, an output
+directory under a file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import lorakit, tiny_recipe
+
+from lorakit.data import prepare
+from lorakit.errors import DataError
+from lorakit.recipe.schema import DataConfig
+
+GOOD = {"messages": [{"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": "b a"}]}
+
+
+def lines(tmp_path, bad_line: str):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + bad_line + "\n" + (json.dumps(GOOD) + "\n") * 19)
+    return str(path)
+
+
+CASES = {
+    "lone surrogate": ('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+                       "the row holds a lone UTF-16 surrogate ('\\ud800'), which is not text"),
+    "deep nesting": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+    "huge row": (json.dumps({"text": "x" * (2 << 20)}), "the row is 2.0 MiB, over lorakit's limit of 1 MiB per row (longer than any max_length can keep; split it)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_hostile_row_is_a_bad_row_with_its_file_and_line(case, tokenizer, tmp_path):
+    text, message = CASES[case]
+    path = lines(tmp_path, text)
+    with pytest.raises(DataError) as refused:
+        prepare(DataConfig(train=path), tokenizer, seed=0, use_cache=False)
+    assert str(refused.value) == f"{path}:2: {message}"
+    kept = prepare(DataConfig(train=path, on_bad_rows="skip", max_bad_fraction=0.1), tokenizer, seed=0, use_cache=False)
+    assert len(kept.train.input_ids) == 20  # the good rows; the bad one skipped and reported
+
+
+def test_an_output_directory_under_a_file_is_refused_by_train_and_check(tiny_model, tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    recipe = tiny_recipe(tiny_model, tmp_path / "afile" / "run", four_bit=False, steps=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    trained = lorakit("train", str(path))
+    assert trained.returncode == 2 and "Traceback" not in trained.stderr
+    assert f"{tmp_path / 'afile'} is a file, so no directory can be made under it" in " ".join(trained.stderr.split())
+    checked = lorakit("check", str(path))
+    assert checked.returncode == 2 and "output directory" in checked.stdout + checked.stderr
