@@ -52,3 +52,14 @@ def test_an_output_directory_under_a_file_is_refused_by_train_and_check(tiny_mod
     assert f"{tmp_path / 'afile'} is a file, so no directory can be made under it" in " ".join(trained.stderr.split())
     checked = lorakit("check", str(path))
     assert checked.returncode == 2 and "output directory" in checked.stdout + checked.stderr
+
+
+def test_generate_refuses_a_prompt_that_fills_the_models_context(tiny_model, tmp_path):
+    """A prompt far past the context ran for over 300 s before; now it is refused at once (context 512)."""
+    recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert lorakit("train", str(path)).returncode == 0
+    out = lorakit("generate", str(tmp_path / "run"), "--prompt", "reverse: " + "a b " * 2000, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "tokens, and the model's context is 512: nothing can be generated after it" in " ".join(out.stderr.split())

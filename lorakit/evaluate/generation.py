@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.errors import LorakitError
 from lorakit.recipe.schema import EvalConfig
 
 
@@ -37,6 +38,7 @@ def generate(
     model, tokenizer, prompts: list[list[int]], stops: list[int], settings: EvalConfig, batch_size: int, seed: int = 0
 ) -> list[Generation]:
     device = next(model.parameters()).device
+    check_context(model, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
@@ -55,6 +57,18 @@ def generate(
     return results
 
 
+def check_context(model, prompts: list[list[int]]) -> None:
+    """Refuse a prompt that fills the model's whole context: nothing could be generated after it (a prompt
+    far past it ran for minutes before transformers gave up)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for i, prompt in enumerate(prompts, start=1):
+        if context and len(prompt) >= context:
+            raise LorakitError(
+                f"prompt {i} is {len(prompt):,} tokens, and the model's context is {context:,}: nothing can be "
+                "generated after it; shorten it"
+            )
+
+
 @torch.no_grad()
 def stream(
     model, tokenizer, prompt: list[int], stops: list[int], settings: EvalConfig, write, seed: int = 0
@@ -62,6 +76,7 @@ def stream(
     """One reply, its text handed to `write` piece by piece as tokens come (the same decoding as `generate`)."""
     from transformers import TextStreamer
 
+    check_context(model, [prompt])
     hidden = _hidden(tokenizer, stops)
 
     class _Streamer(TextStreamer):
