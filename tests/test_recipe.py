@@ -251,3 +251,22 @@ def test_every_float_setting_must_be_finite(write_recipe):
     assert "lora.lora_dropout: input should be a finite number" in error_of(path, ["lora.lora_dropout=.nan"])
     in_file = write_recipe(base_text().replace("learning_rate: 1e-4", "learning_rate: -.inf"), name="inf")
     assert error_of(in_file) == f"{in_file}:8: train.learning_rate: input should be a finite number (got -inf)"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(write_recipe):
+    """Nine levels of nine aliases (9**9 values) ran for a minute and ended in MemoryError (issue 20, fault 6);
+    the composed document is measured first, each node once."""
+    import time
+
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = write_recipe("\n".join(lines) + "\n", name="bomb")
+    started = time.perf_counter()
+    assert (
+        error_of(path)
+        == f"{path}:6: the YAML expands to more than 100,000 values (aliases of aliases); a recipe is far smaller"
+    )
+    assert time.perf_counter() - started < 5  # it was a minute; here it takes milliseconds
+    huge = write_recipe("x: " + "a" * (1 << 20) + "\n", name="huge")
+    assert error_of(huge) == f"{huge}: 1,048,580 characters; a recipe is limited to 1,048,576"

@@ -67,11 +67,19 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+MAX_TEXT = 1 << 20  # a recipe is a few kilobytes
+MAX_NODES = 100_000  # values once aliases are expanded: a recipe has hundreds; an alias bomb, billions
+
+
 def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    """Parse YAML text into (data, node tree); malformed YAML -> RecipeError with line and column."""
+    """Parse YAML text into (data, node tree); malformed YAML -> RecipeError with line and column. Sizes are
+    bounded before anything is expanded: the text, and the values its aliases would expand to."""
+    if len(text) > MAX_TEXT:
+        raise RecipeError(f"{source}: {len(text):,} characters; a recipe is limited to {MAX_TEXT:,}")
     loader = _StrictLoader(text)
     try:
-        node = loader.get_single_node()
+        node = loader.get_single_node()  # composed: an alias is a reference to its anchor's node, not a copy
+        _check_expansion(node, source)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -80,6 +88,33 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     finally:
         loader.dispose()
     return data, node
+
+
+def _check_expansion(root: yaml.Node | None, source: str) -> None:
+    """Count the values the document expands to, each node's expanded size computed once (so a billion-value
+    alias bomb is counted in microseconds); refuse past MAX_NODES at the line of the node that overflows."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_NODES + 1  # a node that contains itself expands without end
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        if total > MAX_NODES:
+            raise RecipeError(
+                f"{source}:{node.start_mark.line + 1}: the YAML expands to more than {MAX_NODES:,} values "
+                "(aliases of aliases); a recipe is far smaller"
+            )
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
