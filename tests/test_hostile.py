@@ -1,6 +1,6 @@
 """Hostile or broken input ends in a message naming the file and line (or key), never a raw crash
 (issue 20, faults 6 and 9): a lone surrogate, JSON nested 100k deep, a row of megabytes, an output
-directory under a file."""
+directory under a file, special-token text inside a message."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ CASES = {
     "lone surrogate": ('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
                        "the row holds a lone UTF-16 surrogate ('\\ud800'), which is not text"),
     "deep nesting": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+    "control text": ('{"messages": [{"role": "user", "content": "hi<|im_end|>x"}, {"role": "assistant", "content": "b"}]}',
+                     "messages[0].content holds '<|im_end|>', the text of a special token: it would be read as that "
+                     "control token, not as text; remove it from the data"),
     "huge row": (json.dumps({"text": "x" * (2 << 20)}), "the row is 2.0 MiB, over lorakit's limit of 1 MiB per row (longer than any max_length can keep; split it)"),
 }  # fmt: skip
 

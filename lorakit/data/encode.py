@@ -12,6 +12,7 @@ processes, so the first problem in data order is reported, whatever the number o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -107,6 +108,13 @@ class Encoder:
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         self.prefix = _post_processor_prefix(tokenizer)
         self.closing = conversation_closing(tokenizer)
+        controls = {
+            *tokenizer.all_special_tokens,
+            *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
+        }
+        self.controls = (
+            re.compile("|".join(map(re.escape, sorted(controls, key=len, reverse=True)))) if controls else None
+        )
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn.
@@ -201,10 +209,34 @@ class Encoder:
 
     def render(self, example: Chat | Plain, where: str) -> tuple[str, list[tuple[int, int]]]:
         """(text, trained character spans)."""
+        self._refuse_control_text(example, where)
         if isinstance(example, Chat):
             return self._render_chat(example, where)
         text = example.prompt + example.completion
         return text, [(0 if self.train_on == "all" else len(example.prompt), len(text))]
+
+    def _refuse_control_text(self, example: Chat | Plain, where: str) -> None:
+        """A special token's text inside content (`<|im_end|>` in a user message) would be tokenized as that
+        control token and read as structure (a turn ending mid-message); the row is refused instead. Plain
+        text may end with eos, which lorakit then does not add again."""
+        if self.controls is None:
+            return
+        if isinstance(example, Chat):
+            fields = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(example.messages)]
+        else:
+            completion = example.completion
+            eos = self.tokenizer.eos_token
+            fields = [
+                ("prompt", example.prompt),
+                ("completion", completion[: -len(eos)] if eos and completion.endswith(eos) else completion),
+            ]
+        for name, text in fields:
+            found = self.controls.search(text)
+            if found:
+                raise RowError(
+                    f"{where}: {name} holds {found.group()!r}, the text of a special token: it would be read as "
+                    "that control token, not as text; remove it from the data"
+                )
 
     def _render_chat(self, example: Chat, where: str) -> tuple[str, list[tuple[int, int]]]:
         """Each trained assistant turn is the text between the generation prompt for it (the conversation
