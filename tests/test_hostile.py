@@ -60,12 +60,33 @@ def test_an_output_directory_under_a_file_is_refused_by_train_and_check(tiny_mod
     assert checked.returncode == 2 and "output directory" in checked.stdout + checked.stderr
 
 
-def test_generate_refuses_a_prompt_that_fills_the_models_context(tiny_model, tmp_path):
-    """A prompt far past the context ran for over 300 s before; now it is refused at once (context 512)."""
-    recipe = tiny_recipe(tiny_model, tmp_path / "run", four_bit=False, steps=2)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model, root / "run", four_bit=False, steps=2)))
     assert lorakit("train", str(path)).returncode == 0
-    out = lorakit("generate", str(tmp_path / "run"), "--prompt", "reverse: " + "a b " * 2000, timeout=120)
+    return root / "run"
+
+
+def test_generate_refuses_a_prompt_that_fills_the_models_context(run_dir):
+    """A prompt far past the context ran for over 300 s before; now it is refused at once (context 512)."""
+    out = lorakit("generate", str(run_dir), "--prompt", "reverse: " + "a b " * 2000, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "tokens, and the model's context is 512: nothing can be generated after it" in " ".join(out.stderr.split())
+
+
+def test_chat_says_a_line_that_is_not_utf8_and_goes_on(run_dir):
+    import subprocess
+    import sys
+
+    piped = b"\xff\xfe broken\nreverse: a b\n/quit\n"  # bytes, as a pipe delivers them: not through text mode
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "chat", str(run_dir), "--max-new-tokens", "4"],
+        input=piped,
+        capture_output=True,
+        timeout=300,
+    )
+    said = out.stdout.decode("utf-8", "replace")
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert "that line is not UTF-8 text (byte 0); type it again" in said and said.count("tuned>") == 1

@@ -63,6 +63,14 @@ def run(
         except EOFError:
             write("\n")
             return messages
+        except UnicodeDecodeError as exc:  # bytes piped in that are not UTF-8: say so, keep the conversation
+            write(f"that line is not UTF-8 text (byte {exc.start}); type it again\n")
+            continue
+        try:  # a locale that decodes stdin with surrogateescape hands the bad bytes on as lone surrogates
+            line.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            write(f"that line is not UTF-8 text (byte {exc.start}); type it again\n")
+            continue
         text = line.strip()
         if not text:
             continue
