@@ -19,9 +19,12 @@ from lorakit.rundir import lock
 
 
 def metrics_started(run_dir, proc, timeout: float = 120) -> None:
+    """Until `proc` holds the lock (its pid in the lock file) and has started training its own run."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip():
+        held = lock.lock_file(run_dir).is_file() and f'"pid": {proc.pid},' in lock.lock_file(run_dir).read_text()
+        fresh = not (run_dir / "adapter_model.safetensors").exists()  # the copied finished run is gone
+        if held and fresh and (run_dir / "metrics.jsonl").is_file():
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)

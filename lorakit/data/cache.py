@@ -91,14 +91,17 @@ def _hashes(entry: Path) -> dict[str, str]:
 
 
 def _damage(entry: Path, recorded: dict | None) -> str | None:
+    """The first recorded file that is missing or changed. Files added later are datasets' own caches of
+    operations on a loaded split (`cache-*.arrow`), never read in place of the recorded ones."""
     if not isinstance(recorded, dict):
         return "its meta.json records no file hashes"
-    now = _hashes(entry)
-    for name in sorted(set(recorded) | set(now)):
-        if name not in now:
+    for name, digest in sorted(recorded.items()):
+        path = entry / name
+        if not path.is_file():
             return f"{name} is missing"
-        if recorded.get(name) != now[name]:
-            return f"{name} changed since it was written" if name in recorded else f"{name} was added"
+        with open(path, "rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
+                return f"{name} changed since it was written"
     return None
 
 
