@@ -108,13 +108,7 @@ class Encoder:
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         self.prefix = _post_processor_prefix(tokenizer)
         self.closing = conversation_closing(tokenizer)
-        controls = {
-            *tokenizer.all_special_tokens,
-            *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
-        }
-        self.controls = (
-            re.compile("|".join(map(re.escape, sorted(controls, key=len, reverse=True)))) if controls else None
-        )
+        self.controls = _structure_pattern(tokenizer)
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """`datasets.map` function: columns where/example -> input_ids, labels, status, error, end_of_turn.
@@ -335,6 +329,17 @@ def conversation_closing(tokenizer) -> str:
         return ""
     shared, tail = one[: a["offset_mapping"][k][0]], one[a["offset_mapping"][k][0] :]
     return tail if tail.strip() and two.endswith(tail) and "pong" in shared and "pong" not in tail else ""
+
+
+def _structure_pattern(tokenizer):
+    """The special tokens that are structure, not content: bos/eos/pad/unk and those the chat template writes
+    (`<|im_start|>`, `<|eot_id|>`...). Special tokens a recipe adds for its data (model.new_special_tokens) are
+    meant to appear in content and are left alone."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    named = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token} - {None}
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    structure = named | {t for t in {*tokenizer.all_special_tokens, *added} if t in template}
+    return re.compile("|".join(map(re.escape, sorted(structure, key=len, reverse=True)))) if structure else None
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):

@@ -8,18 +8,18 @@ figures. Does not compute them (lorakit.evaluate.compare).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from lorakit.evaluate import metrics as metrics_mod
-from lorakit.rundir.directory import METRICS, staging_for, swap_into_place
+from lorakit.rundir.directory import METRICS, remove_staging, staging_for, staging_path, swap_into_place
 
 
 def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path) -> None:
     """All files into a fresh directory, then swapped in for the previous report."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_for(out)
+    staging = staging_path(out)
     try:
+        staging_for(out)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with open(staging / "samples.jsonl", "w") as handle:
             for i, p in enumerate(prompts):
@@ -32,7 +32,7 @@ def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path)
             loss_curve(run_dir / METRICS, staging / "loss.png")
         swap_into_place(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
 
 
 def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:

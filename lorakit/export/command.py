@@ -6,12 +6,11 @@ examples, and only then moved into place."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError, ModelError, RunFailed
-from lorakit.rundir.directory import MANIFEST, RECIPE, staging_for, swap_into_place
+from lorakit.rundir.directory import MANIFEST, RECIPE, remove_staging, staging_for, staging_path, swap_into_place
 from lorakit.rundir.lock import hold_for_reading
 
 REPORT = "export_report.json"
@@ -112,8 +111,9 @@ def _write_and_check(found: Source, out: Path, outtype: str, name: str, verify: 
     vocab = writer.vocabulary(tokenizer, config["vocab_size"], pre)
     file_name = f"{name}-{outtype}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_for(out)
+    staging = staging_path(out)
     try:
+        staging_for(out)
         console.print(f"writing {file_name} ({outtype}) from {found.merged}", highlight=False)
         if outtype in writer.K_QUANTS:
             counts = writer.write(found.merged, staging / f"{name}-f16.gguf", "f16", vocab, end_of_turn, name)
@@ -149,7 +149,7 @@ def _write_and_check(found: Source, out: Path, outtype: str, name: str, verify: 
             )
         swap_into_place(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
     return report
 
 

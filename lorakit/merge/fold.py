@@ -38,7 +38,15 @@ from lorakit.model import peft_methods as methods
 from lorakit.model import setup as setup_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.recipe.schema import Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE, check_adapter, staging_for, swap_into_place
+from lorakit.rundir.directory import (
+    MANIFEST,
+    RECIPE,
+    check_adapter,
+    remove_staging,
+    staging_for,
+    staging_path,
+    swap_into_place,
+)
 from lorakit.rundir.lock import hold_for_reading
 
 REPORT = "merge_report.json"
@@ -153,8 +161,9 @@ def check_output(out: Path, overwrite: bool, report: str = REPORT, what: str = "
 def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> dict:
     """Stream the merge into a staging directory, verify it, then move it into place."""
     console = console or Console(stderr=True)
-    staging = staging_for(p.output)
+    staging = staging_path(p.output)
     try:
+        staging_for(p.output)
         what = "the combined adapter" if p.combination else p.run_dir.name
         console.print(f"merging {what} into {p.base} ({p.merge_into} weights, {p.dtype})", highlight=False)
         report = {
@@ -184,7 +193,7 @@ def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> d
             )
         swap_into_place(staging, p.output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
     return report
 
 

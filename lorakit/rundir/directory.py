@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -100,14 +101,31 @@ def claim(output_dir: str, overwrite: bool) -> Path:
 STAGING_KINDS = ("partial", "combined", "replaced")
 
 
+def staging_path(out: Path) -> Path:
+    """This process's staging directory for `out`; known before it exists, so a `finally` that removes it
+    covers a signal arriving while it is being made."""
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
 def staging_for(out: Path) -> Path:
-    """A fresh, empty staging directory beside `out` for this process, after removing the ones that
-    processes killed before they could clean up (kill -9, power loss) left behind."""
+    """A fresh, empty staging directory beside `out` for this process (`staging_path`), after removing the
+    ones that processes killed before they could clean up (kill -9, power loss) left behind."""
     remove_stale_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging = staging_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging directory with SIGTERM/SIGINT held back until it is gone (then they act as usual),
+    so a signal cannot stop the cleanup halfway."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
