@@ -43,12 +43,9 @@ def hold_for_writing(run_dir: Path, command: str) -> None:
         handle = _opened(path)
     except OSError as exc:  # whatever else the filesystem says: where, and its words
         raise LorakitError(f"train.output_dir: cannot write beside {run_dir}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        who = _holder(handle)
-        handle.close()
-        raise LorakitError(f"train.output_dir: {run_dir} is in use: {who}; wait for it to end (or stop it)") from None
+    who = _take(handle, fcntl.LOCK_EX)
+    if who:
+        raise LorakitError(f"train.output_dir: {run_dir} is in use: {who}; wait for it to end (or stop it)")
     handle.seek(0)
     handle.truncate()
     since = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -71,13 +68,21 @@ def hold_for_reading(run_dir: Path) -> None:
         handle = _opened(path)
     except OSError:  # a read-only place: nothing can write the run there either
         return
+    who = _take(handle, fcntl.LOCK_SH)
+    if who:
+        raise LorakitError(f"{run_dir} is being written: {who}; wait until it finishes")
+    _open.append(handle)
+
+
+def _take(handle, mode: int) -> str | None:
+    """Lock `handle` in `mode` without waiting; None when taken, else who holds it (the handle closed)."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        return None
     except BlockingIOError:
         who = _holder(handle)
         handle.close()
-        raise LorakitError(f"{run_dir} is being written: {who}; wait until it finishes") from None
-    _open.append(handle)
+        return who
 
 
 def _opened(path: Path):
