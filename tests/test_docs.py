@@ -79,7 +79,7 @@ ALLOWED = {
     "export": {"recipe", "rundir", "data", "model", "merge"},
     "cli": {"recipe", "rundir", "data", "model", "preflight", "train", "merge", "export", "evaluate"},
 }
-SHARED = {"errors", "console", "upstream", "locations", "__version__"}
+SHARED = {"errors", "console", "upstream", "locations", "digest", "staging", "__version__"}
 
 
 def test_imports_follow_the_readme_order():

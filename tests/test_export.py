@@ -142,7 +142,7 @@ def test_k_quants_unknown_types_and_other_architectures_are_refused_by_name(expo
     shutil.copytree(run_dir / "merged", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
-    arch = lorakit("export", str(other), "--output", str(tmp_path / "q"))
+    arch = lorakit("export", str(other), "--output", str(tmp_path / "q"), "--accept-changed-adapter")  # edited
     assert arch.returncode == 2 and "'qwen2' architecture cannot be exported" in arch.stderr
     assert not (tmp_path / "q").exists()
 

@@ -106,3 +106,77 @@ def test_sigterm_during_merge_exits_143_with_a_message_and_leaves_nothing(run_di
     assert proc.returncode == 143 and "terminated by SIGTERM; nothing half-written was kept" in err, err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+
+
+@pytest.fixture(scope="module")
+def merged(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    done = lorakit("merge", str(run_dir), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_a_merged_model_records_its_files_and_a_changed_one_is_refused_unless_accepted(merged, tmp_path):
+    """merge_report.json, written last, holds the sha256 of every file of the merged model; eval, generate
+    and export check them before loading it."""
+    files = json.loads((merged / "merge_report.json").read_text())["files_sha256"]
+    written = {p.relative_to(merged).as_posix() for p in merged.rglob("*") if p.is_file()}
+    assert set(files) == written - {"merge_report.json"} and "model.safetensors" in files
+    assert all(sha256(merged / name) == digest for name, digest in files.items())
+    copy = shutil.copytree(merged, tmp_path / "merged")
+    shard = copy / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0x01
+    shard.write_bytes(bytes(data))
+    expected = f"{shard} (changed): no longer matches the sha256 merge_report.json recorded"
+    for args in (
+        ["eval", str(copy), "--output", str(tmp_path / "eval"), "--max-examples", "2"],
+        ["generate", str(copy), "--prompt", "reverse: a b"],
+        ["export", str(copy), "--output", str(tmp_path / "gguf")],
+    ):
+        out = lorakit(*args)
+        said = " ".join(out.stderr.split())
+        assert out.returncode == 2 and expected in said and "--accept-changed-adapter" in said, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "gguf").exists()
+    accepted = lorakit("generate", str(copy), "--prompt", "reverse: a b", "--accept-changed-adapter")
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert "used anyway (--accept-changed-adapter)" in " ".join(accepted.stderr.split())
+
+
+@pytest.mark.parametrize("garbage", [b'{"status": "compl', b"[1, 2]"])
+def test_a_damaged_manifest_or_merge_report_is_named_not_a_decoding_traceback(run_dir, merged, tmp_path, garbage):
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "manifest.json").write_bytes(garbage)
+    model = shutil.copytree(merged, tmp_path / "merged")
+    (model / "merge_report.json").write_bytes(garbage)
+    for args, damaged in (
+        (["merge", str(run), "--output", str(tmp_path / "out")], run / "manifest.json"),
+        (["eval", str(run), "--output", str(tmp_path / "out")], run / "manifest.json"),
+        (["generate", str(model), "--prompt", "reverse: a b"], model / "merge_report.json"),
+        (["export", str(model), "--output", str(tmp_path / "out")], model / "merge_report.json"),
+    ):
+        out = lorakit(*args)
+        said = " ".join(out.stderr.split())
+        assert out.returncode == 2 and f"{damaged}:" in said and "Traceback" not in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_gguf_conversion_is_removed_to_be_converted_again(tmp_path, capsys):
+    """The cached transformers checkpoint of a GGUF base records its files' hashes in its marker, last."""
+    from lorakit.digest import folder_sha256
+    from lorakit.model import gguf
+
+    folder = tmp_path / "conversion"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (folder / "config.json").write_text("{}")
+    info = {"format": gguf.FORMAT, "files_sha256": folder_sha256(folder)}
+    (folder / gguf.MARKER).write_text(json.dumps(info))
+    assert gguf._intact(folder) == info and folder.is_dir()
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 3)
+    assert gguf._intact(folder) is None and not folder.exists()
+    assert "is damaged (model.safetensors (changed)): converting again" in capsys.readouterr().err
+    folder.mkdir()
+    (folder / gguf.MARKER).write_text("{garbage")
+    assert gguf._intact(folder) is None and not folder.exists()

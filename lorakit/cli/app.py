@@ -38,7 +38,8 @@ TEMP = typer.Option("--temperature", help="Sampling temperature.")
 TOP_P = typer.Option("--top-p", help="Nucleus sampling mass.")
 ACCEPT_CHANGED = typer.Option(
     "--accept-changed-adapter",
-    help="Use a run whose adapter files no longer match the sha256 its manifest recorded (refused otherwise).",
+    help="Use an adapter (or a merged model) whose files no longer match the sha256 recorded when lorakit wrote "
+    "them (manifest.json, merge_report.json); refused otherwise.",
 )
 
 

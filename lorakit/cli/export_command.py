@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lorakit.cli.app import app, guarded, json_out
+from lorakit.cli.app import ACCEPT_CHANGED, app, guarded, json_out
 
 
 @app.command()
@@ -40,6 +40,7 @@ def export(
         bool, typer.Option("--overwrite", help="Replace an earlier export in the output directory.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the export report as JSON on stdout.")] = False,
+    accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
 ) -> None:
     """Write a run's merged model as one GGUF file (weights, tokenizer, chat template, end-of-turn token) and an
     Ollama Modelfile whose TEMPLATE and stop tokens match the run, verified by reading the file back through
@@ -52,7 +53,14 @@ def export(
 
         console = Console(stderr=True)
         done = export_model(
-            source, fmt=fmt, outtype=outtype, output=output, overwrite=overwrite, verify=not no_verify, console=console
+            source,
+            fmt=fmt,
+            outtype=outtype,
+            output=output,
+            overwrite=overwrite,
+            verify=not no_verify,
+            console=console,
+            accept_changed_adapter=accept_changed_adapter,
         )
         check = done.report.get("verification")
         if check:

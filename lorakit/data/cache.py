@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lorakit import __version__
 from lorakit.data.templates import chosen_template
+from lorakit.digest import damaged, folder_sha256
 from lorakit.locations import cache_root
 from lorakit.recipe.schema import DataConfig
 
@@ -82,12 +83,7 @@ def load(key: str):
 
 
 def _hashes(entry: Path) -> dict[str, str]:
-    files = sorted(p for p in entry.rglob("*") if p.is_file() and p.name != "meta.json")
-    out = {}
-    for path in files:
-        with open(path, "rb") as handle:
-            out[str(path.relative_to(entry))] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return out
+    return folder_sha256(entry, skip=("meta.json",))
 
 
 def _damage(entry: Path, recorded: dict | None) -> str | None:
@@ -95,14 +91,11 @@ def _damage(entry: Path, recorded: dict | None) -> str | None:
     operations on a loaded split (`cache-*.arrow`), never read in place of the recorded ones."""
     if not isinstance(recorded, dict):
         return "its meta.json records no file hashes"
-    for name, digest in sorted(recorded.items()):
-        path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        with open(path, "rb") as handle:
-            if hashlib.file_digest(handle, "sha256").hexdigest() != digest:
-                return f"{name} changed since it was written"
-    return None
+    found = damaged(entry, recorded)
+    if not found:
+        return None
+    name, state = found[0][:-1].rsplit(" (", 1)
+    return f"{name} is missing" if state == "missing" else f"{name} changed since it was written"
 
 
 def store(key: str, meta: dict, splits: dict) -> None:

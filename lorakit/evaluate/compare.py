@@ -14,7 +14,6 @@ lorakit.evaluate.report.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ from lorakit.model import base as model_mod
 from lorakit.model import scoring
 from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import EvalConfig, Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE, adapter_hashes, check_adapter
+from lorakit.rundir.directory import MANIFEST, RECIPE, adapter_hashes, check_adapter, check_files, read_record
 from lorakit.rundir.lock import hold_for_reading
 
 
@@ -75,7 +74,16 @@ def resolve(target: str | Path, adapter: str | None = None, accept_changed_adapt
     if path.is_file():
         raise LorakitError(f"{target} is a recipe; give the adapter to evaluate with --adapter")
     if (path / "merge_report.json").is_file():
-        report = json.loads((path / "merge_report.json").read_text())
+        report = read_record(path / "merge_report.json")
+        notice = check_files(
+            path,
+            report.get("files_sha256") or {},
+            "merge_report.json",
+            "the merged model that was verified",
+            accept_changed_adapter,
+        )
+        if notice:
+            print(notice, file=sys.stderr)
         run_dir = Path(report["run"])  # a combination's first run: its recipe, but not its loss curve
         recipe = load_recipe(run_dir / RECIPE)
         recipe.model.name_or_path = report["base"]
@@ -90,7 +98,7 @@ def resolve(target: str | Path, adapter: str | None = None, accept_changed_adapt
         )
     if not (path / MANIFEST).is_file():
         raise LorakitError(f"{target} is an incomplete run (no {MANIFEST})")
-    notice = check_adapter(path, json.loads((path / MANIFEST).read_text()), accept_changed_adapter)
+    notice = check_adapter(path, read_record(path / MANIFEST), accept_changed_adapter)
     if notice:
         print(notice, file=sys.stderr)
     return Target("run", path, load_recipe(path / RECIPE), path)

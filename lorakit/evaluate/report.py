@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from lorakit.evaluate import metrics as metrics_mod
-from lorakit.rundir.directory import METRICS, remove_staging, staging_for, staging_path, swap_into_place
+from lorakit.rundir.directory import METRICS
+from lorakit.staging import remove_staging, staging_for, staging_path, swap_into_place
 
 
 def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path) -> None:

@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError, ModelError, RunFailed
-from lorakit.rundir.directory import MANIFEST, RECIPE, remove_staging, staging_for, staging_path, swap_into_place
+from lorakit.rundir.directory import (
+    MANIFEST,
+    RECIPE,
+    check_adapter,
+    check_files,
+    read_record,
+)
 from lorakit.rundir.lock import hold_for_reading
+from lorakit.staging import remove_staging, staging_for, staging_path, swap_into_place
 
 REPORT = "export_report.json"
 MERGE_REPORT = "merge_report.json"
@@ -37,7 +44,17 @@ class Exported:
     merged_now: dict | None
 
 
-def export(source: Path, *, fmt: str, outtype: str, output: Path | None, overwrite: bool, verify: bool, console):
+def export(
+    source: Path,
+    *,
+    fmt: str,
+    outtype: str,
+    output: Path | None,
+    overwrite: bool,
+    verify: bool,
+    console,
+    accept_changed_adapter: bool = False,
+):
     from lorakit.merge import fold
 
     if fmt != "gguf":
@@ -45,7 +62,7 @@ def export(source: Path, *, fmt: str, outtype: str, output: Path | None, overwri
     from lorakit.console import quiet_libraries
 
     quiet_libraries()
-    found = _source(Path(source).expanduser().resolve(), console)
+    found = _source(Path(source).expanduser().resolve(), console, accept_changed_adapter)
     from lorakit.export import writer
 
     config = json.loads((found.merged / "config.json").read_text())
@@ -62,26 +79,36 @@ def export(source: Path, *, fmt: str, outtype: str, output: Path | None, overwri
     return Exported(report, out, found.merge_report)
 
 
-def _source(path: Path, console) -> Source:
-    """A merge directory, or a run (its verified merge, made now when it has none)."""
+def _source(path: Path, console, accept_changed: bool) -> Source:
+    """A merge directory, or a run (its verified merge, made now when it has none). A merged model whose
+    files no longer match the hashes its merge report recorded is refused (or used, with `accept_changed`)."""
     if (path / MERGE_REPORT).is_file() and (path / "config.json").is_file():
-        report = json.loads((path / MERGE_REPORT).read_text())
+        report = _merged(path, console, accept_changed)
         run = Path(report.get("run", ""))
         return Source(path, run if (run / MANIFEST).is_file() else None, None)
     hold_for_reading(path)
     if (path / RECIPE).is_file() and (path / "adapter_config.json").is_file():
         merged = path / "merged"
         if (merged / MERGE_REPORT).is_file():
-            report = json.loads((merged / MERGE_REPORT).read_text())
-            if report.get("verification", {}).get("passed"):
+            check_adapter(path, read_record(path / MANIFEST), accept_changed)
+            if _merged(merged, console, accept_changed).get("verification", {}).get("passed"):
                 return Source(merged, path, None)
         from lorakit.merge import fold
 
         console.print(f"{path.name} has no verified merge: merging it first (lorakit merge {path})", highlight=False)
-        job = fold.plan(path, overwrite=merged.exists())
+        job = fold.plan(path, overwrite=merged.exists(), accept_changed_adapter=accept_changed)
         made = fold.run(job, check=True, console=console)
         return Source(job.output, path, made)
     raise LorakitError(f"{path} is neither a lorakit run nor a merged model (no {RECIPE} or {MERGE_REPORT})")
+
+
+def _merged(path: Path, console, accept_changed: bool) -> dict:
+    report = read_record(path / MERGE_REPORT)
+    meaning = "the merged model that was verified"
+    notice = check_files(path, report.get("files_sha256") or {}, MERGE_REPORT, meaning, accept_changed)
+    if notice:
+        console.print(notice, highlight=False)
+    return report
 
 
 def _default_output(found: Source) -> Path:
@@ -96,7 +123,7 @@ def _write_and_check(found: Source, out: Path, outtype: str, name: str, verify: 
     from lorakit.export import ollama, writer
 
     tokenizer = AutoTokenizer.from_pretrained(found.merged)
-    manifest = json.loads((found.run_dir / MANIFEST).read_text()) if found.run_dir else {}
+    manifest = read_record(found.run_dir / MANIFEST) if found.run_dir else {}
     end_of_turn = _end_of_turn(found, manifest, tokenizer)
     recipe = _recipe(found)
     conversations = _conversations(recipe)

@@ -25,7 +25,7 @@ from lorakit.merge import weighted as combination_mod
 from lorakit.model import base as model_mod
 from lorakit.model import shards as ckpt_mod
 from lorakit.rundir import group as runset
-from lorakit.rundir.directory import remove_stale_staging, swap_into_place
+from lorakit.staging import remove_stale_staging, swap_into_place
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties")
 USES_DENSITY = ("ties", "dare_linear", "dare_ties")

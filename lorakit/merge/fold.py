@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lorakit.digest import folder_sha256
 from lorakit.errors import LorakitError, ModelError, RunFailed
 from lorakit.merge import skeleton as adapter_mod
 from lorakit.merge import verify
@@ -42,12 +43,10 @@ from lorakit.rundir.directory import (
     MANIFEST,
     RECIPE,
     check_adapter,
-    remove_staging,
-    staging_for,
-    staging_path,
-    swap_into_place,
+    read_record,
 )
 from lorakit.rundir.lock import hold_for_reading
+from lorakit.staging import remove_staging, staging_for, staging_path, swap_into_place
 
 REPORT = "merge_report.json"
 TOKENIZER_FILES = (
@@ -103,7 +102,7 @@ def plan(
     if reason:
         raise LorakitError(f"{run_dir}: {reason}")
     recipe = load_recipe(run_dir / RECIPE)
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest = read_record(run_dir / MANIFEST)
     notice = check_adapter(run_dir, manifest, accept_changed_adapter)
     if notice:
         print(notice, file=sys.stderr)
@@ -177,8 +176,9 @@ def run(p: MergeJob, *, check: bool = True, console: Console | None = None) -> d
         _write_companions(p, staging)
         if check:
             report["verification"] = _verify(p, staging)
-        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         _write_card(p, staging, report)
+        report["files_sha256"] = folder_sha256(staging)  # last: readers (eval, export) check the model against it
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if check and not report["verification"]["passed"]:
             failed = (
                 p.output.parent / f"{p.output.name}.merge_report.failed.json"

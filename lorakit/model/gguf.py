@@ -26,12 +26,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.digest import damaged, file_sha256, folder_sha256
 from lorakit.errors import ModelError
 from lorakit.locations import cache_root
 from lorakit.recipe.schema import ModelConfig
+from lorakit.staging import remove_staging, staging_for, staging_path
 
 MARKER = "lorakit-gguf.json"
-FORMAT = 1  # bump when the converted layout changes
+FORMAT = 2  # bump when the converted layout changes
 _DONE: dict[tuple, GgufBase] = {}  # one conversion check per file per process
 
 
@@ -77,18 +79,38 @@ def materialize(cfg: ModelConfig) -> GgufBase:
         return _DONE[key]
     digest = hashlib.sha256(json.dumps([*key, FORMAT]).encode()).hexdigest()[:24]
     directory = cache_root() / "gguf" / digest
-    marker = directory / MARKER
-    if marker.is_file():
-        info = json.loads(marker.read_text())
+    info = _intact(directory)
+    if info:
         base = GgufBase(
             file, directory, info["sha256"], info["architecture"], info["tensor_types"], info.get("tokenizer_pre")
         )
     else:
         architecture, types, pre = _inspect(file)
-        base = GgufBase(file, directory, _sha256(file), architecture, types, pre)
+        base = GgufBase(file, directory, file_sha256(file), architecture, types, pre)
         _convert(base, cfg)
     _DONE[key] = base
     return base
+
+
+def _intact(directory: Path) -> dict | None:
+    """The conversion's marker when every file it recorded is as written; a damaged conversion (a flipped
+    bit, a truncated shard, a garbage marker) is removed with a notice, to be converted again."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        problem = damaged(directory, info["files_sha256"]) if isinstance(info, dict) else ["its marker"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        problem = [f"{MARKER} (unreadable)"]
+    if not problem:
+        return info
+    print(
+        f"notice: the GGUF conversion in {directory} is damaged ({', '.join(problem)}): converting again",
+        file=sys.stderr,
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    return None
 
 
 def _local_file(cfg: ModelConfig) -> Path:
@@ -156,9 +178,9 @@ def _convert(base: GgufBase, cfg: ModelConfig) -> None:
         f"in {base.directory} (once)",
         file=sys.stderr,
     )
-    staging = base.directory.with_name(f"{base.directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_path(base.directory)
     try:
+        staging_for(base.directory)  # and the conversions of killed processes go
         folder, name = str(base.file.parent), base.file.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         # dequantize: a plain dense model (transformers otherwise keeps the GGUF blocks packed, not trainable)
@@ -168,15 +190,11 @@ def _convert(base: GgufBase, cfg: ModelConfig) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         record = {"format": FORMAT, **base.record(), "dtype": str(dtype).replace("torch.", "")}
+        record["files_sha256"] = folder_sha256(staging)  # last: `_intact` checks the conversion against it
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n")
         if base.directory.exists():  # another process converted it meanwhile
             shutil.rmtree(staging)
         else:
             os.replace(staging, base.directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        remove_staging(staging)

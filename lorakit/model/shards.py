@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.digest import file_sha256
 from lorakit.errors import ModelError
 
 INDEX = "model.safetensors.index.json"
@@ -64,7 +65,7 @@ def base_fingerprints(directory: Path) -> dict[str, str]:
     out = {}
     for name in BASE_FILES:
         if (directory / name).is_file():
-            out[f"base {name}"] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            out[f"base {name}"] = file_sha256(directory / name)
     for weights in sorted(directory.glob("*.safetensors")):
         size = weights.stat().st_size
         digest = hashlib.sha256(str(size).encode())

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from lorakit import __version__
+from lorakit.digest import damaged, folder_sha256
 from lorakit.errors import LorakitError
 from lorakit.recipe.peft_sections import METHOD_NAMES
 from lorakit.recipe.schema import Recipe
@@ -96,71 +96,6 @@ def claim(output_dir: str, overwrite: bool) -> Path:
     return run_dir
 
 
-# `.OUT.partial-PID` being written, `.OUT.combined-PID` a combination laid out like a run, `.OUT.replaced-PID`
-# the previous output moved aside
-STAGING_KINDS = ("partial", "combined", "replaced")
-
-
-def staging_path(out: Path) -> Path:
-    """This process's staging directory for `out`; known before it exists, so a `finally` that removes it
-    covers a signal arriving while it is being made."""
-    return out.parent / f".{out.name}.partial-{os.getpid()}"
-
-
-def staging_for(out: Path) -> Path:
-    """A fresh, empty staging directory beside `out` for this process (`staging_path`), after removing the
-    ones that processes killed before they could clean up (kill -9, power loss) left behind."""
-    remove_stale_staging(out)
-    staging = staging_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def remove_staging(staging: Path) -> None:
-    """Remove a staging directory with SIGTERM/SIGINT held back until it is gone (then they act as usual),
-    so a signal cannot stop the cleanup halfway."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove `.OUT.partial-PID` / `.OUT.replaced-PID` beside `out` whose process no longer runs."""
-    removed = []
-    for kind in STAGING_KINDS:
-        for path in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def swap_into_place(staging: Path, out: Path) -> None:
-    """Put a finished output directory (merge, combined adapter, eval report) where the earlier one was: the
-    earlier one is moved aside, not deleted, until the new one is in place, so a failure never leaves neither."""
-    previous = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     text = yaml.safe_dump(recipe.to_saved_dict(), sort_keys=False, allow_unicode=True)
     (run_dir / RECIPE).write_text("# written by lorakit: the validated recipe of this run\n" + text, encoding="utf-8")
@@ -189,12 +124,7 @@ ACCEPT_FLAG = "--accept-changed-adapter"
 
 def adapter_hashes(run_dir: Path) -> dict[str, str]:
     """sha256 of the adapter's files as training wrote them, for manifest.json."""
-    hashes = {}
-    for name in ADAPTER_FILES:
-        if (run_dir / name).is_file():
-            with open(run_dir / name, "rb") as handle:
-                hashes[name] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return hashes
+    return folder_sha256(run_dir, ADAPTER_FILES)
 
 
 def check_adapter(run_dir: Path, manifest: dict, accept_changed: bool = False) -> str | None:
@@ -202,17 +132,34 @@ def check_adapter(run_dir: Path, manifest: dict, accept_changed: bool = False) -
     (bytes flipped, a file replaced): merging or evaluating it would measure something else. With
     `accept_changed`, returns the notice to print instead. Runs of an older lorakit record no hashes."""
     recorded = manifest.get("adapter_sha256") or {}
-    now = adapter_hashes(run_dir) if recorded else {}
-    changed = [name for name, digest in recorded.items() if now.get(name) != digest]
+    return check_files(run_dir, recorded, MANIFEST, "the adapter that was trained", accept_changed)
+
+
+def check_files(folder: Path, recorded: dict, record: str, meaning: str, accept_changed: bool) -> str | None:
+    """Refuse `folder` when files `record` hashed when they were written are now missing or changed (or
+    return the notice to print, with `accept_changed`). `meaning`: what the files were, for the message."""
+    changed = damaged(folder, recorded if isinstance(recorded, dict) else {})
     if not changed:
         return None
-    what = ", ".join(f"{run_dir / name} ({'missing' if name not in now else 'changed'})" for name in changed)
+    what = ", ".join(f"{folder / name}" for name in changed)
     if accept_changed:
-        return f"warning: {what}: no longer as training wrote it ({MANIFEST}); used anyway ({ACCEPT_FLAG})"
+        return f"warning: {what}: no longer as lorakit wrote it ({record}); used anyway ({ACCEPT_FLAG})"
     raise LorakitError(
-        f"{what}: no longer matches the sha256 {MANIFEST} recorded when training finished, so it is not the "
-        f"adapter that was trained; pass {ACCEPT_FLAG} to use it anyway"
+        f"{what}: no longer matches the sha256 {record} recorded when it was written, so it is not "
+        f"{meaning}; pass {ACCEPT_FLAG} to use it anyway"
     )
+
+
+def read_record(path: Path) -> dict:
+    """A JSON record lorakit wrote (manifest.json, merge_report.json), or an error naming the file and what
+    is wrong with it, never a bare decoding error."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LorakitError(f"{path}: cannot be read as JSON ({err}); it was damaged after lorakit wrote it") from None
+    if not isinstance(value, dict):
+        raise LorakitError(f"{path}: holds a JSON {type(value).__name__}, not the object lorakit wrote")
+    return value
 
 
 def write_manifest(run_dir: Path, recipe: Recipe, details: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 from lorakit.recipe.schema import Recipe
-from lorakit.rundir.directory import MANIFEST, RECIPE, check_adapter
+from lorakit.rundir.directory import MANIFEST, RECIPE, check_adapter, read_record
 from lorakit.rundir.lock import hold_for_reading
 
 RESERVED = ("base", "tuned", "where", "prompt", "reference")  # names eval reports already use
@@ -49,7 +49,7 @@ def read(paths: list[str | Path], accept_changed_adapter: bool = False) -> list[
             raise LorakitError(f"{path} is not a lorakit run (no {RECIPE} or adapter_config.json)")
         if not (path / MANIFEST).is_file():
             raise LorakitError(f"{path} is an incomplete run (no {MANIFEST}: training did not finish)")
-        notice = check_adapter(path, json.loads((path / MANIFEST).read_text()), accept_changed_adapter)
+        notice = check_adapter(path, read_record(path / MANIFEST), accept_changed_adapter)
         if notice:
             print(notice, file=sys.stderr)
     names = unique_names([p.name for p in resolved])
@@ -58,7 +58,7 @@ def read(paths: list[str | Path], accept_changed_adapter: bool = False) -> list[
             path,
             name,
             load_recipe(path / RECIPE),
-            json.loads((path / MANIFEST).read_text()),
+            read_record(path / MANIFEST),
             json.loads((path / "adapter_config.json").read_text()),
         )
         for path, name in zip(resolved, names)

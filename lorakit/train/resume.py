@@ -10,7 +10,6 @@ turns a preemption into a complete checkpoint and a resumable exit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
+from lorakit.digest import file_sha256
 from lorakit.errors import LorakitError
 from lorakit.train import distributed
 
@@ -62,7 +62,7 @@ def write_marker(checkpoint: Path, step: int, fingerprints: dict, train_seconds:
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER):
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-            files[str(path.relative_to(checkpoint))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(checkpoint))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     missing = [name for name in REQUIRED if name not in files]
     if missing:
         raise LorakitError(f"{checkpoint}: the trainer wrote no {', '.join(missing)}; the checkpoint cannot resume")
@@ -127,7 +127,7 @@ def _damage(checkpoint: Path, marker: dict) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} changed since it was written"
     return None
 
@@ -302,8 +302,3 @@ def _step(path: Path) -> int:
         return int(path.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return -1
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
