@@ -30,9 +30,6 @@ CASES = {
     "control text": ('{"messages": [{"role": "user", "content": "hi<|im_end|>x"}, {"role": "assistant", "content": "b"}]}',
                      "messages[0].content holds '<|im_end|>', the text of a special token: it would be read as that "
                      "control token, not as text; remove it from the data"),
-    "10,000 turns": (json.dumps({"messages": [{"role": r, "content": "x"} for _ in range(5000) for r in ("user", "assistant")]}),
-                     "`messages` has 10,000 messages; lorakit masks conversations of up to 1,024 (each reply's mask "
-                     "renders the conversation before it); split it"),
     "huge row": (json.dumps({"text": "x" * (2 << 20)}), "the row is 2.0 MiB, over lorakit's limit of 1 MiB per row (longer than any max_length can keep; split it)"),
 }  # fmt: skip
 

@@ -264,3 +264,62 @@ def test_a_template_whose_end_of_turn_is_not_a_special_token_of_the_tokenizer_is
     cfg = DataConfig(train=str(path), chat_template=str(BY_NAME["llama3.1"].template))
     with pytest.raises(DataError, match=r"chats\.jsonl:1: a trained turn ends in .*not in an end-of-turn/eos token"):
         prepare(cfg, tokenizer, seed=0, use_cache=False)  # the tiny tokenizer has no <|eot_id|>
+
+
+LONG = [  # more replies than lorakit renders one by one: the middle ones are found in one rendering
+    message
+    for k in range(8)
+    for message in ({"role": "user", "content": f"Name colour {k}."}, {"role": "assistant", "content": f"Colour {k}"})
+]
+
+
+@ids(KEPT_HISTORY)
+def test_every_reply_of_a_long_conversation_is_trained_after_its_own_generation_prompt(family, tokenizer, tmp_path):
+    data, tok = prepared(tmp_path, family, tokenizer, [LONG])
+    example_ids, labels = data.train.input_ids[0], data.train.labels[0]
+    runs = trained_runs(example_ids, labels)
+    assert [tok.decode(example_ids[a : b - 1]).strip() for a, b in runs] == [f"Colour {k}" for k in range(8)]
+    for (start, _), turn in zip(runs, range(1, len(LONG), 2)):
+        assert prompt_ids(tok, LONG[:turn]) == example_ids[:start]
+
+
+def test_masking_renders_a_conversation_a_fixed_number_of_times_whatever_its_length(tokenizer, tmp_path):
+    """Per-example work is linear in the number of turns: 10,000 messages cost the same few renderings as 16."""
+    family = BY_NAME["qwen2.5"]
+    renders = []
+    original = family.tokenizer(tokenizer).apply_chat_template
+
+    def counted(*args, **kwargs):
+        renders.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    tokenizer.apply_chat_template = counted  # counts the calls; the real template renders each one
+    path = tmp_path / "chats.jsonl"
+    turns = [{"role": r, "content": f"{r} {k}"} for k in range(5000) for r in ("user", "assistant")]
+    path.write_text(json.dumps({"messages": LONG}) + "\n" + json.dumps({"messages": turns}) + "\n")
+    cfg = DataConfig(train=str(path), chat_template=str(family.template), max_length=200_000)
+    data = prepare(cfg, tokenizer, seed=0, use_cache=False)
+    per_row = {n: renders.count(n) for n in (len(LONG), len(turns))}
+    assert per_row == {16: 2, 10_000: 2}  # the conversation, and once more with markers for its contents
+    partial = [n for n in renders if n not in per_row]  # the end-of-turn probe's two; before/through 3 replies a row
+    assert len(partial) <= 2 + 2 * 5 and max(partial) == len(turns) - 1
+    assert len(trained_runs(data.train.input_ids[1], data.train.labels[1])) == 5000
+
+
+TRIMMING = (  # a template that rewrites reply text (strips it), so replies cannot be found in one rendering
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_replies_has_each_rendered_and_a_bound_on_how_many(tokenizer, tmp_path):
+    template = tmp_path / "trim.jinja"
+    template.write_text(TRIMMING)
+    family = Family("trim", template, None, "<|endoftext|>", ("<|im_start|>", "<|im_end|>"), "<|im_end|>")
+    data, tok = prepared(tmp_path, family, tokenizer, [LONG])
+    runs = trained_runs(data.train.input_ids[0], data.train.labels[0])
+    assert [tok.decode(data.train.input_ids[0][a : b - 1]) for a, b in runs] == [f"Colour {k}" for k in range(8)]
+    many = [{"role": r, "content": f" {r} {k} "} for k in range(600) for r in ("user", "assistant")]
+    with pytest.raises(DataError, match=r"chats\.jsonl:1: the chat template does not frame every reply the same "
+                       r"way, .* up to 512 replies per conversation and this one trains 600; split it"):  # fmt: skip
+        prepared(tmp_path, family, tokenizer, [many])

@@ -236,34 +236,119 @@ class Encoder:
         """Each trained assistant turn is the text between the generation prompt for it (the conversation
         before it, add_generation_prompt=True) and the end of the conversation rendered through it; both
         must be prefixes of the whole rendering, or the model would be trained on text that generation
-        never shows it (`_unmaskable` says which way the template breaks that)."""
-        render = self.tokenizer.apply_chat_template
+        never shows it (`_unmaskable` says which way the template breaks that).
+
+        Rendering those prefixes for every reply is quadratic in the number of turns, so it is done for the
+        first two and the last trained reply; the others are found in one more rendering of the conversation
+        (`_content_positions`) and must be framed exactly as those are, or they are rendered too, up to
+        EXACT_REPLIES per conversation."""
         messages = example.messages
-        full = render(messages, tokenize=False)
+        full = self.tokenizer.apply_chat_template(messages, tokenize=False)
         closing = self.closing if self.closing and full.endswith(self.closing) else ""
         body = full[: len(full) - len(closing)]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example.trained_from]
         if self.train_on == "last_assistant":
             turns = turns[-1:]
+        exact = {i: self._exact_span(messages, i, body, closing, where) for i in sorted({*turns[:2], *turns[-1:]})}
+        located = self._content_positions(messages, full) if len(turns) > len(exact) else None
+        frames = _frames(full, exact, messages, located) if located else {}
         spans = []
         for i in turns:
-            through = body if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
-            if closing and through.endswith(closing) and i != len(messages) - 1:
-                through = through[: -len(closing)]
-            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            problem = _unmaskable(messages, i, before, through, body)
-            if problem:
-                raise DataError(f"{where}: {problem}; lorakit cannot mask this conversation under this template")
-            start = len(before) if i else through.find(messages[0]["content"])  # after bos and the turn's header
-            if start < 0:
-                raise RowError(
-                    f"{where}: the conversation opens with an assistant turn whose text the template "
-                    "changes, so where it starts cannot be found"
-                )
-            spans.append((start, len(through.rstrip())))  # the end-of-turn token is trained, not the newline
+            span = exact.get(i) or _framed_span(full, messages, i, located, frames)
+            if span is None:
+                if len(exact) >= EXACT_REPLIES:
+                    raise RowError(
+                        f"{where}: the chat template does not frame every reply the same way, so each reply's "
+                        "mask must render the conversation before it; lorakit does that for up to "
+                        f"{EXACT_REPLIES} replies per conversation and this one trains {len(turns):,}; split it"
+                    )
+                span = exact[i] = self._exact_span(messages, i, body, closing, where)
+            spans.append(span)
         if self.train_on == "all" and spans:
             spans = [(0, spans[-1][1])]
         return full, spans
+
+    def _exact_span(self, messages: list[dict], i: int, body: str, closing: str, where: str) -> tuple[int, int]:
+        """The trained span of assistant turn `i`, from renderings of the conversation before and through it."""
+        render = self.tokenizer.apply_chat_template
+        through = body if i == len(messages) - 1 else render(messages[: i + 1], tokenize=False)
+        if closing and through.endswith(closing) and i != len(messages) - 1:
+            through = through[: -len(closing)]
+        before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        problem = _unmaskable(messages, i, before, through, body)
+        if problem:
+            raise DataError(f"{where}: {problem}; lorakit cannot mask this conversation under this template")
+        start = len(before) if i else through.find(messages[0]["content"])  # after bos and the turn's header
+        if start < 0:
+            raise RowError(
+                f"{where}: the conversation opens with an assistant turn whose text the template "
+                "changes, so where it starts cannot be found"
+            )
+        return start, len(through.rstrip())  # the end-of-turn token is trained, not the newline
+
+    def _content_positions(self, messages: list[dict], full: str) -> list[int] | None:
+        """Where each message's content starts in `full`: the conversation is rendered once more with each
+        content replaced by a marker, and the markers' places count only if putting the contents back gives
+        `full` exactly (so a template that rewrites or reads content gives None)."""
+        if any(MARK in m["content"] for m in messages):
+            return None
+        marks = [f"{MARK}{i}{MARK}" for i in range(len(messages))]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m, content=mark) for m, mark in zip(messages, marks)], tokenize=False
+            )
+        except (TemplateError, TypeError, ValueError):
+            return None
+        if text.count(MARK) != 2 * len(messages):
+            return None
+        pieces, positions, cursor, shift = [], [], 0, 0
+        for message, mark in zip(messages, marks):
+            at = text.find(mark, cursor)
+            if at < 0:
+                return None
+            pieces += [text[cursor:at], message["content"]]
+            positions.append(at + shift)
+            cursor = at + len(mark)
+            shift += len(message["content"]) - len(mark)
+        pieces.append(text[cursor:])
+        return positions if "".join(pieces) == full else None
+
+
+EXACT_REPLIES = 512  # replies rendered one by one in a conversation whose template frames them unevenly
+MARK = "\U000f0000"  # a private-use character, in no template: it marks where a message's content goes
+
+Frame = tuple[str, int, str]  # text from the previous message's content to the reply's (the last n of it
+# trained: a header the template writes after the generation prompt), and the trained text after the reply's
+
+
+def _frames(full: str, exact: dict, messages: list[dict], located: list[int]) -> dict[str, Frame]:
+    """How the template frames a reply, by the role of the message before it, learnt from the replies
+    rendered exactly; a role whose replies disagree has no frame (its replies are rendered exactly too)."""
+    seen: dict[str, set[Frame]] = {}
+    for i, (start, stop) in exact.items():
+        if i == 0:
+            continue
+        previous_end = located[i - 1] + len(messages[i - 1]["content"])
+        content_end = located[i] + len(messages[i]["content"])
+        if not previous_end <= start <= located[i] <= content_end <= stop:
+            continue
+        lead, tail = full[previous_end : located[i]], full[content_end:stop]
+        seen.setdefault(messages[i - 1]["role"], set()).add((lead, located[i] - start, tail))
+    return {role: found.pop() for role, found in seen.items() if len(found) == 1}
+
+
+def _framed_span(full: str, messages: list[dict], i: int, located, frames: dict[str, Frame]):
+    """The trained span of reply `i` found in the one rendering, if the template framed it as it framed the
+    replies rendered exactly after a message of the same role; None otherwise."""
+    frame = frames.get(messages[i - 1]["role"]) if located and i else None
+    if frame is None:
+        return None
+    lead, trained_lead, tail = frame
+    previous_end = located[i - 1] + len(messages[i - 1]["content"])
+    content_end = located[i] + len(messages[i]["content"])
+    if full[previous_end : located[i]] != lead or not full.startswith(tail, content_end):
+        return None
+    return located[i] - trained_lead, content_end + len(tail)
 
 
 def _unmaskable(messages: list[dict], i: int, before: str, through: str, body: str) -> str | None:

@@ -213,17 +213,9 @@ def _from_sharegpt(turns, where: str) -> list[dict]:
     return messages
 
 
-MAX_MESSAGES = 1024  # masking renders the conversation before each reply: the work grows with turns squared
-
-
 def _messages(messages, key: str, where: str, need_assistant: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `{key}` must be a non-empty list of {{role, content}} objects")
-    if len(messages) > MAX_MESSAGES:
-        raise DataError(
-            f"{where}: `{key}` has {len(messages):,} messages; lorakit masks conversations of up to "
-            f"{MAX_MESSAGES:,} (each reply's mask renders the conversation before it); split it"
-        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             got = message.get("role") if isinstance(message, dict) else message
