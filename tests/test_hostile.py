@@ -5,6 +5,7 @@ directory under a file, special-token text inside a message."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import yaml
@@ -55,6 +56,26 @@ def test_an_output_directory_under_a_file_is_refused_by_train_and_check(tiny_mod
     assert f"{tmp_path / 'afile'} is a file, so no directory can be made under it" in " ".join(trained.stderr.split())
     checked = lorakit("check", str(path))
     assert checked.returncode == 2 and "output directory" in checked.stdout + checked.stderr
+
+
+def test_an_output_directory_on_a_read_only_filesystem_is_refused(tiny_model, tmp_path):
+    """A read-only tmpfs (needs the right to mount; skipped without): exit 2 naming it, not a raw errno."""
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(tiny_recipe(tiny_model, disk / "run", four_bit=False, steps=2)))
+        trained = lorakit("train", str(path))
+        assert trained.returncode == 2 and "Traceback" not in trained.stderr
+        assert f"{disk} is on a read-only filesystem" in " ".join(trained.stderr.split())
+        checked = lorakit("check", str(path))
+        assert checked.returncode == 2 and "read-only filesystem" in " ".join((checked.stdout + checked.stderr).split())
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 @pytest.fixture(scope="module")

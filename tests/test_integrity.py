@@ -35,6 +35,43 @@ def test_the_manifest_records_the_adapter_and_eval_reports_what_they_measured(ru
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["adapter_sha256"] == {"tuned": recorded}
+    assert report["files_sha256"] == {
+        p.name: sha256(p) for p in (tmp_path / "eval").iterdir() if p.name != "report.json"
+    }
+
+
+def test_a_report_is_shown_only_as_written_and_on_the_weights_it_measured(run_dir, tmp_path):
+    """`eval --show` reads a report back (for CI gates without evaluating again): a changed report file, or a
+    report that measured other weights than the run holds now, exits 2 naming it; gates are checked (exit 3)."""
+    out = tmp_path / "eval"
+    assert lorakit("eval", str(run_dir), "--output", str(out), "--max-examples", "2").returncode == 0
+    written = json.loads((out / "report.json").read_text())
+    shown = lorakit("eval", str(run_dir), "--output", str(out), "--show", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)["metrics"] == written["metrics"]
+    missed = lorakit("eval", str(run_dir), "--output", str(out), "--show", "--fail-under", "exact_match=1.01")
+    assert missed.returncode == 3 and "exact_match" in missed.stderr
+    again = lorakit("eval", str(run_dir), "--output", str(out), "--show", "--max-new-tokens", "4")
+    assert again.returncode == 2 and "--max-new-tokens would need a new evaluation" in again.stderr
+
+    retrained = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    adapter = retrained / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-8] ^= 0x01
+    adapter.write_bytes(bytes(data))  # as a new training would leave it: the manifest records the new hash
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    manifest["adapter_sha256"]["adapter_model.safetensors"] = sha256(adapter)
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    stale = lorakit("eval", str(retrained), "--output", str(out), "--show")
+    said = " ".join(stale.stderr.split())
+    assert stale.returncode == 2 and f"{out / 'report.json'}: measured other weights than {retrained}" in said
+    assert "the report is stale" in said and "Traceback" not in stale.stderr
+
+    samples = out / "samples.jsonl"
+    samples.write_text(samples.read_text().replace("reverse", "reverze", 1))
+    changed = lorakit("eval", str(run_dir), "--output", str(out), "--show")
+    said = " ".join(changed.stderr.split())
+    assert changed.returncode == 2 and f"{samples} (changed): no longer matches the sha256 report.json" in said
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "damaged header"])

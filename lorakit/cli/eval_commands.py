@@ -73,10 +73,27 @@ def eval_(
     ] = None,
     accept_changed_adapter: Annotated[bool, ACCEPT_CHANGED] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    show: Annotated[
+        bool,
+        typer.Option(
+            "--show",
+            help="Print the report an earlier `lorakit eval` wrote, without evaluating again: refused when its "
+            "files changed or it measured other weights than TARGET holds now; gates given here are checked "
+            "against it (exit 3).",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a tuned model and its base on the eval data: loss, perplexity, exact match, ROUGE-L, stop
     rate and more, side by side. Writes TARGET/eval/ (report.json, report.md, samples.jsonl, loss.png);
     exits 3 when a gate is missed. Several runs: one column per adapter, the base loaded once."""
+    evaluation = dict(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+    )
 
     def work() -> None:
         from rich.console import Console
@@ -85,29 +102,36 @@ def eval_(
         from lorakit.evaluate import report as eval_report
 
         console = Console(stderr=True)
-        report = command.evaluate(
-            targets,
-            adapter=adapter,
-            compare_with=compare,
-            split=split,
-            fail_under=fail_under,
-            fail_over=fail_over,
-            max_loss=max_loss,
-            settings=dict(
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                max_examples=max_examples,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-            ),
-            lm_eval_tasks=lm_eval_tasks,
-            lm_eval_include=lm_eval_include,
-            lm_eval_limit=lm_eval_limit,
-            accept_changed_adapter=accept_changed_adapter,
-            output=output,
-            console=console,
-        )
+        if show:
+            report = command.show(
+                targets,
+                adapter=adapter,
+                evaluation={**evaluation, "compare": compare != "base" or None, "split": split != "eval" or None}
+                | {"lm_eval_tasks": lm_eval_tasks},
+                fail_under=fail_under,
+                fail_over=fail_over,
+                max_loss=max_loss,
+                output=output,
+                console=console,
+                accept_changed_adapter=accept_changed_adapter,
+            )
+        else:
+            report = command.evaluate(
+                targets,
+                adapter=adapter,
+                compare_with=compare,
+                split=split,
+                fail_under=fail_under,
+                fail_over=fail_over,
+                max_loss=max_loss,
+                settings=evaluation,
+                lm_eval_tasks=lm_eval_tasks,
+                lm_eval_include=lm_eval_include,
+                lm_eval_limit=lm_eval_limit,
+                accept_changed_adapter=accept_changed_adapter,
+                output=output,
+                console=console,
+            )
         console.print(eval_report.table(report))
         if as_json:
             json_out(report)

@@ -21,6 +21,51 @@ def _target(targets: list[Path], adapter: Path | None = None, accept_changed_ada
     )
 
 
+def _gates(fail_under: list[str], fail_over: list[str], max_loss: float | None) -> list:
+    from lorakit.evaluate import metrics
+
+    try:
+        return metrics.parse_gates(fail_under, fail_over + ([f"loss={max_loss}"] if max_loss is not None else []))
+    except ValueError as exc:
+        raise LorakitError(str(exc)) from None
+
+
+def show(
+    targets: list[Path],
+    *,
+    adapter: Path | None,
+    evaluation: dict,
+    fail_under: list[str],
+    fail_over: list[str],
+    max_loss: float | None,
+    output: Path | None,
+    console,
+    accept_changed_adapter: bool = False,
+) -> dict:
+    """The report an earlier `lorakit eval` wrote for these targets, verified: its files as written, and
+    measured on the weights the targets hold now. Gates given here replace the report's own; `evaluation`
+    (options of a new evaluation, None when not given) must be empty."""
+    from lorakit.evaluate import compare
+    from lorakit.evaluate import report as eval_report
+
+    given = next((name for name, value in evaluation.items() if value is not None), None)
+    if given:
+        raise LorakitError(
+            f"--show prints the report as it was measured; --{given.replace('_', '-')} would need a new evaluation"
+        )
+    gates = _gates(fail_under, fail_over, max_loss)
+    target = _target(targets, adapter, accept_changed_adapter)
+    out = output or compare.default_output(target)
+    report, notice = eval_report.read(out, accept_changed_adapter)
+    if notice:
+        console.print(notice, highlight=False)
+    compare.check_measured(report, target, out)
+    if gates:
+        report["gates"] = compare.check_gates(target, gates, report["metrics"])
+        report["passed"] = all(g["passed"] for g in report["gates"])
+    return report
+
+
 def evaluate(
     targets: list[Path],
     *,
@@ -39,16 +84,11 @@ def evaluate(
     accept_changed_adapter: bool = False,
 ) -> dict:
     """The eval report (written under `output`); `settings` are eval: keys given on the command line."""
-    from lorakit.evaluate import metrics
-
     if compare_with not in ("base", "none"):
         raise LorakitError(f"--compare: expected base or none, got {compare_with!r}")
     if split not in ("eval", "train"):
         raise LorakitError(f"--split: expected eval or train, got {split!r}")
-    try:
-        gates = metrics.parse_gates(fail_under, fail_over + ([f"loss={max_loss}"] if max_loss is not None else []))
-    except ValueError as exc:
-        raise LorakitError(str(exc)) from None
+    gates = _gates(fail_under, fail_over, max_loss)
     harness = None
     if lm_eval_tasks:
         from lorakit.evaluate.harness import check_available

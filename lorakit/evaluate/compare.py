@@ -135,7 +135,7 @@ def run(
     """Evaluate; `lm_eval` ({"tasks": [...], "include": DIR, "limit": N}) adds lm-evaluation-harness tasks."""
     if lm_eval:
         _refuse_harness_on_prompt_learning(target)
-    output = output or target.path / ("eval-compare" if target.kind == "runs" else "eval")
+    output = output or default_output(target)
     check_output(output)
     started = time.perf_counter()
     tokenizer = tokenizer_for(target)
@@ -167,7 +167,7 @@ def run(
             results[name]["lm_eval"] = harness.run_tasks(
                 model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
             )
-    gate_results = _gates(target, gates or [], results)
+    gate_results = check_gates(target, gates or [], results)
     report = _report(target, split, scored, prompts, prepared, settings, batch, stops, results, gate_results)
     report["seconds"] = round(time.perf_counter() - started, 1)
     eval_report.write(report, prompts, samples, target.run_dir, output)
@@ -182,7 +182,7 @@ def _report(target, split, scored, prompts, prepared, settings, batch, stops, re
         "target": str(target.path),
         "kind": target.kind,
         "models": {**tuned, "base": target.recipe.model.name_or_path if compare_base else None},
-        "adapter_sha256": {n: adapter_hashes(Path(p)) for n, p in tuned.items() if target.kind != "merged"},
+        **measured(target),
         "data": {
             "split": split,
             "loss_examples": len(scored.dataset),
@@ -231,11 +231,36 @@ def _score(model, tokenizer, scored, prompts, stops, settings: EvalConfig, batch
     return result, outs
 
 
-def _gates(target: Target, gates: list, results: dict) -> list[dict]:
+def check_gates(target: Target, gates: list, results: dict) -> list[dict]:
     """Every gate on the tuned model; with several adapters, every adapter must pass every gate."""
     if not target.adapters:
         return metrics_mod.check_gates(gates, results["tuned"])
     return [{"model": name, **g} for name in target.tuned() for g in metrics_mod.check_gates(gates, results[name])]
+
+
+def default_output(target: Target) -> Path:
+    return target.path / ("eval-compare" if target.kind == "runs" else "eval")
+
+
+def measured(target: Target) -> dict[str, dict]:
+    """What a report measured: each tuned model's adapter file hashes (`adapter_sha256`, by name), or a
+    merged model's file hashes as its merge_report.json recorded them (`merged_sha256`)."""
+    if target.kind == "merged":
+        return {"merged_sha256": read_record(target.path / "merge_report.json").get("files_sha256") or {}}
+    return {"adapter_sha256": {n: adapter_hashes(p) for n, p in zip(target.tuned(), target.adapter_dirs())}}
+
+
+def check_measured(report: dict, target: Target, where: Path) -> None:
+    """Refuse a report that measured other weights than the target holds now (the run trained again, an
+    adapter or merged model replaced): its figures would be presented as this model's."""
+    for key, now in measured(target).items():
+        then = report.get(key)
+        if then != now:
+            held = target.path if target.kind != "runs" else ", ".join(map(str, target.adapters.values()))
+            raise LorakitError(
+                f"{where / 'report.json'}: measured other weights than {held} holds now ({key} differs): the "
+                "report is stale; run `lorakit eval` again"
+            )
 
 
 def check_output(out: Path) -> None:

@@ -1,8 +1,9 @@
 """The files and tables of an evaluation report: report.json, report.md, samples.jsonl, loss.png, and the
 rich table `lorakit eval` prints; one column per evaluated model (tuned or each adapter, and base).
 
-Owns: writing a report directory whole (staged, then swapped in for the previous one) and rendering the
-figures. Does not compute them (lorakit.evaluate.compare).
+Owns: writing a report directory whole (staged, then swapped in for the previous one; report.json last,
+with the sha256 of the other files), reading one back verified, and rendering the figures. Does not compute
+them (lorakit.evaluate.compare).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit.digest import folder_sha256
+from lorakit.errors import LorakitError
 from lorakit.evaluate import metrics as metrics_mod
-from lorakit.rundir.directory import METRICS
+from lorakit.rundir.directory import METRICS, check_files, read_record
 from lorakit.staging import remove_staging, staging_for, staging_path, swap_into_place
 
 
@@ -21,7 +24,6 @@ def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path)
     staging = staging_path(out)
     try:
         staging_for(out)
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         with open(staging / "samples.jsonl", "w") as handle:
             for i, p in enumerate(prompts):
                 row = {"where": p.where, "prompt": p.prompt, "reference": p.reference}
@@ -31,9 +33,26 @@ def write(report: dict, prompts, samples: dict, run_dir: Path | None, out: Path)
         (staging / "report.md").write_text(markdown(report, prompts, samples))
         if run_dir is not None and (run_dir / METRICS).is_file():
             loss_curve(run_dir / METRICS, staging / "loss.png")
+        report["files_sha256"] = folder_sha256(staging)
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         swap_into_place(staging, out)
     finally:
         remove_staging(staging)
+
+
+REPORT = "report.json"
+
+
+def read(out: Path, accept_changed: bool = False) -> tuple[dict, str | None]:
+    """A report lorakit wrote, and the notice to print when its files changed and `accept_changed` says to
+    use it anyway; an error naming the file when it is missing, not JSON, or no longer as written."""
+    if not (out / REPORT).is_file():
+        raise LorakitError(f"{out}: no {REPORT} there; run `lorakit eval` first")
+    report = read_record(out / REPORT)
+    if not isinstance(report.get("metrics"), dict) or not report["metrics"]:
+        raise LorakitError(f"{out / REPORT}: holds no metrics, so it is not a report lorakit wrote")
+    notice = check_files(out, report.get("files_sha256") or {}, REPORT, "the report lorakit wrote", accept_changed)
+    return report, notice
 
 
 def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
