@@ -63,13 +63,13 @@ def check(
 
     def work() -> None:
         from lorakit.console import quiet_libraries
+        from lorakit.recipe.loading import load_recipe
 
+        resolved = load_recipe(recipe, set_)  # a bad recipe is refused before the slow imports
         quiet_libraries()  # before the planner's imports
         from lorakit.preflight import check as check_mod
         from lorakit.preflight.plan import gpu_memory_option
-        from lorakit.recipe.loading import load_recipe
 
-        resolved = load_recipe(recipe, set_)
         findings = check_mod.run(resolved, gpu_memory=gpu_memory_option(gpu_memory), use_cache=not no_cache)
         if as_json:
             json_out(check_mod.as_dicts(findings))
@@ -114,12 +114,12 @@ def plan(
 
     def work() -> None:
         from lorakit.console import quiet_libraries
-
-        quiet_libraries()  # before the planner's imports
-        from lorakit.preflight import plan as plan_mod
         from lorakit.recipe.loading import load_recipe
 
-        resolved = load_recipe(recipe, set_)
+        resolved = load_recipe(recipe, set_)  # a bad recipe is refused before the slow imports
+        quiet_libraries()  # before the planner's imports
+        from lorakit.preflight import plan as plan_mod
+
         result = plan_mod.run(
             resolved,
             gpu_memory=plan_mod.gpu_memory_option(gpu_memory),
