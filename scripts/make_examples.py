@@ -1,10 +1,11 @@
-"""Seeded generator of the bundled quickstart dataset `examples/reverse/`.
+"""Seeded generator of the bundled quickstart dataset `examples/reverse/` and of the preference pairs
+`examples/preference/` (the same task: the reversed words chosen over a wrong order).
 
 Owns the task ("reverse the order of three words"), its word list, the row formats and the exact bytes
-of the four JSONL files. Also owns `all_texts()`, the text `scripts/tiny_model.py` trains its tokenizer
+of the JSONL files. Also owns `all_texts()`, the text `scripts/tiny_model.py` trains its tokenizer
 on, so the tokenizer never needs to read the files. Same seed, same bytes, on every run and platform.
 
-    python scripts/make_examples.py [OUT_DIR]     # default: <repo>/examples/reverse
+    python scripts/make_examples.py [OUT_DIR]     # default: <repo>/examples (reverse/ and preference/)
 """
 
 from __future__ import annotations
@@ -122,13 +123,44 @@ def all_texts(seed: int = SEED) -> Iterator[str]:
                 yield row["prompt"] + row["completion"]
 
 
-def write_examples(out_dir: str | Path | None = None, seed: int = SEED) -> Path:
-    """Write train/eval(.jsonl) and train_pc/eval_pc(.jsonl) into out_dir; returns out_dir."""
-    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent.parent / "examples" / "reverse"
+N_PAIRS_TRAIN, N_PAIRS_EVAL = 400, 256
+WRONG_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (1, 0, 2))  # the rejected reply: copied, rotated, half-reversed
+
+
+def pair_row(words, wrong: tuple[int, int, int], shared_history: bool) -> dict:
+    """Chosen: the reversed words; rejected: another order. Either an explicit prompt, or two conversations
+    sharing their history (the two layouts preference datasets come in)."""
+    user = {"role": "user", "content": user_text(words)}
+    chosen = {"role": "assistant", "content": answer_text(words)}
+    rejected = {"role": "assistant", "content": " ".join(words[i] for i in wrong)}
+    if shared_history:
+        return {"chosen": [user, chosen], "rejected": [user, rejected]}
+    return {"prompt": [user], "chosen": [chosen], "rejected": [rejected]}
+
+
+def build_pairs(seed: int = SEED) -> dict[str, list[dict]]:
+    """Preference pairs on triples of their own (a seed of their own), none of them in reverse/: a DPO run after
+    the quickstart's SFT is measured on prompts neither run trained on."""
+    taken = set(_triples(seed))
+    t = [w for w in _triples(seed + 2) if w not in taken][: N_PAIRS_TRAIN + N_PAIRS_EVAL]
+    rng = random.Random(seed + 3)
+    rows = [pair_row(w, rng.choice(WRONG_ORDERS), rng.random() < 0.5) for w in t]
+    return {"train": rows[:N_PAIRS_TRAIN], "eval": rows[N_PAIRS_TRAIN:]}
+
+
+def _write(out: Path, splits: dict[str, list[dict]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in build_splits(seed).items():
+    for name, rows in splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (out / f"{name}.jsonl").write_bytes(text.encode("utf-8"))
+    return out
+
+
+def write_examples(out_dir: str | Path | None = None, seed: int = SEED) -> Path:
+    """Write reverse/ (train, eval, train_pc, eval_pc) and preference/ (train, eval) under out_dir."""
+    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent.parent / "examples"
+    _write(out / "reverse", build_splits(seed))
+    _write(out / "preference", build_pairs(seed))
     return out
 
 

@@ -368,10 +368,10 @@ def test_a_named_backend_waits_for_several_processes(tiny_model, tmp_path):
     """One process has no process group: naming a backend there must not make the trainer look for one (the
     two-process QLoRA test in test_distributed.py runs with train.ddp_backend: gloo)."""
     from lorakit.model.setup import for_training
-    from lorakit.train.trainer import sft_config
+    from lorakit.train.trainer import trainer_config
 
     plan = recipe(tiny_model, tmp_path, ddp_backend="gloo")
-    assert sft_config(plan, tmp_path / "run", for_training(plan, processes=1)).ddp_backend is None
+    assert trainer_config(plan, tmp_path / "run", for_training(plan, processes=1)).ddp_backend is None
 
 
 def test_cpu_threads_follow_the_cores_this_process_may_use():

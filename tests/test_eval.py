@@ -46,7 +46,8 @@ def test_trainings_final_eval_loss_is_the_loss_eval_reports(run_dir, report):
 def test_report_compares_tuned_and_base_and_writes_its_files(run_dir, report):
     tuned, base = report["metrics"]["tuned"], report["metrics"]["base"]
     for figures in (tuned, base):
-        assert set(metrics_mod.ALL_METRICS) <= set(figures)
+        assert set(metrics_mod.LOSS_METRICS + metrics_mod.GENERATION_METRICS) <= set(figures)
+        assert not set(metrics_mod.PREFERENCE_METRICS) & set(figures)  # SFT data: no pairs to prefer between
     assert tuned["loss"] < base["loss"] - 1 and tuned["perplexity"] < base["perplexity"]
     assert tuned["stop_rate"] > base["stop_rate"]  # trained to stop on <|im_end|>
     assert report["data"]["loss_examples"] == 64 and report["data"]["generation_prompts"] == 8

@@ -198,10 +198,16 @@ def test_train_keys_exist_in_sft_config():
 
     from trl import SFTConfig
 
+    from lorakit.recipe.schema import OBJECTIVE_KEYS
+    from lorakit.train.objectives import config_class
+
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     train = Recipe.model_fields["train"].annotation
-    ours = set(train.model_fields) - train.LORAKIT_ONLY
+    ours = set(train.model_fields) - train.LORAKIT_ONLY - set(OBJECTIVE_KEYS)
     assert ours - sft_fields == set()
+    for key, objectives in OBJECTIVE_KEYS.items():  # each objective's keys are its trl config's names
+        for objective in objectives:
+            assert key in {f.name for f in dataclasses.fields(config_class(objective))}, (key, objective)
 
 
 def test_lora_keys_exist_in_lora_config():

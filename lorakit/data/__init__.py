@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 from lorakit.data import cache as cache_mod
 from lorakit.data.encode import IGNORE, Encoder, Split, encode, end_of_turn_id, example_record
-from lorakit.data.rows import Chat, detect_format, to_example
+from lorakit.data.pairs import encode_pairs
+from lorakit.data.rows import Chat, Pair, detect_format, to_example
 from lorakit.data.sources import Opened, open_source
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
 from lorakit.recipe.schema import DataConfig
 
-__all__ = ["IGNORE", "PreparedData", "Prompt", "Split", "prepare", "prompts"]
+__all__ = ["IGNORE", "PreparedData", "Prompt", "Split", "check_objective", "prepare", "prompts"]
 
 
 @dataclass
@@ -38,6 +39,25 @@ class PreparedData:
     @property
     def format(self) -> str:
         return ", ".join(dict.fromkeys(self.formats.values()))
+
+
+def check_objective(prepared: PreparedData, objective: str) -> None:
+    """Preference pairs train a preference objective and only that; SFT examples the other objectives."""
+    if prepared.train.pairs and objective == "sft":
+        raise DataError(
+            f"data.train holds preference pairs ({prepared.format}); SFT trains replies, not pairs: set "
+            "`train.objective: dpo`, or give SFT data"
+        )
+    if not prepared.train.pairs and objective != "sft":
+        raise DataError(
+            f"train.objective: `{objective}` trains on preference pairs (prompt/chosen/rejected); data.train is "
+            f"{prepared.format}"
+        )
+
+
+def _reply_side(example):
+    """What generation prompts and templates read from an example: a pair's chosen side."""
+    return example.chosen if isinstance(example, Pair) else example
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) -> PreparedData:
@@ -74,7 +94,7 @@ def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[
     """Generation prompts and references from the same rows, split and template as `prepare`. Plain text
     rows (continued pre-training) have no reference to generate and are left out."""
     train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
-    chosen = evaluation if split == "eval" else train
+    chosen = [(where, _reply_side(ex), i) for where, ex, i in (evaluation if split == "eval" else train)]
     apply_chat_template_choice(tokenizer, cfg.chat_template, any(isinstance(ex, Chat) for _, ex, _ in chosen))
     prefix = Encoder(tokenizer, max_length=cfg.max_length).prefix
     out = []
@@ -94,7 +114,8 @@ def conversations(cfg: DataConfig, seed: int, count: int = 8) -> list[list[dict]
     """Up to `count` chat conversations of the eval split (else train), each up to its last assistant turn:
     what a model is prompted with, as messages."""
     train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
-    chats = [example for _, example, _ in (evaluation or train) if isinstance(example, Chat)][:count]
+    sides = (_reply_side(example) for _, example, _ in (evaluation or train))
+    chats = [example for example in sides if isinstance(example, Chat)][:count]
     return [c.messages[: max(i for i, m in enumerate(c.messages) if m["role"] == "assistant")] for c in chats]
 
 
@@ -120,15 +141,22 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
     train, evaluation, bad, formats = _canonical(cfg, opened, seed)
     if bad:
         _check_bad_share(bad, len(train) + len(evaluation) + len(bad), cfg)
-    needs_template = any(isinstance(ex, Chat) for _, ex, _ in train + evaluation)
+    pairs = _pairs(train + evaluation)
+    needs_template = any(isinstance(_reply_side(ex), Chat) for _, ex, _ in train + evaluation)
     template = apply_chat_template_choice(tokenizer, cfg.chat_template, needs_template)
 
     encoder = Encoder(tokenizer, max_length=cfg.max_length, train_on=cfg.train_on, on_overflow=cfg.on_overflow)
     read = len(train) + len(evaluation) + len(bad or [])
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(train) + len(evaluation) > 2000 else 1)
-    splits = {"train": encode([example_record(*e) for e in train], encoder, num_proc, "data.train", bad)}
+
+    def encoded(examples: list, source: str) -> Split:
+        if pairs:
+            return encode_pairs(examples, encoder, num_proc, source, bad)
+        return encode([example_record(*e) for e in examples], encoder, num_proc, source, bad)
+
+    splits = {"train": encoded(train, "data.train")}
     if evaluation:
-        splits["eval"] = encode([example_record(*e) for e in evaluation], encoder, num_proc, "data.eval", bad)
+        splits["eval"] = encoded(evaluation, "data.eval")
     if bad:
         _check_bad_share(bad, read, cfg)
     counts = [sum(1 for *_, s in train if s == i) for i in range(len(opened["train"]))]
@@ -147,6 +175,18 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
         ],
     }
     return meta, {k: s.dataset for k, s in splits.items()}
+
+
+def _pairs(examples: list[tuple]) -> bool:
+    """Whether the examples are preference pairs; pairs and SFT examples are never mixed."""
+    kinds = [isinstance(example, Pair) for _, example, _ in examples]
+    if any(kinds) and not all(kinds):
+        first = next(where for (where, _, _), kind in zip(examples, kinds) if kind != kinds[0])
+        raise DataError(
+            f"{first}: {'an SFT example' if kinds[0] else 'a preference pair'} among "
+            f"{'preference pairs' if kinds[0] else 'SFT examples'}; one run trains one kind of data"
+        )
+    return bool(kinds) and kinds[0]
 
 
 def _check_bad_share(bad: list[str], total: int, cfg: DataConfig) -> None:

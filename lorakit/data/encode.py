@@ -56,7 +56,17 @@ class Split:
     def labels(self) -> list[list[int]]:
         return self.dataset["labels"][:]
 
+    @property
+    def pairs(self) -> bool:
+        """Preference pairs: each row holds the chosen side (input_ids, labels) and the rejected one."""
+        return "rejected_input_ids" in self.dataset.column_names
+
     def to_dataset(self):
+        """The columns the trainer reads: input_ids + labels, or for pairs trl's prompt/chosen/rejected ids."""
+        if self.pairs:
+            from lorakit.data.pairs import trl_columns
+
+            return trl_columns(self.dataset)
         return self.dataset.select_columns(["input_ids", "labels"])
 
     def column(self, name: str):
@@ -71,14 +81,20 @@ class Split:
 
     @property
     def tokens(self) -> int:
-        return int(self.lengths.sum())
+        """Tokens of every sequence (both sides of a pair)."""
+        import pyarrow.compute as pc
+
+        rejected = (
+            int(pc.sum(pc.list_value_length(self.column("rejected_input_ids"))).as_py() or 0) if self.pairs else 0
+        )
+        return int(self.lengths.sum()) + rejected
 
     @cached_property
     def trained_tokens(self) -> int:
         import pyarrow.compute as pc
 
-        labels = pc.list_flatten(self.column("labels"))
-        return int(pc.sum(pc.not_equal(labels, IGNORE)).as_py() or 0)
+        columns = ("labels", "rejected_labels") if self.pairs else ("labels",)
+        return sum(int(pc.sum(pc.not_equal(pc.list_flatten(self.column(c)), IGNORE)).as_py() or 0) for c in columns)
 
 
 def example_record(where: str, example: Chat | Plain, source: int) -> dict:
@@ -479,19 +495,23 @@ def _post_processor_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, bad: list[str] | None = None) -> Split:
-    """Encode canonical example records into a Split; raises the first problem in data order. With a
-    `bad` list (on_bad_rows: skip), rows the chat template refuses are recorded there and left out."""
+def encode_records(records: list[dict], encoder: Encoder, num_proc: int):
+    """Every record tokenized, with its status and error (`Encoder.encode_batch`), in `num_proc` processes."""
     from datasets import Dataset
 
-    table = Dataset.from_list(records)
-    mapped = table.map(
+    return Dataset.from_list(records).map(
         encoder.encode_batch,
         batched=True,
         batch_size=256,
         remove_columns=["example"],
         num_proc=num_proc if num_proc > 1 and len(records) >= 2 * num_proc else None,
     )
+
+
+def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, bad: list[str] | None = None) -> Split:
+    """Encode canonical example records into a Split; raises the first problem in data order. With a
+    `bad` list (on_bad_rows: skip), rows the chat template refuses are recorded there and left out."""
+    mapped = encode_records(records, encoder, num_proc)
     status = mapped["status"][:]
     fatal = (FAILED,) if bad is not None else (FAILED, REFUSED)
     first = next((i for i, code in enumerate(status) if code in fatal), None)
@@ -499,7 +519,7 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, ba
         raise DataError(mapped[first]["error"])
     if REFUSED in status:
         bad.extend(mapped.select([i for i, code in enumerate(status) if code == REFUSED])["error"])
-    _check_same_end_of_turn(mapped, status, encoder)
+    check_same_end_of_turn(mapped, status, encoder)
     drops = {reason: status.count(code) for code, reason in DROP_REASONS.items() if code in status}
     kept = [i for i, code in enumerate(status) if code in (KEPT, TRUNCATED)]
     if not kept:
@@ -515,7 +535,7 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, ba
     )
 
 
-def _check_same_end_of_turn(mapped, status: list[int], encoder: Encoder) -> None:
+def check_same_end_of_turn(mapped, status: list[int], encoder: Encoder) -> None:
     """Every chat example must stop on the same token (plain text ends with eos by construction)."""
     tokens = mapped["end_of_turn"][:]
     chats = mapped["is_chat"][:]

@@ -6,10 +6,12 @@ Formats (detected from a row's keys or stated in `data.format`):
   alpaca             {"instruction", "input"?, "output", "system"?}
   prompt_completion  {"prompt", "completion"} as strings, or both as lists of messages
   text               {"text"}                                                      continued pre-training
+  preference         {"prompt"?, "chosen", "rejected"}: strings, or lists of messages  DPO pairs
 A column mapping (`data.columns`) renames the user's fields to these names first.
 
 Every example becomes a `Chat` (messages, rendered with the chat template) or a `Plain` (prompt +
-completion strings concatenated, eos appended). Errors say `file:line: reason` without dumping the row.
+completion strings concatenated, eos appended); a preference row becomes a `Pair` of two of them, the
+same context with each reply. Errors say `file:line: reason` without dumping the row.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ FORMAT_KEYS = {  # format -> the keys whose presence identifies it
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
 }
 
 
@@ -51,6 +54,15 @@ class Chat:
 class Plain:
     prompt: str
     completion: str
+
+
+@dataclass
+class Pair:
+    """A preference pair: one context and two replies to it, `chosen` the better. Each side is the example
+    SFT would train on that reply alone, so both are rendered and masked exactly as SFT does."""
+
+    chosen: Chat | Plain
+    rejected: Chat | Plain
 
 
 def read_rows(path: str, bad: list[str] | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -162,8 +174,10 @@ def detect_format(row: dict, where: str) -> str:
     )
 
 
-def to_example(row: dict, fmt: str, where: str) -> Chat | Plain:
-    """One row of the given format -> Chat or Plain, checked field by field."""
+def to_example(row: dict, fmt: str, where: str) -> Chat | Plain | Pair:
+    """One row of the given format -> Chat, Plain or Pair, checked field by field."""
+    if fmt == "preference":
+        return _pair(row, where)
     if fmt == "messages":
         return Chat(_messages(row.get("messages"), "messages", where))
     if fmt == "sharegpt":
@@ -187,6 +201,47 @@ def to_example(row: dict, fmt: str, where: str) -> Chat | Plain:
     if not isinstance(prompt, str):
         raise DataError(f"{where}: `prompt` must be a string (or both lists of messages), got {type(prompt).__name__}")
     return Plain(prompt, _text(row, "completion", where))
+
+
+def _pair(row: dict, where: str) -> Pair:
+    """prompt/chosen/rejected: three strings (plain text, as prompt_completion strings), or replies as strings or
+    message lists after a prompt given as a string or messages, or two conversations sharing their history."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, list):
+        if prompt is None:
+            raise DataError(f"{where}: `prompt` is missing: string replies need the prompt they answer")
+        text = _text(row, "prompt", where)
+        pair = Pair(Plain(text, _text(row, "chosen", where)), Plain(text, _text(row, "rejected", where)))
+        sides = [pair.chosen.completion, pair.rejected.completion]
+    else:
+        history = (
+            []
+            if prompt is None
+            else [{"role": "user", "content": _text(row, "prompt", where)}]
+            if isinstance(prompt, str)
+            else _messages(prompt, "prompt", where, need_assistant=False)
+        )
+        replies = [
+            _messages([{"role": "assistant", "content": v}] if isinstance(v, str) else v, key, where)
+            for key, v in (("chosen", chosen), ("rejected", rejected))
+        ]
+        if prompt is None:  # the prompt is the history both conversations share
+            shared = next((k for k, (a, b) in enumerate(zip(*replies)) if a != b), min(map(len, replies)))
+            history, replies = replies[0][:shared], [r[shared:] for r in replies]
+        for key, reply in zip(("chosen", "rejected"), replies):
+            if len(reply) != 1 or reply[0]["role"] != "assistant":
+                raise DataError(
+                    f"{where}: `{key}` must be one assistant reply after the prompt (got "
+                    f"{', '.join(m['role'] for m in reply) or 'nothing'} after the shared messages)"
+                )
+        if not history:
+            raise DataError(f"{where}: the pair has no prompt: give `prompt`, or conversations that share one")
+        n = len(history)
+        pair = Pair(Chat(history + replies[0], trained_from=n), Chat(history + replies[1], trained_from=n))
+        sides = [replies[0][0]["content"], replies[1][0]["content"]]
+    if sides[0] == sides[1]:
+        raise DataError(f"{where}: `chosen` and `rejected` are the same reply; the pair prefers nothing")
+    return pair
 
 
 def _text(row: dict, key: str, where: str) -> str:

@@ -155,7 +155,7 @@ def run(
 
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
-    results, samples = {}, {}
+    results, samples, pair_logps = {}, {}, {}
     for name, model in load_models(target, (*target.tuned(), "base") if compare_base else target.tuned()):
         if console:
             console.print(
@@ -163,10 +163,16 @@ def run(
                 highlight=False,
             )
         results[name], samples[name] = _score(model, tokenizer, scored, prompts, stops, settings, batch, seed)
+        if scored.pairs:
+            pair_logps[name] = _pair_logps(model, tokenizer, scored, batch)
+            results[name].update(metrics_mod.preference(*pair_logps[name]))
         if lm_eval:
             results[name]["lm_eval"] = harness.run_tasks(
                 model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
             )
+    if pair_logps and "base" in pair_logps:
+        for name in target.tuned():
+            results[name].update(metrics_mod.rewards(pair_logps[name], pair_logps["base"]))
     gate_results = check_gates(target, gates or [], results)
     report = _report(target, split, scored, prompts, prepared, settings, batch, stops, results, gate_results)
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -229,6 +235,14 @@ def _score(model, tokenizer, scored, prompts, stops, settings: EvalConfig, batch
     )
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens, **metrics_mod.score(*texts)}
     return result, outs
+
+
+def _pair_logps(model, tokenizer, scored, batch: int) -> tuple[list[float], list[float]]:
+    """Each held-out pair's summed log-probability of the chosen and of the rejected reply."""
+    data, pad = scored.dataset, tokenizer.pad_token_id or 0
+    chosen = scoring.sequence_logps(model, data["input_ids"], data["labels"], pad, batch)
+    rejected = scoring.sequence_logps(model, data["rejected_input_ids"], data["rejected_labels"], pad, batch)
+    return chosen, rejected
 
 
 def check_gates(target: Target, gates: list, results: dict) -> list[dict]:

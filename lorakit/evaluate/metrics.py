@@ -21,7 +21,11 @@ GENERATION_METRICS = (
     "stop_rate",
 )
 LOSS_METRICS = ("loss", "perplexity")
-ALL_METRICS = LOSS_METRICS + GENERATION_METRICS
+# Preference pairs: how often a model's likelihood prefers the chosen reply, the replies' mean summed
+# log-probabilities; for a tuned model, DPO's implicit reward against the base (its gain in log-probability
+# over the base, chosen minus rejected): how often it is positive, and its mean (trl's margin / beta).
+PREFERENCE_METRICS = ("preference_accuracy", "chosen_logps", "rejected_logps", "reward_accuracy", "reward_margin")
+ALL_METRICS = LOSS_METRICS + GENERATION_METRICS + PREFERENCE_METRICS
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -83,6 +87,24 @@ def score(outputs: list[str], references: list[str], lengths: list[int], stopped
         "mean_generated_tokens": sum(lengths) / n,
         "stop_rate": sum(stopped) / n,
     }
+
+
+def preference(chosen: list[float], rejected: list[float]) -> dict:
+    """One model's preference figures from the summed log-probabilities of each pair's replies."""
+    n = max(len(chosen), 1)
+    return {
+        "preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+        "chosen_logps": sum(chosen) / n,
+        "rejected_logps": sum(rejected) / n,
+    }
+
+
+def rewards(tuned: tuple[list[float], list[float]], base: tuple[list[float], list[float]]) -> dict:
+    """A tuned model's implicit reward against the base: per pair, (tuned - base) on the chosen reply minus
+    (tuned - base) on the rejected one."""
+    margins = [(tc - bc) - (tr - br) for tc, tr, bc, br in zip(*tuned, *base)]
+    n = max(len(margins), 1)
+    return {"reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n}
 
 
 def parse_gates(fail_under: list[str], fail_over: list[str]) -> list[tuple[str, str, float]]:

@@ -71,7 +71,7 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
     ]
     for metric in metrics_mod.ALL_METRICS:
         if metric in report["metrics"][names[0]]:
-            lines.append(f"| {metric} | " + " | ".join(f"{report['metrics'][n][metric]:.4g}" for n in names) + " |")
+            lines.append(f"| {metric} | " + " | ".join(_figure(report, n, metric) for n in names) + " |")
     for label, values in _harness_rows(report, names):
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for gate in report["gates"]:
@@ -128,10 +128,16 @@ def table(report: dict):
         out.add_column(name, justify="right")
     for metric in metrics_mod.ALL_METRICS:
         if metric in report["metrics"][names[0]]:
-            out.add_row(metric, *(f"{report['metrics'][n][metric]:.4g}" for n in names))
+            out.add_row(metric, *(_figure(report, n, metric) for n in names))
     for label, values in _harness_rows(report, names):
         out.add_row(label, *values)
     return out
+
+
+def _figure(report: dict, name: str, metric: str) -> str:
+    """A model's figure, or a dash where the metric does not apply to it (the base has no reward against itself)."""
+    value = report["metrics"][name].get(metric)
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _harness_rows(report: dict, names: list[str]):

@@ -4,7 +4,10 @@
 figures for the same adapter and data are the same number. (The trainer's own periodic `eval_loss` in
 metrics.jsonl is transformers': the mean of per-batch means, which weighs a short batch's tokens more.)
 
-Exports `token_loss`.
+Preference pairs are scored by the summed log-probability of each reply's trained tokens
+(`sequence_logps`), the quantity DPO compares.
+
+Exports `token_loss`, `sequence_logps`.
 """
 
 from __future__ import annotations
@@ -14,20 +17,16 @@ import torch
 from lorakit import upstream
 
 
-@torch.no_grad()
-def token_loss(model, input_ids: list, labels: list, pad_token_id: int, batch_size: int) -> tuple[float, int]:
-    """Mean loss per trained token over the examples (the sum over every trained token, divided by their
-    count), one padded batch at a time, logits never kept beyond one batch."""
+def _token_logps(model, input_ids: list, labels: list, pad_token_id: int, batch_size: int):
+    """(log-probability of each next token, trained mask) per padded batch, logits never kept beyond one."""
     collate = upstream.padding_collator(pad_token_id)
     device = next(model.parameters()).device
     model.eval()
-    total, count = 0.0, 0
-    ids = input_ids
-    for start in range(0, len(ids), batch_size):
+    for start in range(0, len(input_ids), batch_size):
         batch = collate(
             [
                 {"input_ids": i, "labels": lab}
-                for i, lab in zip(ids[start : start + batch_size], labels[start : start + batch_size])
+                for i, lab in zip(input_ids[start : start + batch_size], labels[start : start + batch_size])
             ]
         )
         logits = model(
@@ -35,10 +34,29 @@ def token_loss(model, input_ids: list, labels: list, pad_token_id: int, batch_si
         ).logits
         logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning prepends its virtual tokens' logits
         target = batch["labels"][:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
+        trained = target != -100
+        logps = -torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), target.masked_fill(~trained, 0), reduction="none"
         )
-        total += losses.item()
-        count += int((target != -100).sum())
         del logits
+        yield logps * trained, trained
+
+
+@torch.no_grad()
+def token_loss(model, input_ids: list, labels: list, pad_token_id: int, batch_size: int) -> tuple[float, int]:
+    """Mean loss per trained token over the examples (the sum over every trained token, divided by their
+    count), one padded batch at a time."""
+    total, count = 0.0, 0
+    for logps, trained in _token_logps(model, input_ids, labels, pad_token_id, batch_size):
+        total -= logps.sum().item()
+        count += int(trained.sum())
     return total / max(count, 1), count
+
+
+@torch.no_grad()
+def sequence_logps(model, input_ids: list, labels: list, pad_token_id: int, batch_size: int) -> list[float]:
+    """Each example's summed log-probability of its trained tokens (a reply given its prompt)."""
+    out: list[float] = []
+    for logps, _ in _token_logps(model, input_ids, labels, pad_token_id, batch_size):
+        out += logps.sum(dim=1).tolist()
+    return out

@@ -235,15 +235,20 @@ def resolve(recipe: Recipe, *, processes: int = 1, engine: Engine | None = None)
         model_class, model_type = model
         if out.precision is not None:
             out.liger = decide("liger", lambda: _liger(recipe, out.precision, model_type))
-        out.packing = decide(
-            "packing", lambda: use_packing(recipe.train.packing, model_class, model_type, recipe.method)
-        )
+        out.packing = decide("packing", lambda: packing_for(recipe, model_class, model_type))
     return out
 
 
 def _liger(recipe: Recipe, precision: Precision, model_type: str) -> bool:
+    """Liger as the model and machine allow; never under a preference objective (trl's preference trainers
+    compute log-probabilities with their own fused head; the recipe refuses `true` there)."""
     setting = recipe.train.use_liger_kernel
-    return setting is not False and use_liger(setting, precision, model_type)
+    return setting is not False and recipe.train.objective == "sft" and use_liger(setting, precision, model_type)
+
+
+def packing_for(recipe: Recipe, model_class: type, model_type: str | None) -> bool:
+    """Packing as the model allows; never under a preference objective (trl pads each pair)."""
+    return recipe.train.objective == "sft" and use_packing(recipe.train.packing, model_class, model_type, recipe.method)
 
 
 def for_training(recipe: Recipe, *, processes: int, engine: Engine | None = None) -> Setup:
@@ -256,7 +261,7 @@ def for_plan(recipe: Recipe, *, engine: Engine, dtype: str, fused_loss: bool) ->
     loss or not (the planned machine, not this one, decides it); packing as the model allows."""
     precision = Precision(dtype, "cuda")
     model_class, model_type = model_class_for(recipe.model)
-    packing = use_packing(recipe.train.packing, model_class, model_type, recipe.method)
+    packing = packing_for(recipe, model_class, model_type)
     return Setup(
         for_loading(recipe.model, precision=precision, engine=engine),
         optimizer_for(recipe, engine),

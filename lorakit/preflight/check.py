@@ -146,6 +146,7 @@ def _data(recipe: Recipe, findings: list[Finding], use_cache: bool) -> None:
     each a few lines of wording."""
     tokenizer = model_mod.load_tokenizer(recipe.model)
     prepared = data_mod.prepare(recipe.data, tokenizer, recipe.train.seed, use_cache=use_cache)
+    data_mod.check_objective(prepared, recipe.train.objective)
     split = prepared.train
     trained = split.trained_tokens
     findings.append(

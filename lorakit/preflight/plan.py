@@ -139,7 +139,7 @@ def count(recipe: Recipe) -> Counts:
                 quantized.append(param.numel())
     total = sum(p.numel() for p in base.parameters())
     other = total - sum(quantized)
-    if recipe.method in ("lora", "adalora"):
+    if recipe.method in ("lora", "adalora") and cfg.adapter is None:
         model_mod.check_target_modules(base, recipe.lora)
     new_ids = []
     if cfg.new_special_tokens:  # the grown vocabulary: new input rows train, and the output layer in full
@@ -147,8 +147,15 @@ def count(recipe: Recipe) -> Counts:
         new_ids = tokenizer.convert_tokens_to_ids(cfg.new_special_tokens)
         with torch.device("meta"):
             model_mod.grow_embeddings(base, len(tokenizer))
+    if cfg.adapter is not None:  # the run continues this adapter: its own config says what trains
+        from peft import PeftConfig
+
+        peft_config = PeftConfig.from_pretrained(cfg.adapter)
+        peft_config.inference_mode = False
+    else:
+        peft_config = methods.peft_config(recipe, base, new_ids)
     with torch.device("meta"):
-        tuned = get_peft_model(base, methods.peft_config(recipe, base, new_ids))
+        tuned = get_peft_model(base, peft_config)
     lora = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     targets: dict[str, int] = {}
     for name, module in tuned.named_modules():
@@ -186,6 +193,8 @@ def estimate(
     compute = _BYTES[dtype]
     train = recipe.train
     b, s = train.per_device_train_batch_size, recipe.data.max_length
+    pairs = train.objective != "sft"  # a preference micro-batch runs both sides of each pair: 2 b sequences
+    b *= 2 if pairs else 1
     h, f, kv, layers, vocab = counts.hidden, counts.intermediate, counts.kv_hidden, counts.layers, counts.vocab
     sharded = engine.shards_parameters
     weights_split = processes if sharded else 1
@@ -281,15 +290,18 @@ def estimate(
         Line(
             "activations",
             activations,
-            f"estimate for {b} x {s} tokens ({why}; flash/sdpa attention keeps no s x s scores)",
+            f"estimate for {b} x {s} tokens{' (chosen and rejected of each pair)' if pairs else ''} ({why}; "
+            "flash/sdpa attention keeps no s x s scores)",
         )
     )
-    if fused_loss:
+    if fused_loss or pairs:
         lines.append(
             Line(
                 "logits and loss",
                 tokens * h * 4,
-                "fused linear cross-entropy: chunks of logits, never all of them (estimate)",
+                "trl's fused head: log-probabilities in chunks, never all the logits (estimate)"
+                if pairs
+                else "fused linear cross-entropy: chunks of logits, never all of them (estimate)",
             )
         )
     else:
@@ -455,17 +467,23 @@ def training_time(
     epochs: float,
     peak_flops: float | None,
     tokens_per_s: float | None,
+    reference_forward: bool = False,
 ) -> dict | None:
-    """Hours for the recipe's tokens, from a measured tokens/s, or from the GPU's peak FLOP/s at ASSUMED_MFU."""
+    """Hours for the recipe's tokens, from a measured tokens/s, or from the GPU's peak FLOP/s at ASSUMED_MFU.
+    `reference_forward`: a preference objective also runs the reference model over every token, without
+    gradients (`train_tokens` then counts both sides of every pair)."""
     basis = f"{tokens_per_s:,.0f} tokens/s per GPU (given)" if tokens_per_s else None
     if tokens_per_s is None:
         if peak_flops is None:
             return None
-        per_token = 4 * counts.total + 6 * counts.lora + 6 * counts.layers * plan.sequence * counts.hidden
+        attention = counts.layers * plan.sequence * counts.hidden
+        per_token = 4 * counts.total + 6 * counts.lora + 6 * attention
+        per_token += (2 * counts.total + 2 * attention) if reference_forward else 0
         tokens_per_s = ASSUMED_MFU * peak_flops / per_token
         basis = (
             f"{tokens_per_s:,.0f} tokens/s per GPU assumed: {ASSUMED_MFU:.0%} of {peak_flops / 1e12:,.0f} "
             "TFLOP/s (bf16 peak), 4 N + 6 N_lora + 6 L s d FLOPs per token"
+            + (" + 2 N + 2 L s d for the reference's forward pass" if reference_forward else "")
         )
     seconds = train_tokens * epochs / (tokens_per_s * plan.processes)
     return {
@@ -581,7 +599,15 @@ def _time(
             * plan.processes
         )
         epochs = drawn / max(available, 1)
-    found = training_time(plan, counts, prepared.train.tokens, epochs, peak, tokens_per_s)
+    found = training_time(
+        plan,
+        counts,
+        prepared.train.tokens,
+        epochs,
+        peak,
+        tokens_per_s,
+        reference_forward=recipe.train.objective != "sft",
+    )
     if found is None:
         return {"hours": None, "basis": "no estimate: give --gpu-kind (e.g. H100) or --tokens-per-s"}
     found["rows"] = available

@@ -18,6 +18,7 @@ from lorakit.data.encode import IGNORE
 from lorakit.data.stats import split_stats
 from lorakit.errors import DataError
 from lorakit.model import base as model_mod
+from lorakit.model import setup as setup_mod
 from lorakit.recipe.schema import Recipe
 
 
@@ -37,15 +38,16 @@ def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool
         batch_size=recipe.train.per_device_train_batch_size,
     )
     specials = set(tokenizer.all_special_ids) | {prepared.end_of_turn_id}
-    examples = [
-        {
-            "index": i,
-            "tokens": len(ids),
-            "trained_tokens": sum(t != IGNORE for t in labels),
-            "segments": _segments(tokenizer, ids, labels, specials),
-        }
-        for i, (ids, labels) in enumerate(zip(chosen.dataset["input_ids"][:count], chosen.dataset["labels"][:count]))
-    ]
+
+    def side(ids: list[int], labels: list[int]) -> dict:
+        trained = sum(t != IGNORE for t in labels)
+        return {"tokens": len(ids), "trained_tokens": trained, "segments": _segments(tokenizer, ids, labels, specials)}
+
+    rows = chosen.dataset.select(range(min(count, len(chosen.dataset))))
+    examples = [{"index": i, **side(row["input_ids"], row["labels"])} for i, row in enumerate(rows)]
+    if chosen.pairs:  # a preference pair: the chosen side above, the rejected one beside it
+        for example, row in zip(examples, rows):
+            example["rejected"] = side(row["rejected_input_ids"], row["rejected_labels"])
     return {
         "split": split,
         "formats": prepared.formats,
@@ -77,7 +79,7 @@ def _packing(recipe: Recipe) -> bool | None:
         model_class, model_type = model_mod.model_class_for(recipe.model)
     except OSError:
         return None
-    return model_mod.use_packing(recipe.train.packing, model_class, model_type, recipe.method)
+    return setup_mod.packing_for(recipe, model_class, model_type)
 
 
 def _segments(tokenizer, ids: list[int], labels: list[int], specials: set[int]) -> list[dict]:
@@ -105,12 +107,14 @@ def show(report: dict, console: Console) -> None:
     plain = console.no_color or console.color_system is None
     console.print(_settings(report), highlight=False)
     for example in report["examples"]:
-        console.rule(
-            f"{report['split']} example {example['index']}: {example['tokens']} tokens, "
-            f"{example['trained_tokens']} trained",
-            style="dim",
-        )
-        console.print(_rendered(example["segments"], plain), highlight=False)
+        sides = [("chosen", example), ("rejected", example["rejected"])] if "rejected" in example else [("", example)]
+        for name, shown in sides:
+            console.rule(
+                f"{report['split']} example {example['index']}{f' ({name})' if name else ''}: {shown['tokens']} "
+                f"tokens, {shown['trained_tokens']} trained",
+                style="dim",
+            )
+            console.print(_rendered(shown["segments"], plain), highlight=False)
     console.rule(style="dim")
     legend = (
         "trained text is «marked»; special tokens in ⟨⟩"

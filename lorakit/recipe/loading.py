@@ -177,6 +177,13 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
             problems.append(f"{where}: {'.'.join(dotted)}: file not found: {getattr(section, key)}")
         else:
             setattr(section, key, str(file.resolve()))
+    if recipe.model.adapter is not None:  # a local folder, made absolute, or an error at its line
+        folder = Path(recipe.model.adapter).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            where = _where(("model", "adapter"), str(path), node, set_by)
+            problems.append(f"{where}: model.adapter: no adapter there (adapter_config.json): {recipe.model.adapter}")
+        else:
+            recipe.model.adapter = str(folder.resolve())
     if problems:
         raise RecipeError("\n".join(problems))
     for key in ("name_or_path", "tokenizer_name_or_path"):
@@ -237,7 +244,9 @@ def _explain(exc: ValidationError, source: str, node: yaml.Node | None, set_by: 
                     messages.append(msg[0].lower() + msg[1:])
             got = "" if err["type"] == "value_error" else f" (got {err['input']!r})"
             label = f"{dotted}: " if dotted else ""
-            lines.append(f"{_where(loc, source, node, set_by)}: {label}{' or '.join(messages)}{got}")
+            named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+): ", messages[0]) if not loc else None
+            at = tuple(named.group(1).split(".")) if named else loc  # a cross-section rule names its key first
+            lines.append(f"{_where(at, source, node, set_by)}: {label}{' or '.join(messages)}{got}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from lorakit.recipe.peft_sections import (
     LORA_KEYS_FOR,
@@ -119,6 +119,13 @@ class ModelConfig(Section):
         "x hidden size trainable parameters (`lorakit plan` counts them). Models with tied embeddings are refused. "
         "Eval, chat and merge grow the base the same way.",
     )
+    adapter: str | None = Field(
+        None,
+        description="Start from this adapter instead of a fresh one: a lorakit run directory (checked against its "
+        "manifest and base) or a peft adapter folder. Training continues it, with its own settings (`lora:` and "
+        "`method` are not read); for `train.objective: dpo` a frozen copy of it is the reference, so the usual "
+        "pipeline is an SFT run, then a preference run on it. The manifest records it.",
+    )
     allow_pickle_weights: bool = Field(
         False,
         description="Allow weights in pickle files (`pytorch_model.bin`), which can run code when loaded. "
@@ -222,7 +229,7 @@ class LoraSection(Section):
 
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")  # file types lorakit reads itself
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"]
 
 
 class DataSource(Section):
@@ -287,8 +294,10 @@ class DataConfig(Section):
         "auto",
         description="`messages` (OpenAI chat: a list of {role, content}), `sharegpt` (`conversations` "
         "of {from, value}), `alpaca` ({instruction, input, output, system}), `prompt_completion` "
-        "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), or "
-        "`auto` to detect from the first row's keys (ambiguous keys are an error).",
+        "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), "
+        "`preference` ({prompt, chosen, rejected}: strings, or lists of messages with the prompt given or shared "
+        "by both; for `train.objective: dpo`), or `auto` to detect from the first row's keys (ambiguous keys are "
+        "an error).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -368,15 +377,44 @@ class DataConfig(Section):
         return data
 
 
-class TrainConfig(Section):
-    """Training settings (trl `SFTConfig` / transformers `TrainingArguments` names)."""
+OBJECTIVES = ("sft", "dpo")
+# Keys of trl's preference configs (DPOConfig...), and the objectives that read each.
+OBJECTIVE_KEYS = {"beta": ("dpo",), "loss_type": ("dpo",), "label_smoothing": ("dpo",)}
 
-    LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"max_nonfinite_steps"})  # lorakit's own keys in this section
+
+class TrainConfig(Section):
+    """Training settings (trl `SFTConfig` / `DPOConfig` / transformers `TrainingArguments` names)."""
+
+    LORAKIT_ONLY: ClassVar[frozenset] = frozenset({"max_nonfinite_steps", "objective"})  # lorakit's own keys
 
     output_dir: str | None = Field(
         None,
         description="The run directory. Default: `runs/<recipe file name>`. Refused when it holds files, "
         "unless `--overwrite`.",
+    )
+    objective: Literal[OBJECTIVES] = Field(
+        "sft",
+        description="What is trained: `sft` (supervised fine-tuning on replies, trl's SFTTrainer) or `dpo` "
+        "(direct preference optimization on prompt/chosen/rejected pairs, trl's DPOTrainer; the reference is "
+        "the base with the adapter switched off). See docs/preference.md.",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="`dpo`: how far the tuned model may move from the reference (higher: less); trl's default 0.1.",
+    )
+    loss_type: (
+        Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] | None
+    ) = Field(
+        None,
+        description="`dpo`: the preference loss (trl `DPOConfig.loss_type`): `sigmoid` (DPO, the default), `ipo`, "
+        "`hinge`, `robust` (with `label_smoothing`), and the others trl names.",
+    )
+    label_smoothing: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description="`dpo`: the probability that a pair's preference is flipped (robust DPO); trl's default 0.",
     )
     num_train_epochs: float = Field(
         1.0, gt=0, description="Passes over the training data (ignored when `max_steps` > 0)."
@@ -475,6 +513,30 @@ class TrainConfig(Section):
         None, description="Hub token; prefer the HF_TOKEN environment variable. Never saved in the run."
     )
 
+    @field_validator(*OBJECTIVE_KEYS)
+    @classmethod
+    def _key_of_the_objective(cls, value, info: ValidationInfo):
+        objective = info.data.get("objective", "sft")
+        if value is not None and objective not in OBJECTIVE_KEYS[info.field_name]:
+            raise ValueError(
+                f"is a setting of train.objective {' / '.join(OBJECTIVE_KEYS[info.field_name])}; this recipe's "
+                f"objective is {objective}, which would ignore it"
+            )
+        return value
+
+    @field_validator("packing", "use_liger_kernel")
+    @classmethod
+    def _sft_only(cls, value, info: ValidationInfo):
+        objective = info.data.get("objective", "sft")
+        if value is True and objective != "sft":
+            why = {
+                "packing": "trl's preference trainers pad each pair (their padding-free mode is unavailable)",
+                "use_liger_kernel": "trl's preference trainers compute log-probabilities with their own fused "
+                "head, which Liger's loss would replace",
+            }[info.field_name]
+            raise ValueError(f"`objective: {objective}`: {why}; set it to auto or false")
+        return value
+
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, value: list[str] | str) -> list[str] | str:
@@ -567,6 +629,10 @@ class Recipe(MethodRules):
                 "4-bit base no longer has (peft refuses it); set `model.load_in_4bit: false`, or use "
                 "true or gaussian"
             )
+        if self.train.objective != "sft":
+            self._fits_the_objective()
+        if self.model.adapter is not None:
+            self._continues_its_adapter()
         if (
             self.train.eval_strategy in ("steps", "epoch")
             and self.data.eval is None
@@ -578,6 +644,31 @@ class Recipe(MethodRules):
             )
         return self
 
+    def _continues_its_adapter(self) -> None:
+        if self.lora.model_fields_set or self.method != "lora":
+            key = f"lora.{sorted(self.lora.model_fields_set)[0]}" if self.lora.model_fields_set else "method"
+            raise ValueError(
+                f"{key}: model.adapter continues that adapter with its own settings; remove the `{key}` setting"
+            )
+        if self.model.new_special_tokens:
+            raise ValueError(
+                "model.new_special_tokens: tokens cannot be added to a run that continues model.adapter (its "
+                "embeddings and the base's would no longer match)"
+            )
+
+    def _fits_the_objective(self) -> None:
+        objective = self.train.objective
+        if self.method == "adalora":
+            raise ValueError(
+                f"train.objective: `{objective}` with `method: adalora` is refused: AdaLoRA's rank budget is "
+                "driven through lorakit's SFT trainer; use `method: lora` (or DoRA/rsLoRA through `lora:`)"
+            )
+        if self.data.train_on != "assistant":
+            raise ValueError(
+                f"data.train_on: `{objective}` compares the chosen and the rejected reply, which are what it trains; "
+                f"`{self.data.train_on}` does not apply (leave it at assistant)"
+            )
+
     def has_eval(self) -> bool:
         return self.data.eval is not None or self.data.eval_fraction is not None
 
@@ -586,13 +677,18 @@ class Recipe(MethodRules):
         data = self.model_dump(mode="json")
         data["data"] = self.data.saved()
         data["train"].pop("hub_token", None)
+        for key in OBJECTIVE_KEYS:  # unset: trl's default for the objective, which the manifest records
+            if data["train"][key] is None:
+                data["train"].pop(key)
         if not self.model.load_in_4bit:  # defaults only; saving them would make the recipe invalid
             data["model"].pop("quantization")
         for name in METHOD_SECTIONS:  # only the chosen method's settings, which are all it reads
             if name != self.method:
                 data.pop(name)
         allowed = LORA_KEYS_FOR[self.method]
-        if allowed is not None:
+        if self.model.adapter is not None:  # the adapter's own settings apply, which `lora:` may not restate
+            data.pop("lora")
+        elif allowed is not None:
             data["lora"] = {k: v for k, v in data["lora"].items() if k in allowed}
             if not data["lora"]:
                 data.pop("lora")

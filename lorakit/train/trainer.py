@@ -28,13 +28,14 @@ from lorakit.model import base as model_mod
 from lorakit.model import method_training, scoring, shards
 from lorakit.model import peft_methods as methods
 from lorakit.model import setup as setup_mod
-from lorakit.recipe.schema import Recipe, TrainConfig
+from lorakit.recipe.schema import OBJECTIVE_KEYS, Recipe, TrainConfig
 from lorakit.rundir import directory as run_files
-from lorakit.train import distributed
+from lorakit.train import distributed, objectives
 from lorakit.train import resume as resume_mod
+from lorakit.train import start as start_mod
 from lorakit.train.progress import RunProgress, summary_table
 
-# Recipe keys that are not passed to SFTConfig as they are.
+# Recipe keys that are not passed to the trainer's config as they are.
 _NOT_SFT = {
     "output_dir",
     "eval_strategy",
@@ -48,35 +49,35 @@ _NOT_SFT = {
     "use_liger_kernel",
     "ddp_backend",
     *TrainConfig.LORAKIT_ONLY,
+    *OBJECTIVE_KEYS,
 }
 
 
-def sft_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
-    """trl SFTConfig from the recipe's `train:` section and the run's set-up."""
-    from trl import SFTConfig
-
+def trainer_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
+    """The objective's trl config (SFTConfig, DPOConfig) from the recipe's `train:` section and the run's set-up."""
+    config = objectives.config_class(recipe.train.objective)
     train = recipe.train
     values = train.model_dump(exclude=_NOT_SFT)
     eval_strategy = train.eval_strategy
     if eval_strategy == "auto":
         eval_strategy = "steps" if recipe.has_eval() else "no"
     # transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; recipes keep the known name.
-    field_names = {f.name for f in dataclasses.fields(SFTConfig)}
+    field_names = {f.name for f in dataclasses.fields(config)}
     checkpointing = (
         "activation_checkpointing" if "activation_checkpointing" in field_names else "gradient_checkpointing"
     )
     values[checkpointing] = train.gradient_checkpointing
-    return SFTConfig(
+    if train.objective == "sft":  # whole examples only (they already fit max_length): padding-free, exact
+        values.update(packing=setup.packing, packing_strategy="bfd")
+    return config(
         **values,
+        **objectives.objective_values(recipe),
         output_dir=str(run_dir / "checkpoints" / resume_mod.INCOMING),  # moved up a level once complete
         run_name=train.run_name or run_dir.name,
         optim=setup.optimizer,
         eval_strategy=eval_strategy,
         eval_steps=train.eval_steps or train.logging_steps * 5,
-        max_length=recipe.data.max_length,
-        packing=setup.packing,
         use_liger_kernel=setup.liger,
-        packing_strategy="bfd",  # whole examples only (they already fit max_length): padding-free, exact
         bf16=setup.precision.bf16,
         fp16=setup.precision.fp16,
         use_cpu=setup.precision.device == "cpu",
@@ -145,6 +146,7 @@ class Training:
             os.environ.setdefault("HF_TOKEN", self.recipe.train.hub_token.get_secret_value())
         if resume:
             self.method.check_resume()
+        self.start = start_mod.find(self.recipe)  # the adapter this run continues (model.adapter), checked
 
     def claim(self, overwrite: bool, resume: bool) -> None:
         """The run directory: claimed (or the one to resume found) by the main process; the others wait."""
@@ -167,7 +169,10 @@ class Training:
         self.tokenizer = model_mod.load_tokenizer(recipe.model)  # with the recipe's new special tokens, if any
         with distributed.main_first():
             self.prepared = data_mod.prepare(recipe.data, self.tokenizer, recipe.train.seed, use_cache=use_cache)
+        data_mod.check_objective(self.prepared, recipe.train.objective)
         _report_data(console, self.prepared, recipe)
+        if self.start is not None:
+            self.start.check_template(run_files.template_hash(self.tokenizer))
         # what checkpoints record and a resume must find unchanged: the data's content and the base's files
         self.fingerprints = {
             **self.prepared.fingerprints,
@@ -192,10 +197,13 @@ class Training:
                 highlight=False,
             )
         base = model_mod.load_base(recipe.model, setup.loading, self.tokenizer)
-        if recipe.method in ("lora", "adalora"):
+        if recipe.method in ("lora", "adalora") and self.start is None:
             model_mod.check_target_modules(base, recipe.lora)
         self.quantized = model_mod.quantization_record(base) if setup.four_bit else None
         self.base = model_mod.prepare_for_training(base, setup.loading, recipe.train.gradient_checkpointing)
+        if self.start is not None:
+            self.console.print(f"continuing the adapter of {self.start.path}", highlight=False)
+            self.base = self.start.load(self.base)
         self.attention = upstream.attention_implementation(self.base)
 
     def build_trainer(self, callbacks: tuple) -> None:
@@ -211,7 +219,7 @@ class Training:
             self.prepared,
             self.console,
             self.method,
-            new_token_ids,
+            None if self.start else methods.peft_config(self.recipe, self.base, new_token_ids),
             self.checkpoint,
         )
         self.parameters = model_mod.trainable_parameters(self.trainer.model)  # before the engine shards them
@@ -267,9 +275,10 @@ class Training:
         """The final eval loss, the adapter saved (every process takes part: FSDP and ZeRO-3 gather the
         shards), then, on the main process, the run directory completed and the summary printed."""
         trainer, recipe = self.trainer, self.recipe
-        eval_loss = self._final_eval_loss()
+        eval_loss, self.preference = self._final_eval()
         if self.setup.engine.kind == "fsdp":  # gather the adapter whole, as a standard PEFT adapter
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        objectives.drop_reference(trainer.model)
         trainer.save_model(str(self.run_dir))  # adapter + tokenizer with the chat template used
         if not trainer.is_world_process_zero():
             return TrainResult(self.run_dir, trainer.model)
@@ -306,18 +315,35 @@ class Training:
             "gradient_checkpointing": recipe.train.gradient_checkpointing,
             "torch_compile": recipe.train.torch_compile,
         }
+        details["objective"] = objectives.record(recipe, trainer.args, continued=self.start is not None)
+        if self.start is not None:
+            details["start_adapter"] = self.start.record()
+        details["results"].update({f"eval_{name}": value for name, value in self.preference.items()})
         details["adapter_sha256"] = run_files.adapter_hashes(self.run_dir)  # readers check the adapter against it
         run_files.write_model_card(self.run_dir, recipe, details)
         run_files.write_manifest(self.run_dir, recipe, details)
         self.console.print(summary_table(self._summary(details)))
         return TrainResult(self.run_dir, trainer.model, details)
 
-    def _final_eval_loss(self) -> float | None:
+    def _final_eval(self) -> tuple[float | None, dict]:
+        """The run's eval loss at its end, and for a preference objective its held-out preference figures
+        (trl's evaluation: reward accuracy, margin, log-probabilities of both replies)."""
+        if not self.prepared.eval:
+            return None, {}
+        if self.recipe.train.objective == "sft":
+            return self._final_eval_loss(), {}
+        metrics = self.trainer.evaluate()
+        figures = {
+            name: round(float(metrics[f"eval_{key}"]), 4)
+            for name, key in objectives.PREFERENCE_FIGURES.items()
+            if f"eval_{key}" in metrics
+        }
+        return metrics["eval_loss"], figures
+
+    def _final_eval_loss(self) -> float:
         """The run's eval loss at its end with `lorakit eval`'s definition (lorakit.model.scoring: the mean
         per trained token), so the two agree for the same adapter and data. Every process computes it over
         the whole split, making the same forward calls (FSDP and ZeRO-3 gather weights in them)."""
-        if not self.prepared.eval:
-            return None
         data, model = self.prepared.eval.dataset, self.trainer.model_wrapped
         was_training = model.training
         loss, _ = scoring.token_loss(
@@ -344,6 +370,11 @@ class Training:
             "tokens/s": results["tokens_per_s"],
             "train loss": f"{_fmt(results['first_loss'])} -> {_fmt(results['last_loss'])}",
             "eval loss": _fmt(results["eval_loss"]),
+            **(
+                {"eval reward accuracy": f"{results['eval_reward_accuracy']:.1%} (margin {results['eval_margin']:.3g})"}
+                if "eval_reward_accuracy" in results
+                else {}
+            ),
             "global batch": f"{details['global_batch']} ({train.per_device_train_batch_size} per device x "
             f"{train.gradient_accumulation_steps} accumulation x {details['world_size']} processes"
             f"{', ' + details['engine'] if details['world_size'] > 1 else ''})",
@@ -365,7 +396,7 @@ def _build_trainer(
     prepared,
     console: Console,
     method: method_training.MethodTraining,
-    new_token_ids: list[int],
+    peft_config,
     checkpoint: Path | None = None,
 ):
     """SFTTrainer (or the method's subclass) over lorakit's pre-tokenized data, with lorakit's progress in
@@ -375,13 +406,13 @@ def _build_trainer(
     progress = RunProgress(
         run_dir / run_files.METRICS, console, resume_mod.resumed_at(checkpoint) if checkpoint else None
     )
-    trainer = method.trainer_class()(
+    trainer = objectives.trainer_class(recipe.train.objective, method)(
         model=base,
-        args=sft_config(recipe, run_dir, setup),
+        args=trainer_config(recipe, run_dir, setup),
         processing_class=tokenizer,
         train_dataset=prepared.train.to_dataset(),
         eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
-        peft_config=methods.peft_config(recipe, base, new_token_ids),
+        peft_config=peft_config,  # None when the base already holds the adapter the run continues
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
