@@ -72,7 +72,9 @@ def test_a_run_continuing_an_adapter_takes_its_settings_from_it(tiny_model, tmp_
         write_recipe, recipe
     )
     del recipe["lora"]
-    assert "model.adapter: no adapter there (adapter_config.json)" in refusal(write_recipe, recipe)
+    checked = lorakit("check", str(write_recipe(recipe, name="missing")))
+    said = " ".join((checked.stdout + checked.stderr).split())
+    assert checked.returncode == 2 and f"model.adapter: {tmp_path / 'nothing'}: no adapter there" in said
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "adapter_config.json").write_text("{}")
     assert load_recipe(write_recipe(recipe)).model.adapter == str(tmp_path / "nothing")
@@ -257,7 +259,11 @@ def test_the_dpo_adapter_reloads_in_plain_peft_and_merges_verified(sft_then_dpo,
         with torch.no_grad():
             outputs[name] = model(input_ids=ids).logits
     assert not torch.allclose(outputs["sft"], outputs["dpo"])  # DPO moved the SFT adapter
-    merged = lorakit("merge", str(sft_then_dpo / "dpo"), "--output", str(tmp_path / "merged"))
+    run = shutil.copytree(sft_then_dpo / "dpo", tmp_path / "dpo", ignore=shutil.ignore_patterns("checkpoints"))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["adapter"] = str(tmp_path / "deleted-sft-run")  # the run stands on its own once trained
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    merged = lorakit("merge", str(run), "--output", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["verification"]["passed"]
 

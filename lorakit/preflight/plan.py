@@ -150,6 +150,11 @@ def count(recipe: Recipe) -> Counts:
     if cfg.adapter is not None:  # the run continues this adapter: its own config says what trains
         from peft import PeftConfig
 
+        from lorakit.recipe.loading import missing_adapter
+
+        if missing_adapter(recipe):
+            raise LorakitError(missing_adapter(recipe))
+
         peft_config = PeftConfig.from_pretrained(cfg.adapter)
         peft_config.inference_mode = False
     else:

@@ -177,13 +177,10 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
             problems.append(f"{where}: {'.'.join(dotted)}: file not found: {getattr(section, key)}")
         else:
             setattr(section, key, str(file.resolve()))
-    if recipe.model.adapter is not None:  # a local folder, made absolute, or an error at its line
-        folder = Path(recipe.model.adapter).expanduser()
-        if not (folder / "adapter_config.json").is_file():
-            where = _where(("model", "adapter"), str(path), node, set_by)
-            problems.append(f"{where}: model.adapter: no adapter there (adapter_config.json): {recipe.model.adapter}")
-        else:
-            recipe.model.adapter = str(folder.resolve())
+    if recipe.model.adapter is not None and Path(recipe.model.adapter).expanduser().is_dir():
+        # made absolute; a missing one is refused by `train` and `check`, not here: a finished run's recipe
+        # names the adapter it started from, and reading that run must not need it
+        recipe.model.adapter = str(Path(recipe.model.adapter).expanduser().resolve())
     if problems:
         raise RecipeError("\n".join(problems))
     for key in ("name_or_path", "tokenizer_name_or_path"):
@@ -194,6 +191,14 @@ def _resolve(recipe: Recipe, path: Path, node: yaml.Node | None, set_by: dict) -
     if recipe.train.output_dir is None:
         recipe.train.output_dir = str(Path("runs") / path.stem)
     return recipe
+
+
+def missing_adapter(recipe: Recipe) -> str | None:
+    """What is wrong with model.adapter's folder, for `train` and `check` before anything loads."""
+    given = recipe.model.adapter
+    if given is not None and not (Path(given).expanduser() / "adapter_config.json").is_file():
+        return f"model.adapter: {given}: no adapter there (adapter_config.json; a lorakit run or a peft adapter)"
+    return None
 
 
 def resolve_source(source: DataSource) -> str | None:

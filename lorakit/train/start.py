@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lorakit.digest import folder_sha256
 from lorakit.errors import LorakitError
+from lorakit.recipe.loading import missing_adapter
 from lorakit.recipe.schema import Recipe
 from lorakit.rundir import group
 from lorakit.rundir.directory import ADAPTER_FILES, MANIFEST
@@ -54,8 +55,9 @@ def find(recipe: Recipe, accept_changed_adapter: bool = False) -> StartAdapter |
     if given is None:
         return None
     path = Path(given).expanduser().resolve()
-    if not (path / "adapter_config.json").is_file():
-        raise LorakitError(f"model.adapter: {given}: no adapter_config.json there (a lorakit run or a peft adapter)")
+    problem = missing_adapter(recipe)
+    if problem:
+        raise LorakitError(problem)
     if not (path / MANIFEST).is_file():
         _check_base(path, json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path"), recipe)
         return StartAdapter(path, None)
