@@ -25,8 +25,6 @@ from lorakit.data.encode import (
 from lorakit.data.rows import Pair
 from lorakit.errors import DataError
 
-SIDE_COLUMNS = ("input_ids", "labels")
-
 
 def encode_pairs(
     examples: list[tuple[str, Pair, int]], encoder: Encoder, num_proc: int, source: str, bad: list[str] | None = None
