@@ -1,5 +1,6 @@
 """Seeded generator of the bundled quickstart dataset `examples/reverse/` and of the preference pairs
-`examples/preference/` (the same task: the reversed words chosen over a wrong order).
+`examples/preference/` (the same task: the reversed words chosen over a wrong order), and of those pairs
+with one reply kept, labelled desirable or not (KTO).
 
 Owns the task ("reverse the order of three words"), its word list, the row formats and the exact bytes
 of the JSONL files. Also owns `all_texts()`, the text `scripts/tiny_model.py` trains its tokenizer
@@ -148,6 +149,23 @@ def build_pairs(seed: int = SEED) -> dict[str, list[dict]]:
     return {"train": rows[:N_PAIRS_TRAIN], "eval": rows[N_PAIRS_TRAIN:]}
 
 
+def unpaired_row(pair: dict, desirable: bool, string_reply: bool) -> dict:
+    """KTO's layout: one reply of a pair, the chosen one labelled desirable or the rejected one not; the
+    completion a message or, after a conversational prompt, a string (both are read as the assistant's reply)."""
+    side = pair["chosen" if desirable else "rejected"]
+    prompt, reply = (pair["prompt"], side) if "prompt" in pair else (side[:-1], side[-1:])
+    return {"prompt": prompt, "completion": reply[0]["content"] if string_reply else reply, "label": desirable}
+
+
+def build_unpaired(seed: int = SEED) -> dict[str, list[dict]]:
+    """The pairs with one reply of each kept (seeded, about half desirable): labelled completions, no pairs."""
+    rng = random.Random(seed + 4)
+    return {
+        f"unpaired_{name}": [unpaired_row(pair, rng.random() < 0.5, rng.random() < 0.5) for pair in pairs]
+        for name, pairs in build_pairs(seed).items()
+    }
+
+
 def _write(out: Path, splits: dict[str, list[dict]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
@@ -157,10 +175,11 @@ def _write(out: Path, splits: dict[str, list[dict]]) -> Path:
 
 
 def write_examples(out_dir: str | Path | None = None, seed: int = SEED) -> Path:
-    """Write reverse/ (train, eval, train_pc, eval_pc) and preference/ (train, eval) under out_dir."""
+    """Write reverse/ (train, eval, train_pc, eval_pc) and preference/ (train, eval, unpaired_train,
+    unpaired_eval) under out_dir."""
     out = Path(out_dir) if out_dir else Path(__file__).resolve().parent.parent / "examples"
     _write(out / "reverse", build_splits(seed))
-    _write(out / "preference", build_pairs(seed))
+    _write(out / "preference", {**build_pairs(seed), **build_unpaired(seed)})
     return out
 
 

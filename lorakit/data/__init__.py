@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from lorakit.data import cache as cache_mod
 from lorakit.data.encode import IGNORE, Encoder, Split, encode, end_of_turn_id, example_record
 from lorakit.data.pairs import encode_pairs
-from lorakit.data.rows import Chat, Pair, detect_format, to_example
+from lorakit.data.rows import Chat, Labeled, Pair, detect_format, to_example
 from lorakit.data.sources import Opened, open_source
 from lorakit.data.templates import apply_chat_template_choice
 from lorakit.errors import DataError
-from lorakit.recipe.schema import DataConfig
+from lorakit.recipe.schema import OBJECTIVE_FACTS, DataConfig
 
 __all__ = ["IGNORE", "PreparedData", "Prompt", "Split", "check_objective", "prepare", "prompts"]
 
@@ -41,23 +41,37 @@ class PreparedData:
         return ", ".join(dict.fromkeys(self.formats.values()))
 
 
+KINDS = {
+    "examples": "SFT examples",
+    "pairs": "preference pairs (prompt/chosen/rejected)",
+    "unpaired": "labelled completions (prompt/completion/label)",
+}
+ONE = {"examples": "an SFT example", "pairs": "a preference pair", "unpaired": "a labelled completion"}
+
+
 def check_objective(prepared: PreparedData, objective: str) -> None:
-    """Preference pairs train a preference objective and only that; SFT examples the other objectives."""
-    if prepared.train.pairs and objective == "sft":
+    """Each objective trains the kind of data it is for (recipe.schema.OBJECTIVE_FACTS), and only that."""
+    kind, accepted = prepared.train.kind, OBJECTIVE_FACTS[objective].data
+    if kind not in accepted:
+        wanted = " or ".join(KINDS[k] for k in accepted)
+        fits = [o for o, facts in OBJECTIVE_FACTS.items() if kind in facts.data]
         raise DataError(
-            f"data.train holds preference pairs ({prepared.format}); SFT trains replies, not pairs: set "
-            "`train.objective: dpo`, or give SFT data"
-        )
-    if not prepared.train.pairs and objective != "sft":
-        raise DataError(
-            f"train.objective: `{objective}` trains on preference pairs (prompt/chosen/rejected); data.train is "
-            f"{prepared.format}"
+            f"train.objective: `{objective}` trains on {wanted}; data.train holds {KINDS[kind]} "
+            f"({prepared.format}), which {' / '.join(fits)} train{'s' if len(fits) == 1 else ''}"
         )
 
 
 def _reply_side(example):
-    """What generation prompts and templates read from an example: a pair's chosen side."""
-    return example.chosen if isinstance(example, Pair) else example
+    """What generation prompts and templates read from an example: a pair's chosen side, a labelled one's
+    completion."""
+    if isinstance(example, Pair):
+        return example.chosen
+    return example.example if isinstance(example, Labeled) else example
+
+
+def _references(examples: list[tuple]) -> list[tuple]:
+    """The examples whose reply is one to generate: not KTO's undesirable completions."""
+    return [(w, _reply_side(ex), i) for w, ex, i in examples if not (isinstance(ex, Labeled) and not ex.desirable)]
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, *, use_cache: bool = True) -> PreparedData:
@@ -94,7 +108,7 @@ def prompts(cfg: DataConfig, tokenizer, seed: int, split: str = "eval") -> list[
     """Generation prompts and references from the same rows, split and template as `prepare`. Plain text
     rows (continued pre-training) have no reference to generate and are left out."""
     train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
-    chosen = [(where, _reply_side(ex), i) for where, ex, i in (evaluation if split == "eval" else train)]
+    chosen = _references(evaluation if split == "eval" else train)
     apply_chat_template_choice(tokenizer, cfg.chat_template, any(isinstance(ex, Chat) for _, ex, _ in chosen))
     prefix = Encoder(tokenizer, max_length=cfg.max_length).prefix
     out = []
@@ -114,8 +128,7 @@ def conversations(cfg: DataConfig, seed: int, count: int = 8) -> list[list[dict]
     """Up to `count` chat conversations of the eval split (else train), each up to its last assistant turn:
     what a model is prompted with, as messages."""
     train, evaluation, _, _ = _canonical(cfg, _open(cfg), seed)
-    sides = (_reply_side(example) for _, example, _ in (evaluation or train))
-    chats = [example for example in sides if isinstance(example, Chat)][:count]
+    chats = [example for _, example, _ in _references(evaluation or train) if isinstance(example, Chat)][:count]
     return [c.messages[: max(i for i, m in enumerate(c.messages) if m["role"] == "assistant")] for c in chats]
 
 
@@ -141,7 +154,7 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
     train, evaluation, bad, formats = _canonical(cfg, opened, seed)
     if bad:
         _check_bad_share(bad, len(train) + len(evaluation) + len(bad), cfg)
-    pairs = _pairs(train + evaluation)
+    pairs = _kind(train + evaluation) == "pairs"
     needs_template = any(isinstance(_reply_side(ex), Chat) for _, ex, _ in train + evaluation)
     template = apply_chat_template_choice(tokenizer, cfg.chat_template, needs_template)
 
@@ -177,16 +190,17 @@ def _build(cfg: DataConfig, opened: dict[str, list[Opened]], tokenizer, seed: in
     return meta, {k: s.dataset for k, s in splits.items()}
 
 
-def _pairs(examples: list[tuple]) -> bool:
-    """Whether the examples are preference pairs; pairs and SFT examples are never mixed."""
-    kinds = [isinstance(example, Pair) for _, example, _ in examples]
-    if any(kinds) and not all(kinds):
-        first = next(where for (where, _, _), kind in zip(examples, kinds) if kind != kinds[0])
-        raise DataError(
-            f"{first}: {'an SFT example' if kinds[0] else 'a preference pair'} among "
-            f"{'preference pairs' if kinds[0] else 'SFT examples'}; one run trains one kind of data"
-        )
-    return bool(kinds) and kinds[0]
+def _kind(examples: list[tuple]) -> str:
+    """`pairs`, `unpaired` or `examples`: one run trains one kind of data, never a mix."""
+
+    def kind(example) -> str:
+        return "pairs" if isinstance(example, Pair) else "unpaired" if isinstance(example, Labeled) else "examples"
+
+    kinds = [kind(example) for _, example, _ in examples]
+    first = next(((where, k) for (where, _, _), k in zip(examples, kinds) if k != kinds[0]), None)
+    if first is not None:
+        raise DataError(f"{first[0]}: {ONE[first[1]]} among {KINDS[kinds[0]]}; one run trains one kind of data")
+    return kinds[0] if kinds else "examples"
 
 
 def _check_bad_share(bad: list[str], total: int, cfg: DataConfig) -> None:

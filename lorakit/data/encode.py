@@ -18,7 +18,7 @@ from functools import cached_property
 
 from jinja2 import TemplateError
 
-from lorakit.data.rows import Chat, Plain
+from lorakit.data.rows import Chat, Labeled, Plain
 from lorakit.errors import DataError
 
 IGNORE = -100
@@ -61,13 +61,21 @@ class Split:
         """Preference pairs: each row holds the chosen side (input_ids, labels) and the rejected one."""
         return "rejected_input_ids" in self.dataset.column_names
 
-    def to_dataset(self):
-        """The columns the trainer reads: input_ids + labels, or for pairs trl's prompt/chosen/rejected ids."""
+    @property
+    def kind(self) -> str:
+        """`pairs`, `unpaired` (KTO's completions, each `desirable` or not) or `examples` (SFT)."""
         if self.pairs:
-            from lorakit.data.pairs import trl_columns
+            return "pairs"
+        return "unpaired" if "desirable" in self.dataset.column_names else "examples"
 
-            return trl_columns(self.dataset)
-        return self.dataset.select_columns(["input_ids", "labels"])
+    def to_dataset(self, layout: str = "examples"):
+        """The columns a trainer reads (lorakit.data.pairs.LAYOUTS): input_ids + labels (`examples`), or trl's
+        pre-tokenized preference columns."""
+        if layout == "examples":
+            return self.dataset.select_columns(["input_ids", "labels"])
+        from lorakit.data.pairs import LAYOUTS
+
+        return LAYOUTS[layout](self.dataset)
 
     def column(self, name: str):
         """One column as an Arrow array (through any row selection, unlike `Dataset.data`)."""
@@ -97,8 +105,11 @@ class Split:
         return sum(int(pc.sum(pc.not_equal(pc.list_flatten(self.column(c)), IGNORE)).as_py() or 0) for c in columns)
 
 
-def example_record(where: str, example: Chat | Plain, source: int) -> dict:
-    """A canonical example as one row of the table that `Encoder.encode_batch` maps over."""
+def example_record(where: str, example: Chat | Plain | Labeled, source: int) -> dict:
+    """A canonical example as one row of the table that `Encoder.encode_batch` maps over (a labelled one
+    keeps its label in `desirable`)."""
+    if isinstance(example, Labeled):
+        return {**example_record(where, example.example, source), "desirable": example.desirable}
     if isinstance(example, Chat):
         payload = {"messages": example.messages, "trained_from": example.trained_from}
     else:
@@ -528,8 +539,9 @@ def encode(records: list[dict], encoder: Encoder, num_proc: int, source: str, ba
             f"(data.max_length={encoder.max_length}, data.on_overflow={encoder.on_overflow})"
         )
     dataset = mapped.select(kept).flatten_indices() if len(kept) < len(status) else mapped
+    columns = ["input_ids", "labels", "source", "end_of_turn", "is_chat"]
     return Split(
-        dataset.select_columns(["input_ids", "labels", "source", "end_of_turn", "is_chat"]),
+        dataset.select_columns(columns + (["desirable"] if "desirable" in dataset.column_names else [])),
         truncated=status.count(TRUNCATED),
         drops=drops,
     )

@@ -1,5 +1,6 @@
 """Preference pairs tokenized: both sides of each pair rendered, masked and length-checked exactly as an SFT
-example with that reply (`encode`), kept or dropped together, and handed to trl as its pre-tokenized columns.
+example with that reply (`encode`), kept or dropped together; and the pre-tokenized columns each of trl's
+preference trainers reads (`LAYOUTS`), from pairs or from KTO's labelled completions.
 
 A pair's split holds one row per pair: the chosen side as input_ids + labels (so every reader of SFT data
 reads it the same way) and the rejected side as rejected_input_ids + rejected_labels. Both sides must share
@@ -95,8 +96,8 @@ def _reply(ids: list[int], labels: list[int]) -> tuple[int, int]:
     return start, stop
 
 
-def trl_columns(dataset):
-    """trl's pre-tokenized preference columns: prompt_ids, chosen_ids, rejected_ids (the replies only)."""
+def reply_columns(dataset):
+    """DPOTrainer's pre-tokenized columns: prompt_ids, chosen_ids, rejected_ids (the replies only)."""
 
     def split(row: dict) -> dict:
         start, stop = _reply(row["input_ids"], row["labels"])
@@ -108,3 +109,44 @@ def trl_columns(dataset):
         }
 
     return dataset.map(split, remove_columns=dataset.column_names)
+
+
+def sequence_columns(dataset):
+    """The columns of trl's experimental pair trainers (ORPOTrainer, CPOTrainer): each side whole, with its
+    attention mask and labels (the prompt at -100), as their own tokenizer would have left them."""
+
+    def sides(row: dict) -> dict:
+        return {
+            "chosen_input_ids": row["input_ids"],
+            "chosen_attention_mask": [1] * len(row["input_ids"]),
+            "chosen_labels": row["labels"],
+            "rejected_input_ids": row["rejected_input_ids"],
+            "rejected_attention_mask": [1] * len(row["rejected_input_ids"]),
+            "rejected_labels": row["rejected_labels"],
+        }
+
+    return dataset.map(sides, remove_columns=dataset.column_names)
+
+
+def unpaired_columns(dataset):
+    """KTOTrainer's pre-tokenized columns: prompt_ids, completion_ids (the reply through its end-of-turn token)
+    and label; a pair gives two rows, its chosen reply desirable and its rejected one not, side by side."""
+
+    def unpair(rows: dict) -> dict:
+        out = {"prompt_ids": [], "completion_ids": [], "label": []}
+        sides = [("input_ids", "labels", None)]
+        if "rejected_input_ids" in rows:
+            sides = [("input_ids", "labels", True), ("rejected_input_ids", "rejected_labels", False)]
+        for k in range(len(rows["input_ids"])):
+            for ids_key, labels_key, label in sides:
+                ids, labels = rows[ids_key][k], rows[labels_key][k]
+                start, stop = _reply(ids, labels)
+                out["prompt_ids"].append(ids[:start])
+                out["completion_ids"].append(ids[start:stop])
+                out["label"].append(rows["desirable"][k] if label is None else label)
+        return out
+
+    return dataset.map(unpair, batched=True, remove_columns=dataset.column_names)
+
+
+LAYOUTS = {"replies": reply_columns, "sequences": sequence_columns, "unpaired": unpaired_columns}

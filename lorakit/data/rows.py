@@ -6,12 +6,13 @@ Formats (detected from a row's keys or stated in `data.format`):
   alpaca             {"instruction", "input"?, "output", "system"?}
   prompt_completion  {"prompt", "completion"} as strings, or both as lists of messages
   text               {"text"}                                                      continued pre-training
-  preference         {"prompt"?, "chosen", "rejected"}: strings, or lists of messages  DPO pairs
+  preference         {"prompt"?, "chosen", "rejected"}: strings, or lists of messages  DPO/ORPO/SimPO/KTO pairs
+  unpaired           {"prompt", "completion", "label"}: a completion, desirable or not     KTO
 A column mapping (`data.columns`) renames the user's fields to these names first.
 
 Every example becomes a `Chat` (messages, rendered with the chat template) or a `Plain` (prompt +
 completion strings concatenated, eos appended); a preference row becomes a `Pair` of two of them, the
-same context with each reply. Errors say `file:line: reason` without dumping the row.
+same context with each reply, and an unpaired row a `Labeled` one. Errors say `file:line: reason` without dumping the row.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FORMAT_KEYS = {  # format -> the keys whose presence identifies it
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 
 
@@ -63,6 +65,15 @@ class Pair:
 
     chosen: Chat | Plain
     rejected: Chat | Plain
+
+
+@dataclass
+class Labeled:
+    """KTO's unpaired example: one completion of a prompt, labelled desirable or not; the example is the one
+    SFT would train on that completion, rendered and masked exactly as SFT does."""
+
+    example: Chat | Plain
+    desirable: bool
 
 
 def read_rows(path: str, bad: list[str] | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -161,6 +172,8 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
 
 def detect_format(row: dict, where: str) -> str:
     found = [fmt for fmt, keys in FORMAT_KEYS.items() if all(k in row for k in keys)]
+    # the most specific: prompt + completion + label is unpaired, not prompt_completion with an extra key
+    found = [f for f in found if not any(set(FORMAT_KEYS[f]) < set(FORMAT_KEYS[g]) for g in found)]
     if len(found) == 1:
         return found[0]
     if found:
@@ -174,10 +187,12 @@ def detect_format(row: dict, where: str) -> str:
     )
 
 
-def to_example(row: dict, fmt: str, where: str) -> Chat | Plain | Pair:
-    """One row of the given format -> Chat, Plain or Pair, checked field by field."""
+def to_example(row: dict, fmt: str, where: str) -> Chat | Plain | Pair | Labeled:
+    """One row of the given format -> Chat, Plain, Pair or Labeled, checked field by field."""
     if fmt == "preference":
         return _pair(row, where)
+    if fmt == "unpaired":
+        return _labeled(row, where)
     if fmt == "messages":
         return Chat(_messages(row.get("messages"), "messages", where))
     if fmt == "sharegpt":
@@ -242,6 +257,32 @@ def _pair(row: dict, where: str) -> Pair:
     if sides[0] == sides[1]:
         raise DataError(f"{where}: `chosen` and `rejected` are the same reply; the pair prefers nothing")
     return pair
+
+
+def _labeled(row: dict, where: str) -> Labeled:
+    """prompt/completion/label: the completion as prompt_completion reads it (strings, or messages; a string
+    after a conversational prompt is the assistant's reply), `label` true (desirable) or false."""
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are strings
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        what = "missing" if label is None else f"{label!r}"
+        raise DataError(f"{where}: `label` must be true (a desirable completion) or false (undesirable), got {what}")
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    elif isinstance(prompt, str) and isinstance(completion, list):
+        prompt = [{"role": "user", "content": prompt}]
+    example = to_example({"prompt": prompt, "completion": completion}, "prompt_completion", where)
+    if isinstance(example, Chat):
+        reply = example.messages[example.trained_from :]
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise DataError(f"{where}: `completion` must be one assistant reply after the prompt")
+        if not example.trained_from:
+            raise DataError(f"{where}: the completion has no prompt")
+    elif not example.prompt:
+        raise DataError(f"{where}: `prompt` is empty: a labelled completion needs the prompt it answers")
+    return Labeled(example, label)
 
 
 def _text(row: dict, key: str, where: str) -> str:

@@ -155,26 +155,44 @@ def run(
 
         manager = harness.task_manager(lm_eval["tasks"], lm_eval.get("include"))
 
-    results, samples, pair_logps = {}, {}, {}
+    # KTO's labelled completions: the loss is the desirable ones'; every completion is scored by its label
+    desirable = scored.dataset["desirable"][:] if scored.kind == "unpaired" else None
+    lossed = scored
+    if desirable and any(desirable):
+        lossed = data_mod.Split(scored.dataset.select([i for i, d in enumerate(desirable) if d]))
+    results, samples, pair_logps, completion_logps = {}, {}, {}, {}
     for name, model in load_models(target, (*target.tuned(), "base") if compare_base else target.tuned()):
         if console:
             console.print(
-                f"evaluating {name}: loss on {len(scored.dataset)} examples, generation on {len(prompts)} prompts",
+                f"evaluating {name}: loss on {len(lossed.dataset)} examples, generation on {len(prompts)} prompts",
                 highlight=False,
             )
-        results[name], samples[name] = _score(model, tokenizer, scored, prompts, stops, settings, batch, seed)
+        results[name], samples[name] = _score(model, tokenizer, lossed, prompts, stops, settings, batch, seed)
         if scored.pairs:
             pair_logps[name] = _pair_logps(model, tokenizer, scored, batch)
             results[name].update(metrics_mod.preference(*pair_logps[name]))
+        if desirable:
+            data = scored.dataset
+            completion_logps[name] = scoring.sequence_logps(
+                model, data["input_ids"], data["labels"], tokenizer.pad_token_id or 0, batch
+            )
+            results[name].update(metrics_mod.labelled(completion_logps[name], desirable))
         if lm_eval:
             results[name]["lm_eval"] = harness.run_tasks(
                 model, tokenizer, lm_eval["tasks"], manager, limit=lm_eval.get("limit"), batch_size=batch
             )
-    if pair_logps and "base" in pair_logps:
-        for name in target.tuned():
-            results[name].update(metrics_mod.rewards(pair_logps[name], pair_logps["base"]))
+    against = reward_references(target)
+    for name, reference in against.items():
+        if reference in pair_logps:
+            results[name].update(metrics_mod.rewards(pair_logps[name], pair_logps[reference]))
+        if reference in completion_logps:
+            results[name].update(metrics_mod.reward_auc(completion_logps[name], completion_logps[reference], desirable))
     gate_results = check_gates(target, gates or [], results)
-    report = _report(target, split, scored, prompts, prepared, settings, batch, stops, results, gate_results)
+    report = _report(target, split, lossed, prompts, prepared, settings, batch, stops, results, gate_results)
+    if pair_logps or completion_logps:
+        report["rewards_against"] = {n: r for n, r in against.items() if r in results}
+    if desirable:
+        report["data"]["labelled_completions"] = {"desirable": sum(desirable), "undesirable": desirable.count(False)}
     report["seconds"] = round(time.perf_counter() - started, 1)
     eval_report.write(report, prompts, samples, target.run_dir, output)
     return report
@@ -235,6 +253,19 @@ def _score(model, tokenizer, scored, prompts, stops, settings: EvalConfig, batch
     )
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": tokens, **metrics_mod.score(*texts)}
     return result, outs
+
+
+def reward_references(target: Target) -> dict[str, str]:
+    """Per tuned model, the model its reward is measured against: the base, or, when runs are compared side
+    by side and one of them is the adapter a preference run started from (its training reference), that run."""
+    if target.kind != "runs":
+        return {name: "base" for name in target.tuned()}
+    by_path = {path.resolve(): name for name, path in target.adapters.items()}
+    against = {}
+    for name, path in target.adapters.items():
+        start = read_record(path / MANIFEST).get("start_adapter") or {}
+        against[name] = by_path.get(Path(start["path"]).resolve(), "base") if start.get("path") else "base"
+    return against
 
 
 def _pair_logps(model, tokenizer, scored, batch: int) -> tuple[list[float], list[float]]:

@@ -25,7 +25,12 @@ LOSS_METRICS = ("loss", "perplexity")
 # log-probabilities; for a tuned model, DPO's implicit reward against the base (its gain in log-probability
 # over the base, chosen minus rejected): how often it is positive, and its mean (trl's margin / beta).
 PREFERENCE_METRICS = ("preference_accuracy", "chosen_logps", "rejected_logps", "reward_accuracy", "reward_margin")
-ALL_METRICS = LOSS_METRICS + GENERATION_METRICS + PREFERENCE_METRICS
+# KTO's labelled completions: the mean summed log-probability of the desirable and of the undesirable ones;
+# for a tuned model, with KTO's implicit reward (its gain in log-probability over the reference model), how
+# often a desirable completion's reward beats an undesirable one's, over every such couple (the ROC AUC of
+# the reward as a label classifier: 0.5 is chance; KTO rewards are relative, so no fixed threshold applies).
+UNPAIRED_METRICS = ("desirable_logps", "undesirable_logps", "reward_auc")
+ALL_METRICS = LOSS_METRICS + GENERATION_METRICS + PREFERENCE_METRICS + UNPAIRED_METRICS
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -105,6 +110,32 @@ def rewards(tuned: tuple[list[float], list[float]], base: tuple[list[float], lis
     margins = [(tc - bc) - (tr - br) for tc, tr, bc, br in zip(*tuned, *base)]
     n = max(len(margins), 1)
     return {"reward_accuracy": sum(m > 0 for m in margins) / n, "reward_margin": sum(margins) / n}
+
+
+def labelled(logps: list[float], desirable: list[bool]) -> dict:
+    """One model's figures on labelled completions: mean summed log-probability per label."""
+    good = [x for x, d in zip(logps, desirable) if d]
+    bad = [x for x, d in zip(logps, desirable) if not d]
+    return {
+        "desirable_logps": sum(good) / max(len(good), 1) if good else None,
+        "undesirable_logps": sum(bad) / max(len(bad), 1) if bad else None,
+    }
+
+
+def reward_auc(tuned: list[float], reference: list[float], desirable: list[bool]) -> dict:
+    """The share of (desirable, undesirable) couples whose desirable completion gains more over the reference
+    than the undesirable one (ties count half); None without both labels."""
+    rewards = [t - r for t, r in zip(tuned, reference)]
+    good = sorted(x for x, d in zip(rewards, desirable) if d)
+    bad = sorted(x for x, d in zip(rewards, desirable) if not d)
+    if not good or not bad:
+        return {"reward_auc": None}
+    import bisect
+
+    wins = sum(
+        bisect.bisect_left(bad, g) + 0.5 * (bisect.bisect_right(bad, g) - bisect.bisect_left(bad, g)) for g in good
+    )
+    return {"reward_auc": wins / (len(good) * len(bad))}
 
 
 def parse_gates(fail_under: list[str], fail_over: list[str]) -> list[tuple[str, str, float]]:

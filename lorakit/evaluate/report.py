@@ -74,6 +74,10 @@ def markdown(report: dict, prompts, samples: dict, examples: int = 3) -> str:
             lines.append(f"| {metric} | " + " | ".join(_figure(report, n, metric) for n in names) + " |")
     for label, values in _harness_rows(report, names):
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    if report.get("rewards_against"):
+        lines.append(
+            "\nRewards against: " + ", ".join(f"{n} vs {r}" for n, r in report["rewards_against"].items()) + "."
+        )
     for gate in report["gates"]:
         got = "not computed" if gate["value"] is None else f"{gate['value']:.4g}"
         lines.append(

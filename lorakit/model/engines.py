@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.recipe.schema import QuantizationConfig, Recipe
+from lorakit.recipe.schema import OBJECTIVE_FACTS, QuantizationConfig, Recipe
 
 # transformers' optimizer names that are bitsandbytes optimizers.
 _BNB_OPTIMIZERS = frozenset(
@@ -285,6 +285,13 @@ def _method_problems(recipe: Recipe, engine: Engine, run: _Run) -> list[str]:
         problems.append(
             f"method: adalora scores every singular value from its full gradient after each step and "
             f"penalises whole A and B matrices, which {engine.name} holds in shards{run.where}; use DDP"
+        )
+    objective = recipe.train.objective
+    if OBJECTIVE_FACTS[objective].experimental and engine.shards_parameters:
+        problems.append(
+            f"train.objective: {objective} trains through trl.experimental's "
+            f"{'ORPO' if objective == 'orpo' else 'CPO'}Trainer, which has none of the handling trl's DPO and KTO "
+            f"trainers have for an adapter on parameters {engine.name} shards{run.where}; use DDP or ZeRO-1/2"
         )
     if recipe.lora.init_lora_weights == "loftq" and not run.cuda:
         problems.append(

@@ -20,7 +20,7 @@ from lorakit.model import engines
 from lorakit.model import setup as setup_mod
 from lorakit.model.engines import Engine
 from lorakit.model.setup import Setup
-from lorakit.recipe.schema import Recipe
+from lorakit.recipe.schema import OBJECTIVE_FACTS, Recipe
 
 GIB = 2**30
 BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit blocks (transformers' default) and double-quant blocks
@@ -198,8 +198,9 @@ def estimate(
     compute = _BYTES[dtype]
     train = recipe.train
     b, s = train.per_device_train_batch_size, recipe.data.max_length
-    pairs = train.objective != "sft"  # a preference micro-batch runs both sides of each pair: 2 b sequences
-    b *= 2 if pairs else 1
+    facts = OBJECTIVE_FACTS[train.objective]
+    pairs = facts.sides == 2  # a pair trainer's micro-batch runs both sides of each pair: 2 b sequences
+    b *= facts.sides
     h, f, kv, layers, vocab = counts.hidden, counts.intermediate, counts.kv_hidden, counts.layers, counts.vocab
     sharded = engine.shards_parameters
     weights_split = processes if sharded else 1
@@ -299,13 +300,13 @@ def estimate(
             "flash/sdpa attention keeps no s x s scores)",
         )
     )
-    if fused_loss or pairs:
+    if fused_loss or facts.fused_head:
         lines.append(
             Line(
                 "logits and loss",
                 tokens * h * 4,
                 "trl's fused head: log-probabilities in chunks, never all the logits (estimate)"
-                if pairs
+                if facts.fused_head
                 else "fused linear cross-entropy: chunks of logits, never all of them (estimate)",
             )
         )
@@ -472,23 +473,28 @@ def training_time(
     epochs: float,
     peak_flops: float | None,
     tokens_per_s: float | None,
-    reference_forward: bool = False,
+    no_grad_forwards: int = 0,
 ) -> dict | None:
     """Hours for the recipe's tokens, from a measured tokens/s, or from the GPU's peak FLOP/s at ASSUMED_MFU.
-    `reference_forward`: a preference objective also runs the reference model over every token, without
-    gradients (`train_tokens` then counts both sides of every pair)."""
+    `no_grad_forwards`: forward passes over every token without gradients besides the one that trains (the
+    reference model's; KTO's mismatched KL completions), `train_tokens` counting both sides of every pair."""
     basis = f"{tokens_per_s:,.0f} tokens/s per GPU (given)" if tokens_per_s else None
     if tokens_per_s is None:
         if peak_flops is None:
             return None
         attention = counts.layers * plan.sequence * counts.hidden
         per_token = 4 * counts.total + 6 * counts.lora + 6 * attention
-        per_token += (2 * counts.total + 2 * attention) if reference_forward else 0
+        per_token += no_grad_forwards * (2 * counts.total + 2 * attention)
         tokens_per_s = ASSUMED_MFU * peak_flops / per_token
         basis = (
             f"{tokens_per_s:,.0f} tokens/s per GPU assumed: {ASSUMED_MFU:.0%} of {peak_flops / 1e12:,.0f} "
             "TFLOP/s (bf16 peak), 4 N + 6 N_lora + 6 L s d FLOPs per token"
-            + (" + 2 N + 2 L s d for the reference's forward pass" if reference_forward else "")
+            + (
+                f" + {no_grad_forwards} x (2 N + 2 L s d) for the forward passes without gradients (reference"
+                f"{', KL completions' if no_grad_forwards > 1 else ''})"
+                if no_grad_forwards
+                else ""
+            )
         )
     seconds = train_tokens * epochs / (tokens_per_s * plan.processes)
     return {
@@ -596,6 +602,8 @@ def _time(
     peak = get_peak_flops(gpu_kind, "bfloat16") if gpu_kind else None
     epochs = recipe.train.num_train_epochs
     available = stats.packed_rows(prepared.train, recipe.data.max_length)["rows"] if packing else prepared.rows["train"]
+    if prepared.train.pairs and OBJECTIVE_FACTS[recipe.train.objective].sides == 1:
+        available *= 2  # KTO unpairs each pair into two rows
     if recipe.train.max_steps > 0:  # steps x global batch rows; with packing a row is up to max_length tokens
         drawn = (
             recipe.train.max_steps
@@ -611,7 +619,7 @@ def _time(
         epochs,
         peak,
         tokens_per_s,
-        reference_forward=recipe.train.objective != "sft",
+        no_grad_forwards=OBJECTIVE_FACTS[recipe.train.objective].no_grad_forwards,
     )
     if found is None:
         return {"hours": None, "basis": "no estimate: give --gpu-kind (e.g. H100) or --tokens-per-s"}

@@ -48,6 +48,9 @@ def run(recipe: Recipe, *, split: str = "train", count: int = 3, use_cache: bool
     if chosen.pairs:  # a preference pair: the chosen side above, the rejected one beside it
         for example, row in zip(examples, rows):
             example["rejected"] = side(row["rejected_input_ids"], row["rejected_labels"])
+    if chosen.kind == "unpaired":  # KTO's labelled completions
+        for example, row in zip(examples, rows):
+            example["label"] = "desirable" if row["desirable"] else "undesirable"
     return {
         "split": split,
         "formats": prepared.formats,
@@ -107,7 +110,8 @@ def show(report: dict, console: Console) -> None:
     plain = console.no_color or console.color_system is None
     console.print(_settings(report), highlight=False)
     for example in report["examples"]:
-        sides = [("chosen", example), ("rejected", example["rejected"])] if "rejected" in example else [("", example)]
+        sides = [("chosen", example), ("rejected", example["rejected"])] if "rejected" in example else []
+        sides = sides or [(example.get("label", ""), example)]
         for name, shown in sides:
             console.rule(
                 f"{report['split']} example {example['index']}{f' ({name})' if name else ''}: {shown['tokens']} "

@@ -12,6 +12,7 @@ and `--set` overrides live in `lorakit.recipe.loading`. Nothing here imports tor
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -19,6 +20,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from lorakit.recipe.peft_sections import (
     LORA_KEYS_FOR,
     METHOD_SECTIONS,
+    PROMPT_LEARNING,
     AdaLoraSection,
     IA3Section,
     Method,
@@ -123,7 +125,7 @@ class ModelConfig(Section):
         None,
         description="Start from this adapter instead of a fresh one: a lorakit run directory (checked against its "
         "manifest and base) or a peft adapter folder. Training continues it, with its own settings (`lora:` and "
-        "`method` are not read); for `train.objective: dpo` a frozen copy of it is the reference, so the usual "
+        "`method` are not read); for `train.objective: dpo` or `kto` a frozen copy of it is the reference, so the usual "
         "pipeline is an SFT run, then a preference run on it. The manifest records it.",
     )
     allow_pickle_weights: bool = Field(
@@ -229,7 +231,7 @@ class LoraSection(Section):
 
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")  # file types lorakit reads itself
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"]
 
 
 class DataSource(Section):
@@ -296,8 +298,9 @@ class DataConfig(Section):
         "of {from, value}), `alpaca` ({instruction, input, output, system}), `prompt_completion` "
         "({prompt, completion}, strings or lists of messages), `text` ({text}: continued pre-training), "
         "`preference` ({prompt, chosen, rejected}: strings, or lists of messages with the prompt given or shared "
-        "by both; for `train.objective: dpo`), or `auto` to detect from the first row's keys (ambiguous keys are "
-        "an error).",
+        "by both; for the preference objectives), `unpaired` ({prompt, completion, label}: a completion labelled "
+        "desirable (true) or not, for `train.objective: kto`), or `auto` to detect from the first row's keys (the "
+        "format whose keys are all present and most specific; ambiguous keys are an error).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -377,9 +380,38 @@ class DataConfig(Section):
         return data
 
 
-OBJECTIVES = ("sft", "dpo")
-# Keys of trl's preference configs (DPOConfig...), and the objectives that read each.
-OBJECTIVE_KEYS = {"beta": ("dpo",), "loss_type": ("dpo",), "label_smoothing": ("dpo",)}
+@dataclass(frozen=True)
+class ObjectiveFacts:
+    """What an objective trains on and what a step of it computes (read by data, plan, engines and train)."""
+
+    data: tuple[str, ...]  # SFT `examples`, preference `pairs`, KTO's `unpaired` labelled completions
+    sides: int = 1  # sequences of one example run together (a pair's chosen and rejected reply)
+    no_grad_forwards: int = 0  # forward passes per sequence without gradients: the reference, KTO's KL completions
+    reference: bool = False  # scores sequences with a reference (the base with the adapter off, or model.adapter)
+    fused_head: bool = False  # trl computes log-probabilities in chunks, never all the logits
+    experimental: bool = False  # trl keeps its trainer in trl.experimental, in the pre-1.0 design
+
+
+OBJECTIVE_FACTS = {
+    "sft": ObjectiveFacts(("examples",)),
+    "dpo": ObjectiveFacts(("pairs",), sides=2, no_grad_forwards=1, reference=True, fused_head=True),
+    # pairs unpair into one desirable and one undesirable completion; each completion also runs mismatched with
+    # another example's prompt (the KL term), through the policy and the reference, without gradients
+    "kto": ObjectiveFacts(("pairs", "unpaired"), no_grad_forwards=3, reference=True, fused_head=True),
+    "orpo": ObjectiveFacts(("pairs",), sides=2, experimental=True),
+    "simpo": ObjectiveFacts(("pairs",), sides=2, experimental=True),
+}
+OBJECTIVES = tuple(OBJECTIVE_FACTS)
+# Keys of trl's preference configs (DPOConfig, ORPOConfig, CPOConfig, KTOConfig), and the objectives that read each.
+OBJECTIVE_KEYS = {
+    "beta": ("dpo", "orpo", "simpo", "kto"),
+    "loss_type": ("dpo",),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
 
 
 class TrainConfig(Section):
@@ -394,14 +426,18 @@ class TrainConfig(Section):
     )
     objective: Literal[OBJECTIVES] = Field(
         "sft",
-        description="What is trained: `sft` (supervised fine-tuning on replies, trl's SFTTrainer) or `dpo` "
-        "(direct preference optimization on prompt/chosen/rejected pairs, trl's DPOTrainer; the reference is "
-        "the base with the adapter switched off). See docs/preference.md.",
+        description="What is trained: `sft` (supervised fine-tuning on replies, trl's SFTTrainer); on "
+        "prompt/chosen/rejected pairs `dpo` (trl's DPOTrainer; the reference is the base with the adapter "
+        "switched off), `orpo` (odds-ratio preference with the SFT loss in one pass, reference-free) or `simpo` "
+        "(length-normalized, reference-free, trl's CPOTrainer); `kto` (trl's KTOTrainer) on completions labelled "
+        "desirable or not, or on pairs. See docs/preference.md.",
     )
     beta: float | None = Field(
         None,
         gt=0,
-        description="`dpo`: how far the tuned model may move from the reference (higher: less); trl's default 0.1.",
+        description="`dpo`/`kto`: how far the tuned model may move from the reference (higher: less), trl's "
+        "default 0.1; `orpo`: the weight of the odds-ratio term (the paper's lambda), 0.1; `simpo`: the reward "
+        "scale, lorakit's default 2.0 (the SimPO paper's range; trl's CPO default 0.1 is for its sigmoid loss).",
     )
     loss_type: (
         Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] | None
@@ -414,7 +450,28 @@ class TrainConfig(Section):
         None,
         ge=0,
         lt=0.5,
-        description="`dpo`: the probability that a pair's preference is flipped (robust DPO); trl's default 0.",
+        description="`dpo`/`simpo`: the probability that a pair's preference is flipped (robust DPO, "
+        "conservative SimPO); trl's default 0.",
+    )
+    simpo_gamma: float | None = Field(
+        None,
+        ge=0,
+        description="`simpo`: the target reward margin between the chosen and the rejected reply; trl's default 0.5.",
+    )
+    cpo_alpha: float | None = Field(
+        None,
+        ge=0,
+        description="`simpo`: the weight of an SFT term on the chosen reply (CPO-SimPO when above 0); "
+        "lorakit's default 0, the SimPO paper's pure form.",
+    )
+    desirable_weight: float | None = Field(
+        None,
+        gt=0,
+        description="`kto`: the loss weight of desirable completions; trl's default 1. With more undesirable "
+        "than desirable examples, raise it so their weighted counts are about even (KTO paper, eq. 8).",
+    )
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="`kto`: the loss weight of undesirable completions; trl's default 1."
     )
     num_train_epochs: float = Field(
         1.0, gt=0, description="Passes over the training data (ignored when `max_steps` > 0)."
@@ -663,10 +720,25 @@ class Recipe(MethodRules):
                 f"train.objective: `{objective}` with `method: adalora` is refused: AdaLoRA's rank budget is "
                 "driven through lorakit's SFT trainer; use `method: lora` (or DoRA/rsLoRA through `lora:`)"
             )
+        if OBJECTIVE_FACTS[objective].experimental and self.method in PROMPT_LEARNING:
+            raise ValueError(
+                f"method: `{self.method}` puts virtual tokens in front of every sequence, which trl's {objective} "
+                "trainer (trl.experimental, CPO/ORPO) does not expect in its logits; use lora or ia3, or `dpo`/`kto`"
+            )
+        if OBJECTIVE_FACTS[objective].experimental and self.train.activation_offloading:
+            raise ValueError(
+                f"train.activation_offloading: trl's {objective} trainer (trl.experimental) has no activation "
+                "offloading; set it to false, or use `dpo`/`kto`"
+            )
+        if objective == "kto" and self.train.per_device_train_batch_size < 2:
+            raise ValueError(
+                "train.per_device_train_batch_size: `kto` estimates its KL term from each micro-batch's other "
+                "completions, so it needs at least 2 examples per device (trl's rule)"
+            )
         if self.data.train_on != "assistant":
             raise ValueError(
-                f"data.train_on: `{objective}` compares the chosen and the rejected reply, which are what it trains; "
-                f"`{self.data.train_on}` does not apply (leave it at assistant)"
+                f"data.train_on: `{objective}` trains the replies it compares (a pair's chosen and rejected reply, "
+                f"or KTO's labelled completion); `{self.data.train_on}` does not apply (leave it at assistant)"
             )
 
     def has_eval(self) -> bool:

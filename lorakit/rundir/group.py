@@ -99,10 +99,12 @@ def check_same_base(runs: list[Run]) -> None:
 
 
 def check_same_loading(runs: list[Run]) -> None:
-    """Every run loads the base exactly as the first one does (one loaded base serves them all)."""
-    first = runs[0].recipe.model.model_dump()
+    """Every run loads the base exactly as the first one does (one loaded base serves them all). The adapter
+    a run started from (`model.adapter`) is not part of the base: an SFT run and the preference run that
+    continued it are compared on one base."""
+    first = runs[0].recipe.model.model_dump(exclude={"adapter"})
     for run in runs[1:]:
-        mine = run.recipe.model.model_dump()
+        mine = run.recipe.model.model_dump(exclude={"adapter"})
         for key, value in first.items():
             if mine.get(key) != value:
                 raise LorakitError(

@@ -54,7 +54,8 @@ _NOT_SFT = {
 
 
 def trainer_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
-    """The objective's trl config (SFTConfig, DPOConfig) from the recipe's `train:` section and the run's set-up."""
+    """The objective's trl config (SFTConfig, DPOConfig, ...) from the recipe's `train:` section and the run's
+    set-up."""
     config = objectives.config_class(recipe.train.objective)
     train = recipe.train
     values = train.model_dump(exclude=_NOT_SFT)
@@ -67,6 +68,8 @@ def trainer_config(recipe: Recipe, run_dir: Path, setup: setup_mod.Setup):
         "activation_checkpointing" if "activation_checkpointing" in field_names else "gradient_checkpointing"
     )
     values[checkpointing] = train.gradient_checkpointing
+    if "activation_offloading" not in field_names:  # trl.experimental's configs (the recipe refuses `true` there)
+        values.pop("activation_offloading")
     if train.objective == "sft":  # whole examples only (they already fit max_length): padding-free, exact
         values.update(packing=setup.packing, packing_strategy="bfd")
     return config(
@@ -406,13 +409,16 @@ def _build_trainer(
     progress = RunProgress(
         run_dir / run_files.METRICS, console, resume_mod.resumed_at(checkpoint) if checkpoint else None
     )
-    trainer = objectives.trainer_class(recipe.train.objective, method)(
-        model=base,
+    objective = recipe.train.objective
+    model, peft_config = objectives.wrap(objective, base, peft_config)
+    layout = objectives.layout(objective)
+    trainer = objectives.trainer_class(objective, method)(
+        model=model,
         args=trainer_config(recipe, run_dir, setup),
         processing_class=tokenizer,
-        train_dataset=prepared.train.to_dataset(),
-        eval_dataset=prepared.eval.to_dataset() if prepared.eval else None,
-        peft_config=peft_config,  # None when the base already holds the adapter the run continues
+        train_dataset=prepared.train.to_dataset(layout),
+        eval_dataset=prepared.eval.to_dataset(layout) if prepared.eval else None,
+        peft_config=peft_config,  # None when the base already holds the adapter (continued, or applied by wrap)
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
