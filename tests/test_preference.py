@@ -298,12 +298,13 @@ def test_eval_reports_the_preference_of_base_and_tuned_with_gates(sft_then_dpo, 
     assert missed.returncode == 3 and "reward_accuracy" in missed.stderr
 
 
-def test_an_interrupted_dpo_run_resumes_step_for_step(sft_then_dpo, tmp_path):
+def interrupted_and_resumed(recipe_path, finished, tmp_path) -> None:
+    """The recipe's run stopped by SIGTERM at step 30 and resumed logs the losses of `finished`, step for step."""
     from test_resume import losses, start, wait_for_step
 
-    recipe = yaml.safe_load((sft_then_dpo / "dpo.yaml").read_text())
+    recipe = yaml.safe_load(recipe_path.read_text())
     recipe["train"]["output_dir"] = str(tmp_path / "run")
-    path = tmp_path / "dpo.yaml"
+    path = tmp_path / recipe_path.name
     path.write_text(yaml.safe_dump(recipe))
     proc = start(path)
     wait_for_step(tmp_path / "run", 30, proc, timeout=300)
@@ -313,10 +314,14 @@ def test_an_interrupted_dpo_run_resumes_step_for_step(sft_then_dpo, tmp_path):
     resumed = start(path, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "resuming from checkpoint-" in err, err
-    ours, theirs = losses(tmp_path / "run"), losses(sft_then_dpo / "dpo")
+    ours, theirs = losses(tmp_path / "run"), losses(finished)
     assert sorted(ours) == sorted(theirs)
     assert all(abs(ours[s] - theirs[s]) < 1e-6 for s in theirs), {s: (ours[s], theirs[s]) for s in theirs}
     shutil.rmtree(tmp_path / "run" / "checkpoints")
+
+
+def test_an_interrupted_dpo_run_resumes_step_for_step(sft_then_dpo, tmp_path):
+    interrupted_and_resumed(sft_then_dpo / "dpo.yaml", sft_then_dpo / "dpo", tmp_path)
 
 
 # --- ORPO, SimPO and KTO after the same SFT run ------------------------------------------------------------------
@@ -406,20 +411,4 @@ def test_kto_on_labelled_completions_ranks_the_desirable_above_the_undesirable(c
 def test_an_interrupted_kto_run_resumes_step_for_step(continued, tmp_path):
     """KTO reads its data in one seeded shuffled order with each completion's KL partner fixed: the resumed
     run sees the same batches."""
-    from test_resume import losses, start, wait_for_step
-
-    recipe = yaml.safe_load((continued / "kto.yaml").read_text())
-    recipe["train"]["output_dir"] = str(tmp_path / "run")
-    path = tmp_path / "kto.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    proc = start(path)
-    wait_for_step(tmp_path / "run", 30, proc, timeout=300)
-    proc.send_signal(15)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    resumed = start(path, "--resume")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0 and "resuming from checkpoint-" in err, err
-    ours, theirs = losses(tmp_path / "run"), losses(continued / "kto")
-    assert sorted(ours) == sorted(theirs)
-    assert all(abs(ours[s] - theirs[s]) < 1e-6 for s in theirs), {s: (ours[s], theirs[s]) for s in theirs}
+    interrupted_and_resumed(continued / "kto.yaml", continued / "kto", tmp_path)

@@ -7,6 +7,7 @@ whitespace collapsed. Every metric is a mean over examples, in [0, 1] except the
 
 from __future__ import annotations
 
+import bisect
 import math
 import string
 from collections import Counter
@@ -117,8 +118,8 @@ def labelled(logps: list[float], desirable: list[bool]) -> dict:
     good = [x for x, d in zip(logps, desirable) if d]
     bad = [x for x, d in zip(logps, desirable) if not d]
     return {
-        "desirable_logps": sum(good) / max(len(good), 1) if good else None,
-        "undesirable_logps": sum(bad) / max(len(bad), 1) if bad else None,
+        "desirable_logps": sum(good) / len(good) if good else None,
+        "undesirable_logps": sum(bad) / len(bad) if bad else None,
     }
 
 
@@ -130,8 +131,6 @@ def reward_auc(tuned: list[float], reference: list[float], desirable: list[bool]
     bad = sorted(x for x, d in zip(rewards, desirable) if not d)
     if not good or not bad:
         return {"reward_auc": None}
-    import bisect
-
     wins = sum(
         bisect.bisect_left(bad, g) + 0.5 * (bisect.bisect_right(bad, g) - bisect.bisect_left(bad, g)) for g in good
     )
