@@ -73,7 +73,9 @@ def test_a_run_continuing_an_adapter_takes_its_settings_from_it(tiny_model, tmp_
         write_recipe, recipe
     )
     del recipe["lora"]
-    checked = lorakit("check", str(write_recipe(recipe, name="missing")))
+    checked = lorakit(
+        "check", str(write_recipe(recipe, name="missing")), env={"COLUMNS": "400"}
+    )  # a long tmp path unfolded
     said = " ".join((checked.stdout + checked.stderr).split())
     assert checked.returncode == 2 and f"model.adapter: {tmp_path / 'nothing'}: no adapter there" in said
     (tmp_path / "nothing").mkdir()
