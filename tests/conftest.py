@@ -78,6 +78,32 @@ def tiny_recipe(model_dir: Path, out_dir: Path, *, four_bit: bool = True, steps:
     }
 
 
+PAIRS = ROOT / "examples" / "preference"
+
+
+def preference_recipe(model_dir: Path, out_dir: Path, objective: str, *, unpaired: bool = False, **train) -> dict:
+    """tiny_recipe (16-bit) under a preference objective, on the bundled pairs (or labelled completions)."""
+    recipe = tiny_recipe(model_dir, out_dir, four_bit=False, **train)
+    prefix = "unpaired_" if unpaired else ""
+    recipe["data"] = {
+        "train": str(PAIRS / f"{prefix}train.jsonl"),
+        "eval": str(PAIRS / f"{prefix}eval.jsonl"),
+        "max_length": 64,
+    }
+    recipe["train"]["objective"] = objective
+    return recipe
+
+
+def refusal(write_recipe, recipe) -> str:
+    """The RecipeError a recipe dict is refused with, as text."""
+    from lorakit.errors import RecipeError
+    from lorakit.recipe.loading import load_recipe
+
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(write_recipe(recipe))
+    return str(refused.value)
+
+
 # Token ids (tiny tokenizer) and the logits helpers the merge and combination tests compare models with.
 IDS = [[0, 1, 272, 201, 85, 67, 2, 5, 1, 30, 60], [0, 1, 40, 41, 42, 43, 2, 5]]
 

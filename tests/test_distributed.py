@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import lorakit, tiny_recipe
+from conftest import lorakit, preference_recipe, tiny_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -17,6 +17,11 @@ def _logits(model_dir, adapter_dir, ids):
     model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
     with torch.no_grad():
         return model.eval()(ids).logits
+
+
+def _losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "qlora"])
@@ -54,9 +59,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
 
     solo = lorakit("train", str(single), timeout=600)
     assert solo.returncode == 0, solo.stderr[-3000:]
-    solo_records = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-    solo_losses = {r["step"]: r["loss"] for r in solo_records if "loss" in r}
+    losses, solo_losses = _losses(run_dir), _losses(single_dir)
     assert losses.keys() == solo_losses.keys()
     assert all(abs(losses[s] - solo_losses[s]) <= 1e-4 * abs(solo_losses[s]) for s in losses), (losses, solo_losses)
     solo_eval = json.loads((single_dir / "manifest.json").read_text())["results"]["eval_loss"]
@@ -67,6 +70,35 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
     moved = (one - base).abs().max().item()
     assert moved > 0.1  # training changed the model, so the comparison means something
     assert (two - one).abs().max().item() < 0.05 * moved
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_objectives_train_under_ddp(tiny_model, tmp_path, write_recipe, objective):
+    """DPO under DDP (2 processes x 2 pairs) matches one process x 4 pairs step for step (losses within 1e-4,
+    relative): each pair's loss is its own, the reference is each process's own model with the adapter off.
+    KTO's loss is not a sum over examples (its KL baseline and the desirable/undesirable means are taken over
+    the micro-batch), so under DDP it trains a close relative of the one-process run: it runs, one writer,
+    its losses finite and moving off the reference's, the manifest says DDP."""
+    unpaired = objective == "kto"
+    train = {"steps": 6, "logging_steps": 1, "learning_rate": 1e-3}
+    two = preference_recipe(tiny_model, tmp_path / "two", objective, unpaired=unpaired, **train)
+    two["train"]["per_device_train_batch_size"] = 2
+    out = lorakit("train", str(write_recipe(two)), "--nproc", "2", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["global_batch"] == 4 and manifest["engine"] == "DDP"
+    assert manifest["objective"]["name"] == objective and out.stderr.count("lorakit train: done") == 1
+    losses = _losses(tmp_path / "two")
+    assert sorted(losses) == list(range(1, 7)) and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert abs(losses[6] - losses[1]) > 1e-3, losses  # the adapter moved off the reference
+    if objective == "kto":
+        return
+    one = preference_recipe(tiny_model, tmp_path / "one", objective, **train)
+    one["train"]["per_device_train_batch_size"] = 4
+    solo = lorakit("train", str(write_recipe(one, name="one")), timeout=600)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    solo_losses = _losses(tmp_path / "one")
+    assert all(abs(losses[s] - solo_losses[s]) <= 1e-4 * abs(solo_losses[s]) for s in losses), (losses, solo_losses)
 
 
 def test_nproc_refuses_a_bad_recipe_before_starting_processes(tiny_model, tmp_path, write_recipe):

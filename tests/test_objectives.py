@@ -9,45 +9,25 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_recipe, write_jsonl
+from conftest import PAIRS, ROOT, preference_recipe, refusal, write_jsonl
 
 from lorakit.data import check_objective, prepare
 from lorakit.data.pairs import unpaired_columns
-from lorakit.errors import DataError, LorakitError, RecipeError
+from lorakit.errors import DataError, LorakitError
 from lorakit.evaluate.generation import prompt_ids
 from lorakit.model import engines
 from lorakit.model.setup import engine_problems, for_plan
 from lorakit.preflight import plan as plan_mod
-from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import DataConfig, Recipe
 
-PAIRS = ROOT / "examples" / "preference"
 USER = {"role": "user", "content": "reverse: cat sun rain"}
-
-
-def objective_recipe(tiny_model, out_dir, objective: str, *, unpaired: bool = False, **train) -> dict:
-    recipe = tiny_recipe(tiny_model, out_dir, four_bit=False, **train)
-    prefix = "unpaired_" if unpaired else ""
-    recipe["data"] = {
-        "train": str(PAIRS / f"{prefix}train.jsonl"),
-        "eval": str(PAIRS / f"{prefix}eval.jsonl"),
-        "max_length": 64,
-    }
-    recipe["train"]["objective"] = objective
-    return recipe
-
-
-def refusal(write_recipe, recipe) -> str:
-    with pytest.raises(RecipeError) as refused:
-        load_recipe(write_recipe(recipe))
-    return str(refused.value)
 
 
 # --- the recipe --------------------------------------------------------------------------------------------------
 
 
 def test_each_objective_takes_only_its_own_keys_and_what_its_trainer_can_do(tiny_model, tmp_path, write_recipe):
-    dpo = objective_recipe(tiny_model, tmp_path / "run", "dpo")
+    dpo = preference_recipe(tiny_model, tmp_path / "run", "dpo")
     dpo["train"]["simpo_gamma"] = 1.0
     path = tmp_path / "recipe.yaml"
     line = next(
@@ -62,15 +42,15 @@ def test_each_objective_takes_only_its_own_keys_and_what_its_trainer_can_do(tiny
         ("kto", "cpo_alpha", 1.0),
         ("simpo", "desirable_weight", 2.0),
     ):
-        recipe = objective_recipe(tiny_model, tmp_path / "run", objective)
+        recipe = preference_recipe(tiny_model, tmp_path / "run", objective)
         recipe["train"][key] = value
         assert f"train.{key}: is a setting of train.objective" in refusal(write_recipe, recipe), key
-    kto = objective_recipe(tiny_model, tmp_path / "run", "kto", per_device_train_batch_size=1)
+    kto = preference_recipe(tiny_model, tmp_path / "run", "kto", per_device_train_batch_size=1)
     assert "train.per_device_train_batch_size: `kto` estimates its KL term" in refusal(write_recipe, kto)
-    prompt = objective_recipe(tiny_model, tmp_path / "run", "orpo") | {"method": "prompt_tuning"}
+    prompt = preference_recipe(tiny_model, tmp_path / "run", "orpo") | {"method": "prompt_tuning"}
     del prompt["lora"]
     assert "method: `prompt_tuning` puts virtual tokens in front of every sequence" in refusal(write_recipe, prompt)
-    simpo = Recipe.model_validate(objective_recipe(tiny_model, tmp_path / "run", "simpo"))
+    simpo = Recipe.model_validate(preference_recipe(tiny_model, tmp_path / "run", "simpo"))
     for engine in (engines.Engine("fsdp", fsdp_version=2), engines.Engine("deepspeed", zero_stage=3)):
         with pytest.raises(LorakitError, match="train.objective: simpo trains through trl.experimental's CPOTrainer"):
             engine_problems(simpo, engine, cuda=True)
@@ -83,7 +63,7 @@ def test_the_plan_counts_the_sequences_and_passes_of_each_objective(tiny_model, 
     experimental trainers hold all the logits."""
     plans, times = {}, {}
     for objective in ("sft", "dpo", "orpo", "simpo", "kto"):
-        recipe = Recipe.model_validate(objective_recipe(tiny_model, tmp_path / "run", objective))
+        recipe = Recipe.model_validate(preference_recipe(tiny_model, tmp_path / "run", objective))
         setup = for_plan(recipe, engine=engines.Engine(), dtype="bfloat16", fused_loss=False)
         lines = {ln.name: ln for ln in plan_mod.estimate(recipe, plan_mod.count(recipe), setup, processes=1).lines}
         plans[objective] = lines

@@ -11,34 +11,20 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, lorakit, tiny_recipe, write_jsonl
+from conftest import PAIRS, ROOT, lorakit, preference_recipe, refusal, tiny_recipe, write_jsonl
 
 from lorakit.data import IGNORE, check_objective, prepare
 from lorakit.data.pairs import reply_columns
-from lorakit.errors import DataError, RecipeError
+from lorakit.errors import DataError
 from lorakit.evaluate.generation import prompt_ids
 from lorakit.recipe.loading import load_recipe
 from lorakit.recipe.schema import DataConfig
 
-PAIRS = ROOT / "examples" / "preference"
 USER = {"role": "user", "content": "reverse: cat sun rain"}
 CHOSEN, REJECTED = {"role": "assistant", "content": "rain sun cat"}, {"role": "assistant", "content": "sun rain cat"}
 
 
-def dpo_recipe(tiny_model, out_dir, **train) -> dict:
-    recipe = tiny_recipe(tiny_model, out_dir, four_bit=False, **train)
-    recipe["data"] = {"train": str(PAIRS / "train.jsonl"), "eval": str(PAIRS / "eval.jsonl"), "max_length": 64}
-    recipe["train"]["objective"] = "dpo"
-    return recipe
-
-
 # --- the recipe --------------------------------------------------------------------------------------------------
-
-
-def refusal(write_recipe, recipe) -> str:
-    with pytest.raises(RecipeError) as refused:
-        load_recipe(write_recipe(recipe))
-    return str(refused.value)
 
 
 def test_a_setting_of_another_objective_is_refused_with_its_key_and_line(tiny_model, tmp_path, write_recipe):
@@ -55,19 +41,19 @@ def test_a_setting_of_another_objective_is_refused_with_its_key_and_line(tiny_mo
         ("packing", True, "train.packing: `objective: dpo`: trl's preference trainers pad each pair"),
         ("use_liger_kernel", True, "train.use_liger_kernel: `objective: dpo`:"),
     ):
-        dpo = dpo_recipe(tiny_model, tmp_path / "run")
+        dpo = preference_recipe(tiny_model, tmp_path / "run", "dpo")
         dpo["train"][key] = value
         assert said in refusal(write_recipe, dpo)
-    adalora = dpo_recipe(tiny_model, tmp_path / "run") | {"method": "adalora"}
+    adalora = preference_recipe(tiny_model, tmp_path / "run", "dpo") | {"method": "adalora"}
     adalora["lora"] = {"lora_alpha": 32}
     assert "train.objective: `dpo` with `method: adalora` is refused" in refusal(write_recipe, adalora)
-    dpo = dpo_recipe(tiny_model, tmp_path / "run")
+    dpo = preference_recipe(tiny_model, tmp_path / "run", "dpo")
     dpo["data"]["train_on"] = "all"
     assert "data.train_on: `dpo` trains the replies it compares" in refusal(write_recipe, dpo)
 
 
 def test_a_run_continuing_an_adapter_takes_its_settings_from_it(tiny_model, tmp_path, write_recipe):
-    recipe = dpo_recipe(tiny_model, tmp_path / "run")
+    recipe = preference_recipe(tiny_model, tmp_path / "run", "dpo")
     recipe["model"]["adapter"] = str(tmp_path / "nothing")
     assert "lora.lora_alpha: model.adapter continues that adapter with its own settings" in refusal(
         write_recipe, recipe
@@ -174,13 +160,13 @@ def test_the_length_policy_applies_to_both_sides_and_keeps_or_drops_the_pair(tok
 
 
 def test_preview_shows_both_replies_and_check_refuses_sft_data(tiny_model, tmp_path, write_recipe):
-    path = write_recipe(dpo_recipe(tiny_model, tmp_path / "run"))
+    path = write_recipe(preference_recipe(tiny_model, tmp_path / "run", "dpo"))
     shown = lorakit("data", "preview", str(path), "--count", "1", env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert shown.returncode == 0, shown.stderr[-2000:]
     out = shown.stdout
     assert "example 0 (chosen)" in out and "example 0 (rejected)" in out and "packing off" in out
     assert out.count("⟨<|im_end|>⟩»") == 2  # each reply trained through its end-of-turn token
-    sft_data = dpo_recipe(tiny_model, tmp_path / "run")
+    sft_data = preference_recipe(tiny_model, tmp_path / "run", "dpo")
     sft_data["data"] = {"train": str(ROOT / "examples" / "reverse" / "eval.jsonl")}
     checked = lorakit("check", str(write_recipe(sft_data, name="sft-data")))
     said = " ".join((checked.stdout + checked.stderr).split())
@@ -196,7 +182,7 @@ def test_the_reference_is_the_same_model_with_the_adapter_switched_off(tiny_mode
     from lorakit.recipe.schema import Recipe
     from lorakit.train.trainer import Training
 
-    recipe = Recipe.model_validate(dpo_recipe(tiny_model, tmp_path / "run"))
+    recipe = Recipe.model_validate(preference_recipe(tiny_model, tmp_path / "run", "dpo"))
     training = Training(recipe, None, None)
     training.decide(False, None)
     training.claim(False, False)
@@ -224,8 +210,8 @@ def sft_then_dpo(tiny_model, tmp_path_factory):
     (root / "sft.yaml").write_text(yaml.safe_dump(sft))
     done = lorakit("train", str(root / "sft.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
-    dpo = dpo_recipe(
-        tiny_model, root / "dpo", steps=150, learning_rate=5e-4, logging_steps=1, save_steps=25, eval_steps=75
+    dpo = preference_recipe(
+        tiny_model, root / "dpo", "dpo", steps=150, learning_rate=5e-4, logging_steps=1, save_steps=25, eval_steps=75
     )
     del dpo["lora"]
     dpo["model"]["adapter"] = str(root / "sft")
@@ -335,12 +321,8 @@ def continued(sft_then_dpo, tiny_model):
     the labelled completions (the pairs with one reply of each kept)."""
     root = sft_then_dpo
     for objective in ("orpo", "simpo", "kto"):
-        recipe = dpo_recipe(
-            tiny_model, root / objective, steps=150, learning_rate=5e-4, logging_steps=1, save_steps=25, eval_steps=150
-        )
-        recipe["train"]["objective"] = objective
-        if objective == "kto":
-            recipe["data"].update(train=str(PAIRS / "unpaired_train.jsonl"), eval=str(PAIRS / "unpaired_eval.jsonl"))
+        train = {"steps": 150, "learning_rate": 5e-4, "logging_steps": 1, "save_steps": 25, "eval_steps": 150}
+        recipe = preference_recipe(tiny_model, root / objective, objective, unpaired=objective == "kto", **train)
         del recipe["lora"]
         recipe["model"]["adapter"] = str(root / "sft")
         (root / f"{objective}.yaml").write_text(yaml.safe_dump(recipe))
