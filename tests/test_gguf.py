@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, lorakit, max_diff, write_jsonl
 
+from lorakit import upstream
 from lorakit.errors import ModelError
 from lorakit.locations import cache_root
 from lorakit.model import gguf
@@ -182,6 +183,9 @@ def test_generation_stops_on_im_end_and_plain_transformers_and_peft_give_the_sam
         bnb_4bit_compute_dtype=torch.float32,
     )
     base = AutoModelForCausalLM.from_pretrained(manifest["base_gguf"]["converted"], quantization_config=bnb)
+    # on CPUs with AVX512-BF16, bitsandbytes would repack these 4-bit weights at the first eval-mode forward and
+    # round their scales to bfloat16; lorakit opts its models out (lorakit/upstream.py), so the same here
+    upstream.keep_cpu_4bit_weights_exact(base)
     model = PeftModel.from_pretrained(base, run_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     stops = manifest["eos_token_ids"]
