@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, lorakit, max_diff, write_jsonl
+from conftest import EXAMPLES, PAIRS, lorakit, max_diff, write_jsonl
 
 from lorakit import upstream
 from lorakit.errors import ModelError
@@ -159,6 +159,31 @@ def test_a_short_lora_run_on_the_real_model_beats_the_base_on_held_out_loss(gguf
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["metrics"]
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+
+
+def test_dpo_on_the_real_model_prefers_the_right_reply_on_held_out_pairs(gguf_file, tmp_path):
+    """DPO from the base (the reference: the base with the adapter switched off), 6 steps x 4 pairs of the
+    bundled preference set on SmolLM2: held-out reward accuracy on 16 unseen pairs at least 0.75 (measured
+    0.94, margin 0.86; 12 steps on 32 pairs: 0.97)."""
+    import yaml
+
+    run = recipe(gguf_file, tmp_path, four_bit=False, steps=6)
+    pairs = [json.loads(line) for line in (PAIRS / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (PAIRS / "eval.jsonl").read_text().splitlines()]
+    run["data"] = {
+        "train": write_jsonl(tmp_path / "pairs.jsonl", pairs[:24]),
+        "eval": write_jsonl(tmp_path / "held-out.jsonl", held_out[:16]),
+        "max_length": 64,
+    }
+    run["train"] |= {"objective": "dpo", "warmup_steps": 0}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(run))
+    trained = lorakit("train", str(tmp_path / "dpo.yaml"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["objective"]["reference"] == "the base with the adapter switched off"
+    assert manifest["base_gguf"]["file"] == str(gguf_file)
+    results = manifest["results"]
+    assert results["eval_reward_accuracy"] >= 0.75 and results["eval_margin"] > 0, results
 
 
 PROMPTS = ["Say hi.", "Name a colour.", "reverse: cat dog"]
