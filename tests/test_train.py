@@ -225,7 +225,8 @@ def test_saved_recipe_is_loadable(trained):
 
 def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
     """A short chat fine-tune, then greedy generation on held-out prompts: generations end with the
-    end-of-turn token registered in the run's generation_config (the "never stops" failure)."""
+    end-of-turn token registered in the run's generation_config (the "never stops" failure). 40 QLoRA steps
+    (measured: 16 of 16 stop, as after 20 steps already; the untrained base: 2 of 16)."""
     from conftest import EXAMPLES
     from transformers import GenerationConfig
 
@@ -233,9 +234,9 @@ def test_tuned_model_learns_to_stop(tiny_model, tmp_path):
         tiny_recipe(
             tiny_model,
             tmp_path / "stop",
-            steps=250,
-            learning_rate=1e-3,
-            logging_steps=50,
+            steps=40,
+            learning_rate=3e-3,
+            logging_steps=10,
             per_device_train_batch_size=16,
         )
     )
