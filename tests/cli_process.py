@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 PRELOAD = ["torch", "transformers.modeling_utils", "transformers.trainer", "peft", "bitsandbytes", "trl", "datasets"]
@@ -62,10 +63,16 @@ def _fork_context():
     return _context
 
 
-def _forkable(env: dict[str, str]) -> bool:
+def _import_time_changes(env: dict[str, str]) -> set[str]:
     base = _server_env or os.environ
     changed = {k for k in set(env) | set(base) if env.get(k) != base.get(k)} - RUN_TIME
-    return not any(k.startswith(IMPORT_TIME) for k in changed)
+    return {k for k in changed if k.startswith(IMPORT_TIME)}
+
+
+class EnvironmentDrift(UserWarning):
+    """The test process's own environment changed, after the fork server started, in a variable read at import
+    time (a library set it in-process): every later CLI call then starts a whole interpreter. Set it in
+    conftest before the first call, as TORCHINDUCTOR_CACHE_DIR is."""
 
 
 def _child(args: list[str], env: dict, cwd: str | None, stdin: str, out: str, err: str) -> None:
@@ -116,13 +123,18 @@ class CliProcess:
 
     def __init__(self, args, *, env=None, cwd=None, input: str | None = None):
         self.args = [str(a) for a in args]
-        env = dict(os.environ if env is None else env)
+        inherited, env = env is None, dict(os.environ if env is None else env)
+        drift = _import_time_changes(env)
+        if drift and inherited and _server_env:
+            warnings.warn(
+                f"environment drifted from the fork server's in {sorted(drift)}", EnvironmentDrift, stacklevel=3
+            )
         self._dir = Path(tempfile.mkdtemp(prefix="lorakit-cli-"))
         self._out, self._err, stdin = self._dir / "stdout", self._dir / "stderr", self._dir / "stdin"
         stdin.write_text(input or "", encoding="utf-8")
         self._out.touch(), self._err.touch()
         self.returncode: int | None = None
-        if _forkable(env):
+        if not drift:
             self._proc = _fork_context().Process(
                 target=_child, args=(self.args, env, cwd and str(cwd), str(stdin), str(self._out), str(self._err))
             )

@@ -24,6 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: on
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the lorakit processes they start), not one per core each
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["LORAKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-cache-")  # never the user's cache
+# torch sets this one itself, to its default, the first time an in-process run touches inductor's cache, and
+# libraries some tests import set the two below; set beforehand, os.environ does not drift from the CLI fork
+# server's (tests/cli_process.py), whose every later call would otherwise start a whole interpreter (~10 s, not 1)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lorakit-test-inductor-"))
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")  # lm_eval sets it when imported (the harness tests)
+os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "True")  # and sklearn, which lm_eval imports
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -6,6 +6,7 @@ for step, the adapter reloads in plain peft and merges verified."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -60,7 +61,7 @@ def test_a_run_continuing_an_adapter_takes_its_settings_from_it(tiny_model, tmp_
     )
     del recipe["lora"]
     checked = lorakit(
-        "check", str(write_recipe(recipe, name="missing")), env={"COLUMNS": "400"}
+        "check", str(write_recipe(recipe, name="missing")), env={**os.environ, "COLUMNS": "400"}
     )  # a long tmp path unfolded
     said = " ".join((checked.stdout + checked.stderr).split())
     assert checked.returncode == 2 and f"model.adapter: {tmp_path / 'nothing'}: no adapter there" in said
@@ -161,7 +162,7 @@ def test_the_length_policy_applies_to_both_sides_and_keeps_or_drops_the_pair(tok
 
 def test_preview_shows_both_replies_and_check_refuses_sft_data(tiny_model, tmp_path, write_recipe):
     path = write_recipe(preference_recipe(tiny_model, tmp_path / "run", "dpo"))
-    shown = lorakit("data", "preview", str(path), "--count", "1", env={"NO_COLOR": "1", "COLUMNS": "200"})
+    shown = lorakit("data", "preview", str(path), "--count", "1", env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
     assert shown.returncode == 0, shown.stderr[-2000:]
     out = shown.stdout
     assert "example 0 (chosen)" in out and "example 0 (rejected)" in out and "packing off" in out
