@@ -162,16 +162,16 @@ def test_a_short_lora_run_on_the_real_model_beats_the_base_on_held_out_loss(gguf
 
 
 def test_dpo_on_the_real_model_prefers_the_right_reply_on_held_out_pairs(gguf_file, tmp_path):
-    """DPO from the base (the reference: the base with the adapter switched off), 6 steps x 4 pairs of the
+    """DPO from the base (the reference: the base with the adapter switched off), 4 steps x 4 pairs of the
     bundled preference set on SmolLM2: held-out reward accuracy on 16 unseen pairs at least 0.75 (measured
-    0.94, margin 0.86; 12 steps on 32 pairs: 0.97)."""
+    0.94, margin 0.59; 6 steps: 0.94, margin 0.86; 12 steps on 32 held out: 0.97)."""
     import yaml
 
-    run = recipe(gguf_file, tmp_path, four_bit=False, steps=6)
+    run = recipe(gguf_file, tmp_path, four_bit=False, steps=4)
     pairs = [json.loads(line) for line in (PAIRS / "train.jsonl").read_text().splitlines()]
     held_out = [json.loads(line) for line in (PAIRS / "eval.jsonl").read_text().splitlines()]
     run["data"] = {
-        "train": write_jsonl(tmp_path / "pairs.jsonl", pairs[:24]),
+        "train": write_jsonl(tmp_path / "pairs.jsonl", pairs[:16]),
         "eval": write_jsonl(tmp_path / "held-out.jsonl", held_out[:16]),
         "max_length": 64,
     }
