@@ -212,7 +212,7 @@ def sft_then_dpo(tiny_model, tmp_path_factory):
     done = lorakit("train", str(root / "sft.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     dpo = preference_recipe(
-        tiny_model, root / "dpo", "dpo", steps=150, learning_rate=5e-4, logging_steps=1, save_steps=25, eval_steps=75
+        tiny_model, root / "dpo", "dpo", steps=150, learning_rate=5e-4, logging_steps=1, save_steps=25, eval_steps=150
     )
     del dpo["lora"]
     dpo["model"]["adapter"] = str(root / "sft")
