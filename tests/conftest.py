@@ -130,6 +130,12 @@ def lorakit(*args: str, env=None, cwd=None, input: str | None = None, timeout: f
     return cli_process.run(*args, env=env, cwd=cwd, input=input, timeout=timeout)
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} as a run logged them in its metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 def write_jsonl(path: Path, rows) -> str:
     """Rows as a JSONL file (parent folders made); its path as a string, as recipes take it."""
     path.parent.mkdir(parents=True, exist_ok=True)

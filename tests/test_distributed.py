@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import lorakit, preference_recipe, tiny_recipe
+from conftest import lorakit, losses, preference_recipe, tiny_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -17,11 +17,6 @@ def _logits(model_dir, adapter_dir, ids):
     model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
     with torch.no_grad():
         return model.eval()(ids).logits
-
-
-def _losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["lora", "qlora"])
@@ -59,9 +54,9 @@ def test_two_processes_train_one_run_that_matches_one_process(tiny_model, tmp_pa
 
     solo = lorakit("train", str(single), timeout=600)
     assert solo.returncode == 0, solo.stderr[-3000:]
-    losses, solo_losses = _losses(run_dir), _losses(single_dir)
-    assert losses.keys() == solo_losses.keys()
-    assert all(abs(losses[s] - solo_losses[s]) <= 1e-4 * abs(solo_losses[s]) for s in losses), (losses, solo_losses)
+    ddp, solo_losses = losses(run_dir), losses(single_dir)
+    assert ddp.keys() == solo_losses.keys()
+    assert all(abs(ddp[s] - solo_losses[s]) <= 1e-4 * abs(solo_losses[s]) for s in ddp), (ddp, solo_losses)
     solo_eval = json.loads((single_dir / "manifest.json").read_text())["results"]["eval_loss"]
     assert abs(manifest["results"]["eval_loss"] - solo_eval) <= 1e-3 * solo_eval
 
@@ -88,17 +83,17 @@ def test_preference_objectives_train_under_ddp(tiny_model, tmp_path, write_recip
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 4 and manifest["engine"] == "DDP"
     assert manifest["objective"]["name"] == objective and out.stderr.count("lorakit train: done") == 1
-    losses = _losses(tmp_path / "two")
-    assert sorted(losses) == list(range(1, 7)) and all(torch.isfinite(torch.tensor(list(losses.values()))))
-    assert abs(losses[6] - losses[1]) > 1e-3, losses  # the adapter moved off the reference
+    logged = losses(tmp_path / "two")
+    assert sorted(logged) == list(range(1, 7)) and all(torch.isfinite(torch.tensor(list(logged.values()))))
+    assert abs(logged[6] - logged[1]) > 1e-3, logged  # the adapter moved off the reference
     if objective == "kto":
         return
     one = preference_recipe(tiny_model, tmp_path / "one", objective, **train)
     one["train"]["per_device_train_batch_size"] = 4
     solo = lorakit("train", str(write_recipe(one, name="one")), timeout=600)
     assert solo.returncode == 0, solo.stderr[-3000:]
-    solo_losses = _losses(tmp_path / "one")
-    assert all(abs(losses[s] - solo_losses[s]) <= 1e-4 * abs(solo_losses[s]) for s in losses), (losses, solo_losses)
+    alone = losses(tmp_path / "one")
+    assert all(abs(logged[s] - alone[s]) <= 1e-4 * abs(alone[s]) for s in logged), (logged, alone)
 
 
 def test_nproc_refuses_a_bad_recipe_before_starting_processes(tiny_model, tmp_path, write_recipe):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from cli_process import CliProcess
-from conftest import lorakit, tiny_recipe
+from conftest import lorakit, losses, tiny_recipe
 from safetensors.torch import load_file
 
 from lorakit.train.resume import INCOMING, MARKER, read_marker
@@ -25,11 +25,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def start(recipe_path, *args) -> CliProcess:
     return CliProcess(["train", str(recipe_path), *args], env=ENV)
-
-
-def losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def wait_for_step(run_dir, step: int, proc, timeout: float = 120) -> None:

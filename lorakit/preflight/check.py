@@ -251,9 +251,11 @@ def as_dicts(findings: list[Finding]) -> list[dict]:
 
 
 def show(findings: list[Finding], console) -> None:
+    """One line per finding, never folded by rich (soft wrap): a path in a message stays whole in a narrow
+    terminal, a CI log or a pipe (rich assumes 80 columns there), so it can be copied or grepped."""
     marks = {"ok": "[green]ok[/]     ", "warning": "[yellow]warning[/]", "error": "[red]error[/]  "}
     for finding in findings:
-        console.print(f"{marks[finding.level]} {finding.check}: {finding.message}", highlight=False)
+        console.print(f"{marks[finding.level]} {finding.check}: {finding.message}", highlight=False, soft_wrap=True)
 
 
 def before_training(recipe: Recipe, use_cache: bool, resolution: setup_mod.Resolution) -> None:
