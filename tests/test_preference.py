@@ -244,6 +244,11 @@ def test_dpo_after_sft_prefers_the_right_reply_on_held_out_pairs(sft_then_dpo):
     records = [json.loads(line) for line in (sft_then_dpo / "dpo" / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*records)
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= logged
+    # evaluated once at the end (transformers' end-of-run evaluation): the final figures are that evaluation's,
+    # not a second pass over the same held-out pairs with the same weights
+    evaluations = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evaluations] == [150]
+    assert results["eval_reward_accuracy"] == round(evaluations[0]["eval_rewards/accuracies"], 4)
 
 
 def test_the_dpo_adapter_reloads_in_plain_peft_and_merges_verified(sft_then_dpo, tiny_model, tmp_path):

@@ -335,13 +335,25 @@ class Training:
             return None, {}
         if self.recipe.train.objective == "sft":
             return self._final_eval_loss(), {}
-        metrics = self.trainer.evaluate()
+        metrics = self._logged_eval_at_the_last_step() or self.trainer.evaluate()
         figures = {
             name: round(float(metrics[f"eval_{key}"]), 4)
             for name, key in objectives.PREFERENCE_FIGURES.items()
             if f"eval_{key}" in metrics
         }
         return metrics["eval_loss"], figures
+
+    def _logged_eval_at_the_last_step(self) -> dict | None:
+        """The evaluation the trainer ran and logged at the run's last step, if it ran one (transformers
+        evaluates at the end of a run with `eval_strategy: steps`): the weights have not changed since, so
+        evaluating the held-out pairs again would repeat the same forward passes for the same figures."""
+        state = self.trainer.state
+        for logged in reversed(state.log_history):
+            if logged.get("step") != state.global_step:
+                return None
+            if "eval_loss" in logged:
+                return logged
+        return None
 
     def _final_eval_loss(self) -> float:
         """The run's eval loss at its end with `lorakit eval`'s definition (lorakit.model.scoring: the mean
