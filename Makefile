@@ -21,12 +21,13 @@ quickstart: setup
 
 # ruff first (seconds): lint and formatting are part of the test command, so CI keeps them. Then the
 # suite over TEST_WORKERS pytest-xdist processes, one test file per worker at a time (a file's shared
-# trained runs are built once, in its worker); each worker's torch uses one thread (tests/conftest.py).
+# trained runs are built once, in its worker), the longest files first (tests/conftest.py: LONGEST_FIRST);
+# each worker's torch uses one thread (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The GPU validation in one call (scripts/gpu_check/): on a GPU machine with the wheels from scripts/gpu_wheels.sh,
 # `make gpu-check` (results in $OUT); on a CPU machine, the reduced rehearsal with the venv's Python.
