@@ -41,12 +41,12 @@ EXAMPLES = ROOT / "examples" / "reverse"
 # ones start at once and the short ones fill the end; xdist's own order (most tests first) started them last,
 # and the last to start ran on alone while the other worker sat idle.
 LONGEST_FIRST = ("test_gguf.py", "test_preference.py", "test_gpu_check.py", "test_distributed.py")
+assert all((Path(__file__).parent / name).is_file() for name in LONGEST_FIRST), "LONGEST_FIRST names a missing file"
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(
-        key=lambda item: next((i for i, n in enumerate(LONGEST_FIRST) if item.path.name == n), len(LONGEST_FIRST))
-    )
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

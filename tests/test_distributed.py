@@ -88,12 +88,17 @@ def test_preference_objectives_train_under_ddp(tiny_model, tmp_path, write_recip
     assert abs(logged[6] - logged[1]) > 1e-3, logged  # the adapter moved off the reference
     if objective == "kto":
         return
-    one = preference_recipe(tiny_model, tmp_path / "one", objective, **train)
+    # the one-process run evaluates only at its end, by lorakit itself (no evaluation of the trainer's to read)
+    one = preference_recipe(tiny_model, tmp_path / "one", objective, eval_strategy="no", **train)
     one["train"]["per_device_train_batch_size"] = 4
     solo = lorakit("train", str(write_recipe(one, name="one")), timeout=600)
     assert solo.returncode == 0, solo.stderr[-3000:]
     alone = losses(tmp_path / "one")
     assert all(abs(logged[s] - alone[s]) <= 1e-4 * abs(alone[s]) for s in logged), (logged, alone)
+    records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_loss" in r]
+    results = json.loads((tmp_path / "one" / "manifest.json").read_text())["results"]
+    assert [r["step"] for r in evaluations] == [6] and 0 <= results["eval_reward_accuracy"] <= 1
 
 
 def test_nproc_refuses_a_bad_recipe_before_starting_processes(tiny_model, tmp_path, write_recipe):
