@@ -45,6 +45,11 @@ def exported(run_dir):
 def test_the_gguf_reads_back_through_transformers_computing_what_the_merged_model_does(exported, run_dir, outtype):
     out, report, _ = exported[outtype]
     assert report["verification"]["passed"] and report["outtype"] == outtype
+    # the export's own greedy comparison (reported, not a gate): f16 answers as the merged model does; bf16 and
+    # q8_0 round more, and on this tiny model one of three 16-token replies in bf16 drifts (measured 2/3)
+    greedy = report["verification"]["greedy_replies"]
+    assert greedy["prompts"] == 3 and (greedy["identical"] == 3 or outtype != "f16"), greedy
+    assert f"greedy replies identical {greedy['identical']}/3" in exported[outtype][2].stderr
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file=report["file"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)

@@ -227,28 +227,19 @@ def test_generation_stops_on_im_end_and_plain_transformers_and_peft_give_the_sam
 
 def test_gguf_in_fine_tune_merge_gguf_out_reads_back_with_the_same_greedy_answers(gguf_run, merged):
     """The whole round trip on the real model: its GGUF -> QLoRA -> merge -> `lorakit export` (f16) -> the
-    file read back by transformers answers greedily as the merged model does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    file read back by transformers computes and answers greedily as the merged model does (the export's own
+    read-back; tests/test_export.py checks that read-back independently on the tiny model)."""
     run_dir, _ = gguf_run
     done = lorakit("export", str(run_dir), "--outtype", "f16", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     check = report["verification"]
     assert check["passed"] and check["tokenizer_identical"] and check["chat_template_identical"]
+    assert check["gguf_vs_merged"]["top1_agreement"] >= 0.97 and check["inputs"] == "8 of the run's eval examples"
+    assert check["greedy_replies"] == {"prompts": 3, "max_new_tokens": 16, "identical": 3}
+    assert "greedy replies identical 3/3" in done.stderr
     assert report["merged"] == str(merged) and report["end_of_turn_token"] == "<|im_end|>"
     assert 'PARAMETER stop "<|im_end|>"' in (run_dir / "gguf" / "Modelfile").read_text()
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    back = AutoModelForCausalLM.from_pretrained(run_dir / "gguf", gguf_file=report["file"], dtype=torch.float32).eval()
-    stops = json.loads((run_dir / "manifest.json").read_text())["eos_token_ids"]
-    for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        kwargs = {"max_new_tokens": 16, "do_sample": False, "eos_token_id": stops, "pad_token_id": stops[0]}
-        with torch.no_grad():
-            assert ours.generate(**ids, **kwargs).tolist() == back.generate(**ids, **kwargs).tolist()
 
 
 def test_the_converted_checkpoint_computes_as_transformers_reads_the_gguf(gguf_run, gguf_file):

@@ -64,10 +64,11 @@ def export(
         )
         check = done.report.get("verification")
         if check:
-            figures = check["gguf_vs_merged"]
+            figures, greedy = check["gguf_vs_merged"], check["greedy_replies"]
             console.print(
                 f"read back: max |logit diff| {figures['max_abs_diff']:.3g} ({check['tolerance']}), top-1 agreement "
-                f"{figures['top1_agreement']:.1%}, tokenizer and chat template identical",
+                f"{figures['top1_agreement']:.1%}, tokenizer and chat template identical, greedy replies identical "
+                f"{greedy['identical']}/{greedy['prompts']}",
                 highlight=False,
             )
         console.print(f"gguf: {done.output / done.report['file']}", highlight=False)

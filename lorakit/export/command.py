@@ -28,6 +28,7 @@ MERGE_REPORT = "merge_report.json"
 TOLERANCE = {"f16": (2e-2, 0.97), "bf16": (1e-1, 0.9), "q8_0": (1e-1, 0.9)}
 K_QUANT_TOLERANCE = (3e-1, 0.8)  # 2 to 6 bits per weight: llama-quantize's own error, checked loosely
 FALLBACK = [[{"role": "user", "content": text}] for text in ("Say hello.", "What is two plus two?", "Name a colour.")]
+GREEDY_PROMPTS, GREEDY_TOKENS = 3, 16  # greedy replies compared, informative: a near-tie may flip one token
 
 
 @dataclass
@@ -165,7 +166,11 @@ def _write_and_check(found: Source, out: Path, outtype: str, name: str, verify: 
             **({"no_modelfile": no_modelfile} if no_modelfile else {}),
         }
         if verify:
-            report["verification"] = _verify(found.merged, staging, file_name, tokenizer, recipe, outtype)
+            prompts = _prompts(tokenizer, conversations)
+            stop_ids = sorted({end_of_turn, tokenizer.eos_token_id} - {None})
+            report["verification"] = _verify(
+                found.merged, staging, file_name, tokenizer, recipe, outtype, prompts, stop_ids
+            )
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         if verify and not report["verification"]["passed"]:
             failed = out.parent / f"{out.name}.export_report.failed.json"
@@ -210,9 +215,46 @@ def _conversations(recipe) -> list[list[dict]]:
         return FALLBACK
 
 
-def _verify(merged: Path, staging: Path, file_name: str, tokenizer, recipe, outtype: str) -> dict:
+def _prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """The first conversations as prompts for a reply: the chat template's generation prompt, else the text."""
+    chats = conversations[:GREEDY_PROMPTS]
+    if tokenizer.chat_template:
+        return [
+            list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+            for c in chats
+        ]
+    return [tokenizer(c[-1]["content"])["input_ids"] for c in chats]
+
+
+def _greedy(model, prompts: list[list[int]], stops: list[int]) -> list[list[int]]:
+    """Each prompt's greedy reply (token ids, up to the first stop token), one prompt at a time."""
+    import torch
+
+    replies = []
+    model.eval()
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=GREEDY_TOKENS,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        tokens = out[0, len(ids) :].tolist()
+        replies.append(tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))])
+    return replies
+
+
+def _verify(
+    merged: Path, staging: Path, file_name: str, tokenizer, recipe, outtype: str, prompts: list, stops: list[int]
+) -> dict:
     """The file read back by transformers (dequantized to float32) against the merged model, on the run's
-    examples: logits, top-1 agreement, and the read-back tokenizer and chat template."""
+    examples: logits, top-1 agreement, and the read-back tokenizer and chat template (which decide), and
+    the greedy replies to the first prompts (reported)."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,9 +268,15 @@ def _verify(merged: Path, staging: Path, file_name: str, tokenizer, recipe, outt
             for c in FALLBACK
         ]
         where = "built-in prompts (the run is not readable)"
-    reference = verify.logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), inputs)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    replies = _greedy(model, prompts, stops)
+    reference = verify.logits(model, inputs)
+    del model  # one model in memory at a time
+    gc.collect()
     back = AutoModelForCausalLM.from_pretrained(staging, gguf_file=file_name, dtype=torch.float32)
+    replies_back = _greedy(back, prompts, stops)
     figures = verify.compare(reference, verify.logits(back, inputs))
+    del back
     back_tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=file_name)
     texts = [tokenizer.decode(ids) for ids in inputs]
     same_ids = all(
@@ -251,6 +299,11 @@ def _verify(merged: Path, staging: Path, file_name: str, tokenizer, recipe, outt
         "tolerance": f"<= {rtol * figures['max_abs_logit']:.2g}, top-1 >= {top1:.0%}",
         "tokenizer_identical": same_ids,
         "chat_template_identical": back_tokenizer.chat_template == tokenizer.chat_template,
+        "greedy_replies": {
+            "prompts": len(prompts),
+            "max_new_tokens": GREEDY_TOKENS,
+            "identical": sum(a == b for a, b in zip(replies, replies_back)),
+        },
         "reason": reason,
         "passed": not reason,
     }
