@@ -239,8 +239,8 @@ def _greedy(model, prompts: list[list[int]], stops: list[int]) -> list[list[int]
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=GREEDY_TOKENS,
                 do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=stops[0],
+                eos_token_id=stops or None,  # none known: the reply runs to max_new_tokens
+                pad_token_id=stops[0] if stops else 0,  # one prompt, never padded
             )
         tokens = out[0, len(ids) :].tolist()
         replies.append(tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))])
