@@ -28,7 +28,7 @@ MERGE_REPORT = "merge_report.json"
 TOLERANCE = {"f16": (2e-2, 0.97), "bf16": (1e-1, 0.9), "q8_0": (1e-1, 0.9)}
 K_QUANT_TOLERANCE = (3e-1, 0.8)  # 2 to 6 bits per weight: llama-quantize's own error, checked loosely
 FALLBACK = [[{"role": "user", "content": text}] for text in ("Say hello.", "What is two plus two?", "Name a colour.")]
-GREEDY_PROMPTS, GREEDY_TOKENS = 3, 16  # greedy replies compared, informative: a near-tie may flip one token
+GREEDY_PROMPTS, GREEDY_TOKENS = len(FALLBACK), 16  # greedy replies compared, informative: a near-tie may flip one token
 
 
 @dataclass
@@ -263,10 +263,7 @@ def _verify(
     if recipe is not None:
         inputs, where = verify.inputs_for(recipe, tokenizer)
     else:
-        inputs = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-            for c in FALLBACK
-        ]
+        inputs = _prompts(tokenizer, FALLBACK)
         where = "built-in prompts (the run is not readable)"
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     replies = _greedy(model, prompts, stops)
